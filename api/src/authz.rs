@@ -1,0 +1,224 @@
+//! The one authorization function every handler calls, and the catalogue of actions it knows.
+//!
+//! Until the IAM policy engine lands, a principal's permissions in a tenant come from its role
+//! (`viewer` < `developer` < `admin`); each action names the least role that may perform it.
+//! The IAM work replaces the role check inside [`authorize`] with policy evaluation, leaving
+//! every caller as it is.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::{auth::Principal, db::Tx, error::ApiError};
+
+/// A role in a tenant, ordered by what it may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Reads everything in the tenant.
+    Viewer,
+    /// Also deploys and manages API keys up to its own role.
+    Developer,
+    /// Also manages members and the tenant itself.
+    Admin,
+}
+
+impl Role {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Developer => "developer",
+            Role::Admin => "admin",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> anyhow::Result<Role> {
+        match s {
+            "viewer" => Ok(Role::Viewer),
+            "developer" => Ok(Role::Developer),
+            "admin" => Ok(Role::Admin),
+            other => Err(anyhow::anyhow!("unknown role {other:?} in the database")),
+        }
+    }
+}
+
+impl TryFrom<String> for Role {
+    type Error = anyhow::Error;
+    fn try_from(s: String) -> anyhow::Result<Role> {
+        Role::parse(&s)
+    }
+}
+
+/// Every action that is authorized inside a tenant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Action {
+    /// Read a tenant.
+    GetTenant,
+    /// Rename a tenant.
+    UpdateTenant,
+    /// List a tenant's members.
+    ListMembers,
+    /// Add a member.
+    AddMember,
+    /// Change a member's role.
+    UpdateMember,
+    /// Remove a member.
+    RemoveMember,
+    /// Create an API key.
+    CreateApiKey,
+    /// List API keys.
+    ListApiKeys,
+    /// Revoke an API key.
+    RevokeApiKey,
+    /// Read the audit log.
+    ListAuditEvents,
+}
+
+impl Action {
+    /// Every action, for catalogue checks.
+    pub const ALL: &'static [Action] = &[
+        Action::GetTenant,
+        Action::UpdateTenant,
+        Action::ListMembers,
+        Action::AddMember,
+        Action::UpdateMember,
+        Action::RemoveMember,
+        Action::CreateApiKey,
+        Action::ListApiKeys,
+        Action::RevokeApiKey,
+        Action::ListAuditEvents,
+    ];
+
+    /// The action's name, `<service>:<Verb><Noun>`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::GetTenant => "tenants:GetTenant",
+            Action::UpdateTenant => "tenants:UpdateTenant",
+            Action::ListMembers => "tenants:ListMembers",
+            Action::AddMember => "tenants:AddMember",
+            Action::UpdateMember => "tenants:UpdateMember",
+            Action::RemoveMember => "tenants:RemoveMember",
+            Action::CreateApiKey => "iam:CreateApiKey",
+            Action::ListApiKeys => "iam:ListApiKeys",
+            Action::RevokeApiKey => "iam:RevokeApiKey",
+            Action::ListAuditEvents => "audit:ListAuditEvents",
+        }
+    }
+
+    /// The least role allowed to perform the action.
+    pub fn min_role(self) -> Role {
+        match self {
+            Action::GetTenant | Action::ListMembers | Action::ListApiKeys => Role::Viewer,
+            Action::CreateApiKey | Action::RevokeApiKey => Role::Developer,
+            Action::UpdateTenant
+            | Action::AddMember
+            | Action::UpdateMember
+            | Action::RemoveMember
+            | Action::ListAuditEvents => Role::Admin,
+        }
+    }
+}
+
+/// Resource names, `nrn:nimbus:<service>:<tenant>:<type>/<path>`.
+pub mod nrn {
+    use uuid::Uuid;
+
+    /// A tenant.
+    pub fn tenant(t: Uuid) -> String {
+        format!("nrn:nimbus:tenants:{t}:tenant/{t}")
+    }
+    /// A member of a tenant.
+    pub fn member(t: Uuid, user: Uuid) -> String {
+        format!("nrn:nimbus:tenants:{t}:member/{user}")
+    }
+    /// An API key, or every key with `*`.
+    pub fn api_key(t: Uuid, key: &str) -> String {
+        format!("nrn:nimbus:iam:{t}:api-key/{key}")
+    }
+    /// A tenant's audit log.
+    pub fn audit_log(t: Uuid) -> String {
+        format!("nrn:nimbus:audit:{t}:audit-log/*")
+    }
+    /// A user (outside any tenant).
+    pub fn user(u: Uuid) -> String {
+        format!("nrn:nimbus:iam::user/{u}")
+    }
+}
+
+/// Decides whether `principal` may perform `action` on `resource` in `tenant`, and returns the
+/// principal's role there. A principal that is not in the tenant gets 404 (it cannot list the
+/// tenant, so its existence is not confirmed); one that is in it but lacks the permission gets
+/// 403 naming the action and the resource.
+///
+/// The transaction must already be scoped to `tenant` (see [`crate::db::Scope::tenant`]).
+#[tracing::instrument(skip(tx, principal), fields(action = action.name()))]
+pub async fn authorize(
+    tx: &mut Tx,
+    principal: &Principal,
+    action: Action,
+    tenant: Uuid,
+    resource: &str,
+) -> Result<Role, ApiError> {
+    let role = match principal {
+        Principal::User { user_id, .. } => {
+            let role: Option<String> =
+                sqlx::query_scalar("SELECT role FROM memberships WHERE tenant_id = $1 AND user_id = $2")
+                    .bind(tenant)
+                    .bind(user_id)
+                    .fetch_optional(&mut **tx)
+                    .await?;
+            Role::parse(&role.ok_or(ApiError::NotFound("tenant"))?)?
+        }
+        Principal::ApiKey { tenant_id, role, .. } => {
+            if *tenant_id != tenant {
+                return Err(ApiError::NotFound("tenant"));
+            }
+            *role
+        }
+    };
+    if role >= action.min_role() {
+        Ok(role)
+    } else {
+        metrics::counter!("nimbus_authz_denied_total", "action" => action.name()).increment(1);
+        Err(ApiError::Forbidden { action: action.name().to_owned(), resource: resource.to_owned() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn action_names_follow_the_convention_and_are_unique() {
+        let mut seen = std::collections::HashSet::new();
+        for a in Action::ALL {
+            let (service, verb_noun) = a.name().split_once(':').expect("service:Action");
+            assert!(service.chars().all(|c| c.is_ascii_lowercase()), "{}", a.name());
+            assert!(verb_noun.starts_with(|c: char| c.is_ascii_uppercase()), "{}", a.name());
+            assert!(seen.insert(a.name()), "duplicate {}", a.name());
+        }
+    }
+
+    #[test]
+    fn roles_are_ordered() {
+        assert!(Role::Viewer < Role::Developer && Role::Developer < Role::Admin);
+        for r in [Role::Viewer, Role::Developer, Role::Admin] {
+            assert_eq!(Role::parse(r.as_str()).unwrap(), r);
+        }
+    }
+
+    #[test]
+    fn writes_need_more_than_viewer() {
+        let check = |a: Action, least: Role| assert_eq!(a.min_role(), least, "{}", a.name());
+        check(Action::GetTenant, Role::Viewer);
+        check(Action::ListMembers, Role::Viewer);
+        check(Action::CreateApiKey, Role::Developer);
+        check(Action::RevokeApiKey, Role::Developer);
+        check(Action::UpdateTenant, Role::Admin);
+        check(Action::AddMember, Role::Admin);
+        check(Action::RemoveMember, Role::Admin);
+        check(Action::ListAuditEvents, Role::Admin);
+    }
+}

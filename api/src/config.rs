@@ -1,0 +1,281 @@
+//! Command-line interface and configuration: every setting is a flag with a `NIMBUS_*`
+//! environment fallback and a documented default; unknown `NIMBUS_*` variables are an error.
+
+use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
+
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
+
+/// The `nimbus-api` command line.
+#[derive(Debug, Parser)]
+#[command(name = "nimbus-api", version, about = "Nimbus control plane")]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands of `nimbus-api`.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the API against an existing PostgreSQL (applies pending migrations first).
+    Serve(ServeArgs),
+    /// Run the whole platform on this machine: a private PostgreSQL when `DATABASE_URL` is unset,
+    /// a first admin user and tenant, and the API; prints the console URL and the login.
+    Local(LocalArgs),
+    /// Apply pending database migrations and exit.
+    Migrate(DatabaseArgs),
+    /// Retire the current access-token signing key and start signing with a new one.
+    RotateSigningKey(DatabaseArgs),
+    /// Print the OpenAPI document (or write it to a file).
+    Openapi {
+        /// Write to this file instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+/// Where the database is.
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseArgs {
+    /// PostgreSQL connection URL of a role that may run migrations; the API itself acts as the
+    /// `nimbus_app` role, to which row-level security applies.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Secret,
+    /// Maximum connections in the application pool.
+    #[arg(long, env = "NIMBUS_DB_MAX_CONNECTIONS", default_value_t = 32)]
+    pub db_max_connections: u32,
+}
+
+/// Settings of the `serve` command.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Database settings.
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+    /// Server settings.
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+/// Settings of the `local` command.
+#[derive(Debug, Clone, Args)]
+pub struct LocalArgs {
+    /// Use this PostgreSQL instead of starting a private one.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<Secret>,
+    /// Working folder for the private PostgreSQL and other local state.
+    #[arg(long, env = "NIMBUS_DATA_DIR", default_value = ".nimbus")]
+    pub data_dir: PathBuf,
+    /// Server settings.
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Settings of the HTTP server and the identity services.
+#[derive(Debug, Clone, Args)]
+pub struct ServerArgs {
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, env = "NIMBUS_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Public base URL of this deployment, used as the token issuer and in printed links.
+    /// Defaults to `http://<listen address>`.
+    #[arg(long, env = "NIMBUS_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// Log format.
+    #[arg(long, env = "NIMBUS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Log filter (tracing `EnvFilter` syntax).
+    #[arg(long, env = "NIMBUS_LOG", default_value = "info")]
+    pub log: String,
+    /// Largest accepted request body, in bytes.
+    #[arg(long, env = "NIMBUS_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Longest a request may take before it is answered 503, e.g. `30s`.
+    #[arg(long, env = "NIMBUS_REQUEST_TIMEOUT", default_value = "30s")]
+    pub request_timeout: HumanDuration,
+    /// Lifetime of access tokens.
+    #[arg(long, env = "NIMBUS_ACCESS_TOKEN_TTL", default_value = "15m")]
+    pub access_token_ttl: HumanDuration,
+    /// Lifetime of refresh tokens (each rotation issues a token with a fresh lifetime).
+    #[arg(long, env = "NIMBUS_REFRESH_TOKEN_TTL", default_value = "30d")]
+    pub refresh_token_ttl: HumanDuration,
+    /// Age at which the signing key is rotated automatically.
+    #[arg(long, env = "NIMBUS_SIGNING_KEY_MAX_AGE", default_value = "30d")]
+    pub signing_key_max_age: HumanDuration,
+    /// Failed sign-ins allowed per account within the throttle window.
+    #[arg(long, env = "NIMBUS_SIGNIN_MAX_FAILURES_PER_ACCOUNT", default_value_t = 5)]
+    pub signin_max_failures_per_account: u32,
+    /// Failed sign-ins allowed per source address within the throttle window.
+    #[arg(long, env = "NIMBUS_SIGNIN_MAX_FAILURES_PER_ADDRESS", default_value_t = 20)]
+    pub signin_max_failures_per_address: u32,
+    /// Length of the sign-in throttle window.
+    #[arg(long, env = "NIMBUS_SIGNIN_THROTTLE_WINDOW", default_value = "15m")]
+    pub signin_throttle_window: HumanDuration,
+    /// Take the client address from the last `X-Forwarded-For` entry (only behind a trusted proxy).
+    #[arg(long, env = "NIMBUS_TRUST_FORWARDED_FOR", default_value_t = false)]
+    pub trust_forwarded_for: bool,
+    /// Allow anyone who can reach the API to sign up (create a user and a tenant).
+    #[arg(long, env = "NIMBUS_ALLOW_SIGNUP", default_value_t = true, action = clap::ArgAction::Set)]
+    pub allow_signup: bool,
+    /// How long stored `Idempotency-Key` responses are kept.
+    #[arg(long, env = "NIMBUS_IDEMPOTENCY_TTL", default_value = "24h")]
+    pub idempotency_ttl: HumanDuration,
+}
+
+impl ServerArgs {
+    /// The public base URL, without a trailing slash.
+    pub fn public_url(&self, bound: SocketAddr) -> String {
+        match &self.public_url {
+            Some(url) => url.trim_end_matches('/').to_owned(),
+            None => format!("http://{bound}"),
+        }
+    }
+}
+
+/// A secret setting: never printed by `Debug` or `Display`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The secret value itself; only pass it to what needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+impl FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+/// A duration written as a number and a unit: `500ms`, `30s`, `15m`, `24h`, `30d`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl FromStr for HumanDuration {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let split = s
+            .find(|c: char| !c.is_ascii_digit())
+            .ok_or_else(|| format!("`{s}` has no unit (use ms, s, m, h or d)"))?;
+        let (number, unit) = s.split_at(split);
+        let n: u64 = number
+            .parse()
+            .map_err(|_| format!("`{s}` does not start with a whole number"))?;
+        let d = match unit {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n * 60),
+            "h" => Duration::from_secs(n * 3600),
+            "d" => Duration::from_secs(n * 86_400),
+            other => return Err(format!("unknown unit `{other}` (use ms, s, m, h or d)")),
+        };
+        Ok(Self(d))
+    }
+}
+
+/// Rejects `NIMBUS_*` environment variables that no setting reads, so a typo is an error
+/// rather than a silently ignored setting.
+pub fn reject_unknown_env(vars: impl IntoIterator<Item = (String, String)>) -> Result<(), String> {
+    let known = known_env_names();
+    let unknown: Vec<String> = vars
+        .into_iter()
+        .map(|(k, _)| k)
+        .filter(|k| k.starts_with("NIMBUS_") && !known.iter().any(|n| n == k))
+        .collect();
+    if unknown.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "unknown setting(s) in the environment: {}; known settings are: {}",
+            unknown.join(", "),
+            known.join(", ")
+        ))
+    }
+}
+
+fn known_env_names() -> Vec<String> {
+    fn walk(cmd: &clap::Command, out: &mut Vec<String>) {
+        for arg in cmd.get_arguments() {
+            if let Some(env) = arg.get_env() {
+                out.push(env.to_string_lossy().into_owned());
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            walk(sub, out);
+        }
+    }
+    let mut out = Vec::new();
+    walk(&Cli::command(), &mut out);
+    // Read by the test harness and the local runner, not by a flag.
+    out.push("NIMBUS_TEST_DATABASE_URL".to_owned());
+    out.sort();
+    out.dedup();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        let check = |s: &str, d: Duration| assert_eq!(s.parse::<HumanDuration>().unwrap().0, d);
+        check("500ms", Duration::from_millis(500));
+        check("30s", Duration::from_secs(30));
+        check("15m", Duration::from_secs(900));
+        check("24h", Duration::from_secs(86_400));
+        check("30d", Duration::from_secs(30 * 86_400));
+        assert!("15".parse::<HumanDuration>().is_err());
+        assert!("15y".parse::<HumanDuration>().is_err());
+        assert!("m".parse::<HumanDuration>().is_err());
+    }
+
+    #[test]
+    fn unknown_nimbus_env_is_rejected_and_known_accepted() {
+        let env = |k: &str| (k.to_owned(), "x".to_owned());
+        assert!(reject_unknown_env([env("NIMBUS_LISTEN"), env("PATH")]).is_ok());
+        let err = reject_unknown_env([env("NIMBUS_LISTN")]).unwrap_err();
+        assert!(err.contains("NIMBUS_LISTN"), "{err}");
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let s = Secret::new("postgres://u:hunter2@h/db");
+        assert!(!format!("{s:?}").contains("hunter2"));
+        let cli = Cli::parse_from([
+            "nimbus-api",
+            "migrate",
+            "--database-url",
+            "postgres://u:hunter2@h/db",
+        ]);
+        assert!(!format!("{cli:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+}

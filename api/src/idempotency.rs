@@ -1,0 +1,163 @@
+//! `Idempotency-Key` on POSTs: the first response to a (principal, key) is stored; a retry
+//! with the same key and the same request gets that response again (marked
+//! `Idempotency-Replayed: true`), the same key with a different request gets 422, and a retry
+//! while the first is still running gets 409. Server errors are not stored, so they can be
+//! retried. Only authenticated calls take part: sign-up, sign-in and token refresh ignore
+//! the header (a refresh token must never be replayable). Records expire after the configured
+//! TTL.
+
+use axum::{
+    body::{Body, to_bytes},
+    extract::{FromRequestParts, Request, State},
+    http::{HeaderValue, Method, StatusCode, header},
+    middleware::Next,
+    response::{IntoResponse, Response},
+};
+
+use crate::{
+    auth::{Principal, secret},
+    error::ApiError,
+    startup::AppState,
+};
+
+/// Request header naming the key.
+pub const HEADER: &str = "idempotency-key";
+/// Response header set on replays.
+pub const REPLAYED: &str = "idempotency-replayed";
+/// Longest accepted key.
+pub const MAX_KEY_LEN: usize = 255;
+
+/// The middleware.
+pub async fn middleware(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    match handle(state, req, next).await {
+        Ok(res) => res,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn handle(state: AppState, req: Request, next: Next) -> Result<Response, ApiError> {
+    if req.method() != Method::POST {
+        return Ok(next.run(req).await);
+    }
+    let Some(raw) = req.headers().get(HEADER) else {
+        return Ok(next.run(req).await);
+    };
+    let key = raw
+        .to_str()
+        .ok()
+        .filter(|k| !k.is_empty() && k.len() <= MAX_KEY_LEN && k.bytes().all(|b| b.is_ascii_graphic()))
+        .ok_or_else(|| {
+            ApiError::field("Idempotency-Key", "format", format!("must be 1-{MAX_KEY_LEN} visible ASCII characters"))
+        })?
+        .to_owned();
+    let (mut parts, body) = req.into_parts();
+    let principal = match Principal::from_request_parts(&mut parts, &state).await {
+        Ok(p) => p,
+        // Unauthenticated calls pass through; the handler answers them.
+        Err(_) => return Ok(next.run(Request::from_parts(parts, body)).await),
+    };
+    let body = to_bytes(body, state.settings.max_body_bytes)
+        .await
+        .map_err(|_| ApiError::PayloadTooLarge { limit: state.settings.max_body_bytes })?;
+    let mut fingerprint = Vec::with_capacity(body.len() + 64);
+    fingerprint.extend_from_slice(parts.method.as_str().as_bytes());
+    fingerprint.push(b'\n');
+    fingerprint.extend_from_slice(parts.uri.path().as_bytes());
+    fingerprint.push(b'\n');
+    fingerprint.extend_from_slice(&body);
+    let hash = secret::sha256(&fingerprint);
+    let (kind, id) = principal.actor();
+    let owner = format!("{kind}:{id}");
+    let ttl = state.settings.idempotency_ttl.0.as_secs_f64();
+
+    sqlx::query(
+        "DELETE FROM idempotency_keys WHERE principal = $1 AND key = $2 AND created_at < now() - make_interval(secs => $3)",
+    )
+    .bind(&owner)
+    .bind(&key)
+    .bind(ttl)
+    .execute(&state.pool)
+    .await?;
+    let claimed = sqlx::query(
+        "INSERT INTO idempotency_keys (principal, key, request_hash) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+    )
+    .bind(&owner)
+    .bind(&key)
+    .bind(&hash)
+    .execute(&state.pool)
+    .await?
+    .rows_affected()
+        == 1;
+
+    if !claimed {
+        let (stored_hash, status, content_type, stored_body): (Vec<u8>, Option<i16>, Option<String>, Option<Vec<u8>>) =
+            sqlx::query_as(
+                "SELECT request_hash, status_code, content_type, response_body FROM idempotency_keys \
+                 WHERE principal = $1 AND key = $2",
+            )
+            .bind(&owner)
+            .bind(&key)
+            .fetch_one(&state.pool)
+            .await?;
+        if stored_hash != hash {
+            return Err(ApiError::IdempotencyKeyReused);
+        }
+        let Some(status) = status else {
+            return Err(ApiError::conflict(
+                "idempotency_key_in_progress",
+                "a request with this Idempotency-Key is still being processed",
+            ));
+        };
+        metrics::counter!("nimbus_idempotent_replays_total").increment(1);
+        let mut res = Response::new(Body::from(stored_body.unwrap_or_default()));
+        *res.status_mut() = StatusCode::from_u16(status as u16).map_err(anyhow::Error::from)?;
+        if let Some(ct) = content_type.and_then(|c| HeaderValue::from_str(&c).ok()) {
+            res.headers_mut().insert(header::CONTENT_TYPE, ct);
+        }
+        res.headers_mut().insert(REPLAYED, HeaderValue::from_static("true"));
+        return Ok(res);
+    }
+
+    parts.extensions.insert(principal);
+    let res = next.run(Request::from_parts(parts, Body::from(body))).await;
+    let release = || async {
+        sqlx::query("DELETE FROM idempotency_keys WHERE principal = $1 AND key = $2")
+            .bind(&owner)
+            .bind(&key)
+            .execute(&state.pool)
+            .await
+    };
+    if res.status().is_server_error() {
+        release().await?;
+        return Ok(res);
+    }
+    let (res_parts, res_body) = res.into_parts();
+    let bytes = match to_bytes(res_body, usize::MAX).await {
+        Ok(b) => b,
+        Err(e) => {
+            release().await?;
+            return Err(ApiError::Internal(anyhow::anyhow!("buffering response: {e}")));
+        }
+    };
+    sqlx::query(
+        "UPDATE idempotency_keys SET status_code = $3, content_type = $4, response_body = $5 \
+         WHERE principal = $1 AND key = $2",
+    )
+    .bind(&owner)
+    .bind(&key)
+    .bind(res_parts.status.as_u16() as i16)
+    .bind(res_parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()))
+    .bind(bytes.as_ref())
+    .execute(&state.pool)
+    .await?;
+    Ok(Response::from_parts(res_parts, Body::from(bytes)))
+}
+
+/// Deletes expired records (run by the maintenance loop).
+pub async fn purge_expired(state: &AppState) -> Result<u64, sqlx::Error> {
+    let r = sqlx::query("DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(secs => $1)")
+        .bind(state.settings.idempotency_ttl.0.as_secs_f64())
+        .execute(&state.pool)
+        .await?;
+    Ok(r.rows_affected())
+}

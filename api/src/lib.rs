@@ -1,0 +1,25 @@
+//! Nimbus control plane: the REST API (identity, tenants, members, API keys, audit log), and
+//! later the invocation gateway, event ingress, agent endpoints and background loops.
+//!
+//! Entry points: [`startup::app`] builds the router (tests drive it in-process),
+//! [`startup::Application`] binds and serves it, `src/main.rs` is the command line.
+
+pub mod api_keys;
+pub mod audit;
+pub mod auth;
+pub mod authz;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod extract;
+pub mod health;
+pub mod idempotency;
+pub mod local;
+pub mod me;
+pub mod members;
+pub mod names;
+pub mod openapi;
+pub mod pagination;
+pub mod startup;
+pub mod telemetry;
+pub mod tenants;

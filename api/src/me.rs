@@ -1,0 +1,96 @@
+//! `GET /v1/me`: who the caller is.
+
+use axum::{Json, extract::State};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
+use uuid::Uuid;
+
+use crate::{
+    auth::Principal,
+    authz::Role,
+    db::{self, Scope},
+    error::{ApiError, ApiResult},
+    startup::AppState,
+};
+
+/// The signed-in user.
+#[derive(Debug, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
+pub struct User {
+    /// Id.
+    pub id: Uuid,
+    /// E-mail address.
+    pub email: String,
+    /// Name.
+    pub display_name: String,
+    /// Whether the user operates the platform (nodes, join tokens, guardrails).
+    pub is_platform_admin: bool,
+    /// Signed up at.
+    pub created_at: DateTime<Utc>,
+}
+
+/// The API key in use.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct KeyIdentity {
+    /// Key id.
+    pub id: Uuid,
+    /// Tenant the key belongs to.
+    pub tenant_id: Uuid,
+    /// Its role.
+    pub role: Role,
+}
+
+/// The caller.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "principal_type", rename_all = "snake_case")]
+pub enum Me {
+    /// A user with an access token.
+    User {
+        /// The user.
+        user: User,
+        /// The session the token belongs to.
+        session_id: Uuid,
+    },
+    /// An API key.
+    ApiKey {
+        /// The key.
+        api_key: KeyIdentity,
+    },
+}
+
+/// Routes of this module.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(get_me))
+}
+
+/// Who am I?
+#[utoipa::path(
+    get,
+    path = "/v1/me",
+    tag = "auth",
+    responses(
+        (status = 200, description = "The caller", body = Me),
+        (status = 401, description = "Not authenticated", body = crate::error::Problem),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn get_me(State(state): State<AppState>, principal: Principal) -> ApiResult<Json<Me>> {
+    match principal {
+        Principal::User { user_id, session_id } => {
+            let mut tx = db::begin(&state.pool, &Scope::user(user_id)).await?;
+            let user: User = sqlx::query_as(
+                "SELECT id, email, display_name, is_platform_admin, created_at FROM users WHERE id = $1",
+            )
+            .bind(user_id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(ApiError::Unauthenticated("the user no longer exists"))?;
+            tx.commit().await?;
+            Ok(Json(Me::User { user, session_id }))
+        }
+        Principal::ApiKey { key_id, tenant_id, role, .. } => {
+            Ok(Json(Me::ApiKey { api_key: KeyIdentity { id: key_id, tenant_id, role } }))
+        }
+    }
+}

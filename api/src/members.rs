@@ -1,0 +1,309 @@
+//! Members of a tenant: list, add by e-mail, change role, remove. A tenant always keeps at
+//! least one admin.
+
+use axum::{Json, extract::State, http::StatusCode};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
+use uuid::Uuid;
+
+use crate::{
+    audit::{self, Entry},
+    auth::{Principal, RequestContext},
+    authz::{self, Action, Role, nrn},
+    db::{self, Scope, Tx},
+    error::{ApiError, ApiResult},
+    extract::{self, Path, Query},
+    names::Email,
+    pagination::{Page, PageParams},
+    startup::AppState,
+};
+
+/// A member of a tenant.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Member {
+    /// The user id.
+    pub user_id: Uuid,
+    /// E-mail address.
+    pub email: String,
+    /// Name.
+    pub display_name: String,
+    /// Role in the tenant.
+    pub role: Role,
+    /// Member since.
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(sqlx::FromRow)]
+struct MemberRow {
+    user_id: Uuid,
+    email: String,
+    display_name: String,
+    role: String,
+    created_at: DateTime<Utc>,
+}
+
+impl TryFrom<MemberRow> for Member {
+    type Error = anyhow::Error;
+    fn try_from(r: MemberRow) -> anyhow::Result<Member> {
+        Ok(Member {
+            user_id: r.user_id,
+            email: r.email,
+            display_name: r.display_name,
+            role: Role::parse(&r.role)?,
+            created_at: r.created_at,
+        })
+    }
+}
+
+/// Body of adding a member.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AddMemberRequest {
+    /// E-mail of an existing user.
+    pub email: Email,
+    /// Their role.
+    pub role: Role,
+}
+
+/// Body of changing a member's role.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateMemberRequest {
+    /// The new role.
+    pub role: Role,
+}
+
+/// Routes of this module.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_members, add_member))
+        .routes(routes!(update_member, remove_member))
+}
+
+const MEMBER_SELECT: &str = "SELECT m.user_id, u.email, u.display_name, m.role, m.created_at \
+     FROM memberships m JOIN users u ON u.id = m.user_id WHERE m.tenant_id = $1";
+
+async fn fetch_member(tx: &mut Tx, tenant: Uuid, user: Uuid) -> ApiResult<Member> {
+    let row: MemberRow = sqlx::query_as(&format!("{MEMBER_SELECT} AND m.user_id = $2"))
+        .bind(tenant)
+        .bind(user)
+        .fetch_optional(&mut **tx)
+        .await?
+        .ok_or(ApiError::NotFound("member"))?;
+    Ok(row.try_into()?)
+}
+
+/// Locks the tenant's admin rows and fails if `user` is the only admin, so that two admins
+/// removing each other at once cannot leave the tenant without one.
+async fn ensure_not_last_admin(tx: &mut Tx, tenant: Uuid, user: Uuid) -> ApiResult<()> {
+    let admins: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT user_id FROM memberships WHERE tenant_id = $1 AND role = 'admin' ORDER BY user_id FOR UPDATE",
+    )
+    .bind(tenant)
+    .fetch_all(&mut **tx)
+    .await?;
+    if admins == [user] {
+        return Err(ApiError::conflict("last_admin", "a tenant must keep at least one admin"));
+    }
+    Ok(())
+}
+
+/// List a tenant's members.
+#[utoipa::path(
+    get,
+    path = "/v1/tenants/{tenant_id}/members",
+    tag = "members",
+    params(("tenant_id" = Uuid, Path, description = "Tenant id"), PageParams),
+    responses(
+        (status = 200, description = "A page of members", body = Page<Member>),
+        (status = 404, description = "No such tenant", body = crate::error::Problem),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn list_members(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(tenant_id): Path<Uuid>,
+    Query(page): Query<PageParams>,
+) -> ApiResult<Json<Page<Member>>> {
+    let limit = page.limit()?;
+    let after = page.after()?;
+    let mut tx = db::begin(&state.pool, &Scope::tenant(tenant_id, principal.user_id())).await?;
+    authz::authorize(&mut tx, &principal, Action::ListMembers, tenant_id, &nrn::member(tenant_id, Uuid::nil())).await?;
+    let rows: Vec<MemberRow> = sqlx::query_as(&format!(
+        "{MEMBER_SELECT} AND ($2::uuid IS NULL OR m.user_id > $2) ORDER BY m.user_id LIMIT $3"
+    ))
+    .bind(tenant_id)
+    .bind(after)
+    .bind(limit + 1)
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    let items = rows.into_iter().map(Member::try_from).collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(Json(Page::from_rows(items, limit, |m| m.user_id)))
+}
+
+/// Add an existing user to the tenant by e-mail.
+#[utoipa::path(
+    post,
+    path = "/v1/tenants/{tenant_id}/members",
+    tag = "members",
+    params(
+        ("tenant_id" = Uuid, Path, description = "Tenant id"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe"),
+    ),
+    request_body(content = AddMemberRequest, example = json!({"email": "grace@example.com", "role": "developer"})),
+    responses(
+        (status = 201, description = "Added", body = Member),
+        (status = 403, description = "Not an admin", body = crate::error::Problem),
+        (status = 404, description = "No such tenant, or no user with that e-mail", body = crate::error::Problem),
+        (status = 409, description = "Already a member", body = crate::error::Problem),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn add_member(
+    State(state): State<AppState>,
+    principal: Principal,
+    ctx: RequestContext,
+    Path(tenant_id): Path<Uuid>,
+    extract::Json(req): extract::Json<AddMemberRequest>,
+) -> ApiResult<(StatusCode, Json<Member>)> {
+    let scope = Scope { lookup_email: Some(req.email.as_str().to_owned()), ..Scope::tenant(tenant_id, principal.user_id()) };
+    let mut tx = db::begin(&state.pool, &scope).await?;
+    authz::authorize(&mut tx, &principal, Action::AddMember, tenant_id, &nrn::member(tenant_id, Uuid::nil())).await?;
+    let user: Uuid = sqlx::query_scalar("SELECT id FROM users WHERE email = $1")
+        .bind(req.email.as_str())
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(ApiError::NotFound("user with this e-mail"))?;
+    let inserted = sqlx::query(
+        "INSERT INTO memberships (tenant_id, user_id, role) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+    )
+    .bind(tenant_id)
+    .bind(user)
+    .bind(req.role.as_str())
+    .execute(&mut *tx)
+    .await?;
+    if inserted.rows_affected() == 0 {
+        return Err(ApiError::conflict("already_member", "that user is already a member"));
+    }
+    audit::record(
+        &mut tx,
+        &ctx,
+        Entry {
+            tenant: Some(tenant_id),
+            actor: (&principal).into(),
+            action: Action::AddMember.name(),
+            resource: nrn::member(tenant_id, user),
+            success: true,
+            details: json!({ "email": req.email.as_str(), "role": req.role }),
+        },
+    )
+    .await?;
+    let member = fetch_member(&mut tx, tenant_id, user).await?;
+    tx.commit().await?;
+    Ok((StatusCode::CREATED, Json(member)))
+}
+
+/// Change a member's role. Demoting the last admin is refused.
+#[utoipa::path(
+    patch,
+    path = "/v1/tenants/{tenant_id}/members/{user_id}",
+    tag = "members",
+    params(("tenant_id" = Uuid, Path, description = "Tenant id"), ("user_id" = Uuid, Path, description = "User id")),
+    request_body(content = UpdateMemberRequest, example = json!({"role": "viewer"})),
+    responses(
+        (status = 200, description = "Updated", body = Member),
+        (status = 403, description = "Not an admin", body = crate::error::Problem),
+        (status = 404, description = "No such member", body = crate::error::Problem),
+        (status = 409, description = "Would leave the tenant without an admin", body = crate::error::Problem),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn update_member(
+    State(state): State<AppState>,
+    principal: Principal,
+    ctx: RequestContext,
+    Path((tenant_id, user_id)): Path<(Uuid, Uuid)>,
+    extract::Json(req): extract::Json<UpdateMemberRequest>,
+) -> ApiResult<Json<Member>> {
+    let mut tx = db::begin(&state.pool, &Scope::tenant(tenant_id, principal.user_id())).await?;
+    authz::authorize(&mut tx, &principal, Action::UpdateMember, tenant_id, &nrn::member(tenant_id, user_id)).await?;
+    let before = fetch_member(&mut tx, tenant_id, user_id).await?;
+    if before.role == Role::Admin && req.role != Role::Admin {
+        ensure_not_last_admin(&mut tx, tenant_id, user_id).await?;
+    }
+    sqlx::query("UPDATE memberships SET role = $3, updated_at = now() WHERE tenant_id = $1 AND user_id = $2")
+        .bind(tenant_id)
+        .bind(user_id)
+        .bind(req.role.as_str())
+        .execute(&mut *tx)
+        .await?;
+    audit::record(
+        &mut tx,
+        &ctx,
+        Entry {
+            tenant: Some(tenant_id),
+            actor: (&principal).into(),
+            action: Action::UpdateMember.name(),
+            resource: nrn::member(tenant_id, user_id),
+            success: true,
+            details: json!({ "from": before.role, "to": req.role }),
+        },
+    )
+    .await?;
+    let after = fetch_member(&mut tx, tenant_id, user_id).await?;
+    tx.commit().await?;
+    Ok(Json(after))
+}
+
+/// Remove a member. Removing the last admin is refused.
+#[utoipa::path(
+    delete,
+    path = "/v1/tenants/{tenant_id}/members/{user_id}",
+    tag = "members",
+    params(("tenant_id" = Uuid, Path, description = "Tenant id"), ("user_id" = Uuid, Path, description = "User id")),
+    responses(
+        (status = 204, description = "Removed"),
+        (status = 403, description = "Not an admin", body = crate::error::Problem),
+        (status = 404, description = "No such member", body = crate::error::Problem),
+        (status = 409, description = "Would leave the tenant without an admin", body = crate::error::Problem),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn remove_member(
+    State(state): State<AppState>,
+    principal: Principal,
+    ctx: RequestContext,
+    Path((tenant_id, user_id)): Path<(Uuid, Uuid)>,
+) -> ApiResult<StatusCode> {
+    let mut tx = db::begin(&state.pool, &Scope::tenant(tenant_id, principal.user_id())).await?;
+    authz::authorize(&mut tx, &principal, Action::RemoveMember, tenant_id, &nrn::member(tenant_id, user_id)).await?;
+    let before = fetch_member(&mut tx, tenant_id, user_id).await?;
+    if before.role == Role::Admin {
+        ensure_not_last_admin(&mut tx, tenant_id, user_id).await?;
+    }
+    sqlx::query("DELETE FROM memberships WHERE tenant_id = $1 AND user_id = $2")
+        .bind(tenant_id)
+        .bind(user_id)
+        .execute(&mut *tx)
+        .await?;
+    audit::record(
+        &mut tx,
+        &ctx,
+        Entry {
+            tenant: Some(tenant_id),
+            actor: (&principal).into(),
+            action: Action::RemoveMember.name(),
+            resource: nrn::member(tenant_id, user_id),
+            success: true,
+            details: json!({ "email": before.email, "role": before.role }),
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,204 @@
+//! Building the application: state, router with its middleware stack, listener, serving with
+//! graceful shutdown, and the background maintenance loop.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use axum::{
+    Router,
+    error_handling::HandleErrorLayer,
+    extract::DefaultBodyLimit,
+    http::{HeaderName, Request},
+    middleware,
+    response::IntoResponse,
+};
+use metrics_exporter_prometheus::PrometheusHandle;
+use sqlx::PgPool;
+use tower::ServiceBuilder;
+use tower_http::{
+    catch_panic::CatchPanicLayer,
+    request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer},
+    sensitive_headers::SetSensitiveRequestHeadersLayer,
+    trace::TraceLayer,
+};
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_swagger_ui::SwaggerUi;
+use uuid::Uuid;
+
+use crate::{
+    api_keys, audit,
+    auth::{keys::KeyRing, session, throttle},
+    config::ServerArgs,
+    db,
+    error::ApiError,
+    health, idempotency, me, members, openapi, telemetry, tenants,
+};
+
+/// Shared state of every handler.
+#[derive(Clone)]
+pub struct AppState {
+    /// The application pool (role `nimbus_app`).
+    pub pool: PgPool,
+    /// Access-token signing keys.
+    pub keys: KeyRing,
+    /// Settings.
+    pub settings: Arc<ServerArgs>,
+    /// Prometheus metrics.
+    pub metrics: PrometheusHandle,
+}
+
+/// Every API route with its OpenAPI description.
+pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .merge(health::router())
+        .merge(session::router())
+        .merge(me::router())
+        .merge(tenants::router())
+        .merge(members::router())
+        .merge(api_keys::router())
+        .merge(audit::router())
+        .split_for_parts()
+}
+
+#[derive(Clone, Copy)]
+struct MakeUuidV7;
+
+impl MakeRequestId for MakeUuidV7 {
+    fn make_request_id<B>(&mut self, _req: &Request<B>) -> Option<RequestId> {
+        Uuid::now_v7().to_string().parse().ok().map(RequestId::new)
+    }
+}
+
+/// The whole HTTP application.
+pub fn app(state: AppState) -> Router {
+    let request_id = HeaderName::from_static("x-request-id");
+    let (api, doc) = routes();
+    let api: Router = api
+        .layer(middleware::from_fn_with_state(state.clone(), idempotency::middleware))
+        .layer(DefaultBodyLimit::max(state.settings.max_body_bytes))
+        .with_state(state.clone());
+    let console = nimbus_console::router(api.clone());
+    let timeout = state.settings.request_timeout.0;
+    api.merge(SwaggerUi::new("/docs").url("/openapi.json", doc))
+        .nest("/console", console)
+        .fallback(|| async { ApiError::RouteNotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(
+            ServiceBuilder::new()
+                .layer(SetRequestIdLayer::new(request_id.clone(), MakeUuidV7))
+                .layer(
+                    TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
+                        let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
+                        tracing::info_span!("request", method = %req.method(), uri = %req.uri().path(), request_id = %id)
+                    }),
+                )
+                .layer(PropagateRequestIdLayer::new(request_id))
+                .layer(SetSensitiveRequestHeadersLayer::new([
+                    axum::http::header::AUTHORIZATION,
+                    axum::http::header::COOKIE,
+                ]))
+                .layer(middleware::from_fn(telemetry::track_http))
+                .layer(CatchPanicLayer::custom(|_| {
+                    ApiError::Internal(anyhow::anyhow!("handler panicked")).into_response()
+                }))
+                .layer(HandleErrorLayer::new(|_: tower::BoxError| async { ApiError::Timeout }))
+                .timeout(timeout),
+        )
+}
+
+/// A built application: connected, migrated, bound, not yet serving.
+pub struct Application {
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    public_url: String,
+}
+
+impl Application {
+    /// Migrates the database, connects, loads keys and binds the listener.
+    pub async fn build(database_url: &str, max_connections: u32, settings: ServerArgs) -> anyhow::Result<Self> {
+        db::migrate(database_url).await?;
+        let pool = db::connect_app(database_url, max_connections).await?;
+        let listener = tokio::net::TcpListener::bind(settings.listen)
+            .await
+            .with_context(|| format!("binding {}", settings.listen))?;
+        let bound = listener.local_addr()?;
+        let public_url = settings.public_url(bound);
+        let keys = KeyRing::load(pool.clone(), public_url.clone(), settings.access_token_ttl.0).await?;
+        crate::extract::set_body_limit_hint(settings.max_body_bytes);
+        let state = AppState { pool, keys, settings: Arc::new(settings), metrics: telemetry::metrics_handle() };
+        Ok(Application { listener, state, public_url })
+    }
+
+    /// The bound port.
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// The public base URL.
+    pub fn public_url(&self) -> &str {
+        &self.public_url
+    }
+
+    /// The state (for the local runner's first-run set-up).
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `shutdown` resolves, then finishes in-flight requests.
+    pub async fn run_until(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let maintenance = tokio::spawn(maintenance_loop(self.state.clone()));
+        let app = app(self.state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+        tracing::info!(url = %self.public_url, "listening");
+        let served = axum::serve(self.listener, app).with_graceful_shutdown(shutdown).await;
+        maintenance.abort();
+        self.state.pool.close().await;
+        served.context("serving HTTP")
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown signal received; finishing in-flight requests");
+}
+
+/// Periodic housekeeping: rotates the signing key when it is too old, reloads keys rotated by
+/// other replicas, and purges expired idempotency records and throttle windows. Each step is
+/// idempotent and safe to run on every replica at once.
+async fn maintenance_loop(state: AppState) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tick.tick().await;
+        let result: anyhow::Result<()> = async {
+            state.keys.rotate_if_older_than(state.settings.signing_key_max_age.0).await?;
+            state.keys.reload().await?;
+            idempotency::purge_expired(&state).await?;
+            throttle::purge_expired(&state.pool, state.settings.signin_throttle_window.0).await?;
+            Ok(())
+        }
+        .await;
+        metrics::counter!("nimbus_maintenance_runs_total", "outcome" => if result.is_ok() { "ok" } else { "error" })
+            .increment(1);
+        if let Err(e) = result {
+            tracing::warn!(error = ?e, "maintenance step failed");
+        }
+    }
+}
