@@ -81,13 +81,24 @@ pub struct CreateApiKeyRequest {
 
 /// Routes of this module.
 pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new()
-        .routes(routes!(create_api_key, list_api_keys))
-        .routes(routes!(revoke_api_key))
+    OpenApiRouter::new().routes(routes!(create_api_key, list_api_keys)).routes(routes!(revoke_api_key))
 }
 
 const KEY_COLUMNS: &str =
     "id, tenant_id, name, prefix, role, created_by, created_at, expires_at, revoked_at, last_used_at";
+
+#[derive(sqlx::FromRow)]
+struct KeyAuthRow {
+    id: Uuid,
+    tenant_id: Uuid,
+    secret_hash: Vec<u8>,
+    #[sqlx(try_from = "String")]
+    role: Role,
+    created_by: Option<Uuid>,
+    expires_at: Option<DateTime<Utc>>,
+    revoked_at: Option<DateTime<Utc>>,
+    stale: bool,
+}
 
 /// Authenticates a presented API key.
 pub async fn authenticate(state: &AppState, presented: &str) -> Result<Principal, ApiError> {
@@ -98,17 +109,17 @@ pub async fn authenticate(state: &AppState, presented: &str) -> Result<Principal
     let prefix = &presented[..PREFIX_LEN];
     let scope = Scope { api_key_prefix: Some(prefix.to_owned()), ..Scope::default() };
     let mut tx = db::begin(&state.pool, &scope).await?;
-    #[allow(clippy::type_complexity)]
-    let row: Option<(Uuid, Uuid, Vec<u8>, String, Option<Uuid>, Option<DateTime<Utc>>, Option<DateTime<Utc>>, bool)> =
-        sqlx::query_as(
-            "SELECT id, tenant_id, secret_hash, role, created_by, expires_at, revoked_at, \
-             (last_used_at IS NULL OR last_used_at < now() - interval '1 minute') AS stale \
-             FROM api_keys WHERE prefix = $1",
-        )
-        .bind(prefix)
-        .fetch_optional(&mut *tx)
-        .await?;
-    let Some((key_id, tenant_id, hash, role, created_by, expires_at, revoked_at, stale)) = row else {
+    let row: Option<KeyAuthRow> = sqlx::query_as(
+        "SELECT id, tenant_id, secret_hash, role, created_by, expires_at, revoked_at, \
+         (last_used_at IS NULL OR last_used_at < now() - interval '1 minute') AS stale \
+         FROM api_keys WHERE prefix = $1",
+    )
+    .bind(prefix)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(KeyAuthRow { id: key_id, tenant_id, secret_hash: hash, role, created_by, expires_at, revoked_at, stale }) =
+        row
+    else {
         return Err(invalid);
     };
     // Comparing SHA-256 digests: timing reveals nothing about the secret itself.
@@ -122,13 +133,10 @@ pub async fn authenticate(state: &AppState, presented: &str) -> Result<Principal
         return Err(ApiError::Unauthenticated("API key expired"));
     }
     if stale {
-        sqlx::query("UPDATE api_keys SET last_used_at = now() WHERE id = $1")
-            .bind(key_id)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query("UPDATE api_keys SET last_used_at = now() WHERE id = $1").bind(key_id).execute(&mut *tx).await?;
     }
     tx.commit().await?;
-    Ok(Principal::ApiKey { key_id, tenant_id, role: Role::parse(&role)?, created_by })
+    Ok(Principal::ApiKey { key_id, tenant_id, role, created_by })
 }
 
 /// Create an API key. The response carries the secret, which is never shown again.
@@ -169,11 +177,10 @@ pub async fn create_api_key(
             resource,
         });
     }
-    let active: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM api_keys WHERE tenant_id = $1 AND revoked_at IS NULL")
-            .bind(tenant_id)
-            .fetch_one(&mut *tx)
-            .await?;
+    let active: i64 = sqlx::query_scalar("SELECT count(*) FROM api_keys WHERE tenant_id = $1 AND revoked_at IS NULL")
+        .bind(tenant_id)
+        .fetch_one(&mut *tx)
+        .await?;
     if active >= MAX_ACTIVE_KEYS_PER_TENANT {
         return Err(ApiError::conflict(
             "too_many_api_keys",
@@ -288,10 +295,7 @@ pub async fn revoke_api_key(
         Some(Some(_)) => return Ok(StatusCode::NO_CONTENT),
         Some(None) => {}
     }
-    sqlx::query("UPDATE api_keys SET revoked_at = now() WHERE id = $1")
-        .bind(key_id)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query("UPDATE api_keys SET revoked_at = now() WHERE id = $1").bind(key_id).execute(&mut *tx).await?;
     audit::record(
         &mut tx,
         &ctx,

@@ -177,13 +177,10 @@ impl FromStr for HumanDuration {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim();
-        let split = s
-            .find(|c: char| !c.is_ascii_digit())
-            .ok_or_else(|| format!("`{s}` has no unit (use ms, s, m, h or d)"))?;
+        let split =
+            s.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| format!("`{s}` has no unit (use ms, s, m, h or d)"))?;
         let (number, unit) = s.split_at(split);
-        let n: u64 = number
-            .parse()
-            .map_err(|_| format!("`{s}` does not start with a whole number"))?;
+        let n: u64 = number.parse().map_err(|_| format!("`{s}` does not start with a whole number"))?;
         let d = match unit {
             "ms" => Duration::from_millis(n),
             "s" => Duration::from_secs(n),
@@ -265,12 +262,7 @@ mod tests {
     fn secrets_never_print() {
         let s = Secret::new("postgres://u:hunter2@h/db");
         assert!(!format!("{s:?}").contains("hunter2"));
-        let cli = Cli::parse_from([
-            "nimbus-api",
-            "migrate",
-            "--database-url",
-            "postgres://u:hunter2@h/db",
-        ]);
+        let cli = Cli::parse_from(["nimbus-api", "migrate", "--database-url", "postgres://u:hunter2@h/db"]);
         assert!(!format!("{cli:?}").contains("hunter2"));
     }
 

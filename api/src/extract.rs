@@ -23,12 +23,8 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let content_type = req
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned();
+        let content_type =
+            req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
         if !is_json(&content_type) {
             return Err(ApiError::UnsupportedMediaType(if content_type.is_empty() {
                 "expected Content-Type: application/json".to_owned()
@@ -57,9 +53,7 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             let inner = err.into_inner();
             use serde_json::error::Category;
             match inner.classify() {
-                Category::Syntax | Category::Eof | Category::Io => {
-                    Err(ApiError::MalformedJson(inner.to_string()))
-                }
+                Category::Syntax | Category::Eof | Category::Io => Err(ApiError::MalformedJson(inner.to_string())),
                 Category::Data => Err(ApiError::Validation(vec![field_error(&path, &inner)])),
             }
         }
@@ -71,8 +65,11 @@ fn field_error(path: &str, err: &serde_json::Error) -> FieldError {
     let msg = err.to_string();
     let msg = msg.split(" at line ").next().unwrap_or(&msg).to_owned();
     let (field, rule) = if let Some(rest) = msg.strip_prefix("unknown field `") {
+        // serde_path_to_error's path already ends with the unknown key.
         let name = rest.split('`').next().unwrap_or("");
-        (join_path(path, name), "unknown_field")
+        let field =
+            if path == name || path.ends_with(&format!(".{name}")) { path.to_owned() } else { join_path(path, name) };
+        (field, "unknown_field")
     } else if let Some(rest) = msg.strip_prefix("missing field `") {
         let name = rest.split('`').next().unwrap_or("");
         (join_path(path, name), "required")

@@ -10,8 +10,8 @@ use std::{
 use anyhow::{Context, bail};
 
 use crate::{
-    auth::{RequestContext, secret},
     auth::session::{self, SignUpRequest},
+    auth::{RequestContext, secret},
     config::LocalArgs,
     names::{DisplayName, Email, Name, NewPassword},
     startup::{Application, shutdown_signal},
@@ -31,9 +31,8 @@ pub struct LocalPostgres {
 impl LocalPostgres {
     /// Finds `initdb`/`pg_ctl` on PATH or under /usr/lib/postgresql/*/bin.
     pub fn find_binaries() -> anyhow::Result<PathBuf> {
-        let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).collect())
-            .unwrap_or_default();
+        let mut candidates: Vec<PathBuf> =
+            std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
         if let Ok(entries) = std::fs::read_dir("/usr/lib/postgresql") {
             let mut versions: Vec<PathBuf> = entries.flatten().map(|e| e.path().join("bin")).collect();
             versions.sort();
@@ -66,7 +65,10 @@ impl LocalPostgres {
                 chown(&pg.data, user)?;
             }
             eprintln!("initialising a private PostgreSQL in {}", pg.data.display());
-            pg.run("initdb", &["-D", path(&pg.data), "-U", "nimbus", "--auth=trust", "-E", "UTF8", "--no-instructions"])?;
+            pg.run(
+                "initdb",
+                &["-D", path(&pg.data), "-U", "nimbus", "--auth=trust", "-E", "UTF8", "--no-instructions"],
+            )?;
         }
         Ok(pg)
     }
@@ -95,7 +97,8 @@ impl LocalPostgres {
 
     /// Starts the server unless it is already running; listens only on a Unix socket.
     pub fn start(&self) -> anyhow::Result<()> {
-        if self.data.join("postmaster.pid").exists() && self.run("pg_ctl", &["status", "-D", path(&self.data)]).is_ok() {
+        if self.data.join("postmaster.pid").exists() && self.run("pg_ctl", &["status", "-D", path(&self.data)]).is_ok()
+        {
             return Ok(());
         }
         let opts = format!("-c listen_addresses='' -k {} -p 5432", self.socket_dir.display());
@@ -112,7 +115,8 @@ impl LocalPostgres {
     pub async fn database_url(&self) -> anyhow::Result<String> {
         let base = format!("postgres://nimbus@localhost/{{db}}?host={}&port=5432", self.socket_dir.display());
         let admin = base.replace("{db}", "postgres");
-        let mut conn: sqlx::PgConnection = sqlx::Connection::connect(&admin).await.context("connecting to the private PostgreSQL")?;
+        let mut conn: sqlx::PgConnection =
+            sqlx::Connection::connect(&admin).await.context("connecting to the private PostgreSQL")?;
         let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'nimbus')")
             .fetch_one(&mut conn)
             .await?;

@@ -17,7 +17,8 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve(args) => {
             telemetry::init_logging(args.server.log_format, &args.server.log);
             tracing::debug!(settings = ?args, "starting");
-            let app = Application::build(args.db.database_url.expose(), args.db.db_max_connections, args.server).await?;
+            let app =
+                Application::build(args.db.database_url.expose(), args.db.db_max_connections, args.server).await?;
             // Printed for process supervisors and the end-to-end tests, which bind port 0.
             println!("listening on {}", app.public_url());
             app.run_until(shutdown_signal()).await
@@ -37,7 +38,8 @@ async fn main() -> anyhow::Result<()> {
             db::migrate(args.database_url.expose()).await?;
             let pool = db::connect_app(args.database_url.expose(), 2).await?;
             // The issuer does not matter for rotation; keys are shared by every replica.
-            let keys = nimbus_api::auth::keys::KeyRing::load(pool, String::new(), std::time::Duration::from_secs(900)).await?;
+            let keys =
+                nimbus_api::auth::keys::KeyRing::load(pool, String::new(), std::time::Duration::from_secs(900)).await?;
             let kid = keys.rotate().await?;
             println!("new signing key {kid}; the previous key keeps verifying until its tokens expire");
             Ok(())

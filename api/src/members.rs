@@ -78,9 +78,7 @@ pub struct UpdateMemberRequest {
 
 /// Routes of this module.
 pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new()
-        .routes(routes!(list_members, add_member))
-        .routes(routes!(update_member, remove_member))
+    OpenApiRouter::new().routes(routes!(list_members, add_member)).routes(routes!(update_member, remove_member))
 }
 
 const MEMBER_SELECT: &str = "SELECT m.user_id, u.email, u.display_name, m.role, m.created_at \
@@ -171,7 +169,8 @@ pub async fn add_member(
     Path(tenant_id): Path<Uuid>,
     extract::Json(req): extract::Json<AddMemberRequest>,
 ) -> ApiResult<(StatusCode, Json<Member>)> {
-    let scope = Scope { lookup_email: Some(req.email.as_str().to_owned()), ..Scope::tenant(tenant_id, principal.user_id()) };
+    let scope =
+        Scope { lookup_email: Some(req.email.as_str().to_owned()), ..Scope::tenant(tenant_id, principal.user_id()) };
     let mut tx = db::begin(&state.pool, &scope).await?;
     authz::authorize(&mut tx, &principal, Action::AddMember, tenant_id, &nrn::member(tenant_id, Uuid::nil())).await?;
     let user: Uuid = sqlx::query_scalar("SELECT id FROM users WHERE email = $1")
@@ -179,14 +178,13 @@ pub async fn add_member(
         .fetch_optional(&mut *tx)
         .await?
         .ok_or(ApiError::NotFound("user with this e-mail"))?;
-    let inserted = sqlx::query(
-        "INSERT INTO memberships (tenant_id, user_id, role) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-    )
-    .bind(tenant_id)
-    .bind(user)
-    .bind(req.role.as_str())
-    .execute(&mut *tx)
-    .await?;
+    let inserted =
+        sqlx::query("INSERT INTO memberships (tenant_id, user_id, role) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
+            .bind(tenant_id)
+            .bind(user)
+            .bind(req.role.as_str())
+            .execute(&mut *tx)
+            .await?;
     if inserted.rows_affected() == 0 {
         return Err(ApiError::conflict("already_member", "that user is already a member"));
     }

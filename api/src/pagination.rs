@@ -48,17 +48,9 @@ impl PageParams {
 }
 
 fn decode_cursor(s: &str) -> Result<Uuid, ApiError> {
-    URL_SAFE_NO_PAD
-        .decode(s)
-        .ok()
-        .and_then(|b| Uuid::from_slice(&b).ok())
-        .ok_or_else(|| {
-            ApiError::InvalidQuery(vec![FieldError::new(
-                "after",
-                "cursor",
-                "is not a cursor returned by this list",
-            )])
-        })
+    URL_SAFE_NO_PAD.decode(s).ok().and_then(|b| Uuid::from_slice(&b).ok()).ok_or_else(|| {
+        ApiError::InvalidQuery(vec![FieldError::new("after", "cursor", "is not a cursor returned by this list")])
+    })
 }
 
 /// Encodes an id as a cursor.

@@ -89,9 +89,7 @@ pub struct UpdateTenantRequest {
 
 /// Routes of this module.
 pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new()
-        .routes(routes!(create_tenant, list_tenants))
-        .routes(routes!(get_tenant, update_tenant))
+    OpenApiRouter::new().routes(routes!(create_tenant, list_tenants)).routes(routes!(get_tenant, update_tenant))
 }
 
 fn name_taken() -> ApiError {
@@ -227,12 +225,8 @@ pub async fn list_tenants(
         Principal::ApiKey { key_id, .. } => *key_id,
     };
     let mut tx = db::begin(&state.pool, &scope).await?;
-    let rows: Vec<TenantRow> = sqlx::query_as(rows)
-        .bind(subject)
-        .bind(after)
-        .bind(limit + 1)
-        .fetch_all(&mut *tx)
-        .await?;
+    let rows: Vec<TenantRow> =
+        sqlx::query_as(rows).bind(subject).bind(after).bind(limit + 1).fetch_all(&mut *tx).await?;
     tx.commit().await?;
     let items = rows.into_iter().map(Tenant::try_from).collect::<anyhow::Result<Vec<_>>>()?;
     Ok(Json(Page::from_rows(items, limit, |t| t.id)))
@@ -295,8 +289,7 @@ pub async fn update_tenant(
     extract::Json(req): extract::Json<UpdateTenantRequest>,
 ) -> ApiResult<Json<Tenant>> {
     let mut tx = db::begin(&state.pool, &Scope::tenant(tenant_id, principal.user_id())).await?;
-    let role =
-        authz::authorize(&mut tx, &principal, Action::UpdateTenant, tenant_id, &nrn::tenant(tenant_id)).await?;
+    let role = authz::authorize(&mut tx, &principal, Action::UpdateTenant, tenant_id, &nrn::tenant(tenant_id)).await?;
     let before = fetch_tenant(&mut tx, tenant_id, role).await?;
     sqlx::query(
         "UPDATE tenants SET name = coalesce($2, name), display_name = coalesce($3, display_name), \

@@ -1,1 +1,121 @@
-//! x
+//! Whole-system test support: start the real `nimbus-api` binary as a child process (against
+//! the machine's PostgreSQL, or with its own private one), read what it prints, and stop it
+//! with a signal the way an operator would.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+
+/// The `nimbus-api` binary built next to the test executable.
+pub fn api_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(|p| p.parent()).expect("target/<profile>/deps");
+    let bin = dir.join("nimbus-api");
+    assert!(bin.is_file(), "{} is missing: build the workspace first (cargo build --workspace)", bin.display());
+    bin
+}
+
+/// The privileged URL of the machine's PostgreSQL used by tests.
+pub fn admin_url() -> String {
+    std::env::var("NIMBUS_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// Creates an empty database and returns its URL.
+pub async fn fresh_database() -> anyhow::Result<(String, String)> {
+    use sqlx::Connection;
+    let name = format!("nimbus_test_{}", uuid::Uuid::now_v7().simple());
+    let mut c = sqlx::PgConnection::connect(&admin_url()).await?;
+    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut c).await?;
+    let base = admin_url();
+    let (head, _) = base.rsplit_once('/').context("a database URL")?;
+    Ok((name.clone(), format!("{head}/{name}")))
+}
+
+/// Drops a test database.
+pub async fn drop_database(name: &str) {
+    use sqlx::Connection;
+    if let Ok(mut c) = sqlx::PgConnection::connect(&admin_url()).await {
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut c).await;
+    }
+}
+
+/// A running child process whose standard output is read line by line.
+pub struct Running {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    /// Everything read so far.
+    pub seen: Vec<String>,
+}
+
+impl Running {
+    /// Starts `nimbus-api` with `args` and `env` (and no inherited `DATABASE_URL`/`NIMBUS_*`).
+    pub fn start(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let mut cmd = Command::new(api_binary());
+        cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        for (k, _) in std::env::vars() {
+            if k == "DATABASE_URL" || k.starts_with("NIMBUS_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.env("NIMBUS_LOG", "warn");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().context("starting nimbus-api")?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Running { child, lines, seen: Vec::new() })
+    }
+
+    /// Waits for a line containing `needle` (or the process to end, or `timeout`).
+    pub fn wait_for_line(&mut self, needle: &str, timeout: Duration) -> anyhow::Result<String> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return Ok(line);
+                    }
+                }
+                Err(_) => bail!("no line with {needle:?} within {timeout:?}; output so far: {:?}", self.seen),
+            }
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let st = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status()?;
+        anyhow::ensure!(st.success(), "kill -TERM failed");
+        Ok(self.child.wait()?)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// An HTTP client that does not follow redirects (so tests see them).
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().expect("HTTP client")
+}

@@ -14,8 +14,8 @@ use chrono::{DateTime, Utc};
 use jsonwebtoken::{
     Algorithm, DecodingKey, EncodingKey, Header, Validation,
     jwk::{
-        AlgorithmParameters, CommonParameters, EllipticCurve, Jwk, JwkSet, KeyAlgorithm,
-        OctetKeyPairParameters, OctetKeyPairType, PublicKeyUse,
+        AlgorithmParameters, CommonParameters, EllipticCurve, Jwk, JwkSet, KeyAlgorithm, OctetKeyPairParameters,
+        OctetKeyPairType, PublicKeyUse,
     },
 };
 use ring::signature::{Ed25519KeyPair, KeyPair};
@@ -44,6 +44,15 @@ pub struct Claims {
 
 /// Audience of every access token.
 pub const AUDIENCE: &str = "nimbus-api";
+
+#[derive(sqlx::FromRow)]
+struct KeyRow {
+    kid: String,
+    private_key: Vec<u8>,
+    public_key: Vec<u8>,
+    created_at: DateTime<Utc>,
+    retired_at: Option<DateTime<Utc>>,
+}
 
 struct LoadedKey {
     created_at: DateTime<Utc>,
@@ -85,7 +94,7 @@ impl KeyRing {
 
     /// Re-reads the keys from the database.
     pub async fn reload(&self) -> anyhow::Result<()> {
-        let rows: Vec<(String, Vec<u8>, Vec<u8>, DateTime<Utc>, Option<DateTime<Utc>>)> = sqlx::query_as(
+        let rows: Vec<KeyRow> = sqlx::query_as(
             "SELECT kid, private_key, public_key, created_at, retired_at FROM signing_keys \
              WHERE retired_at IS NULL OR retired_at > now() - make_interval(secs => $1) \
              ORDER BY created_at",
@@ -95,7 +104,7 @@ impl KeyRing {
         .await
         .context("loading signing keys")?;
         let mut keys = Keys::default();
-        for (kid, private_key, public_key, created_at, retired_at) in rows {
+        for KeyRow { kid, private_key, public_key, created_at, retired_at } in rows {
             let loaded = LoadedKey {
                 created_at,
                 retired_at,
@@ -120,9 +129,7 @@ impl KeyRing {
     async fn ensure_active_key(&self) -> anyhow::Result<()> {
         let mut tx = self.pool.begin().await?;
         // Replicas starting together must not each create a key.
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('nimbus.signing_keys'))")
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('nimbus.signing_keys'))").execute(&mut *tx).await?;
         let active: Option<String> =
             sqlx::query_scalar("SELECT kid FROM signing_keys WHERE retired_at IS NULL LIMIT 1")
                 .fetch_optional(&mut *tx)
@@ -137,12 +144,8 @@ impl KeyRing {
     /// Retires the active key and makes a new one active. Tokens signed by the old key stay valid.
     pub async fn rotate(&self) -> anyhow::Result<String> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('nimbus.signing_keys'))")
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("UPDATE signing_keys SET retired_at = now() WHERE retired_at IS NULL")
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('nimbus.signing_keys'))").execute(&mut *tx).await?;
+        sqlx::query("UPDATE signing_keys SET retired_at = now() WHERE retired_at IS NULL").execute(&mut *tx).await?;
         let kid = insert_new_key(&mut tx).await?;
         tx.commit().await?;
         self.reload().await?;
@@ -211,12 +214,12 @@ impl KeyRing {
         validation.set_audience(&[AUDIENCE]);
         validation.set_issuer(&[&self.issuer]);
         validation.leeway = 30;
-        jsonwebtoken::decode::<Claims>(token, &key.decoding, &validation)
-            .map(|d| d.claims)
-            .map_err(|e| match e.kind() {
+        jsonwebtoken::decode::<Claims>(token, &key.decoding, &validation).map(|d| d.claims).map_err(|e| {
+            match e.kind() {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => VerifyError::Expired,
                 _ => VerifyError::Invalid,
-            })
+            }
+        })
     }
 
     fn key(&self, kid: &str) -> Option<Arc<LoadedKey>> {
@@ -256,14 +259,12 @@ async fn insert_new_key(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>) -> anyho
     let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).map_err(|_| anyhow::anyhow!("generating an Ed25519 key"))?;
     let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(|_| anyhow::anyhow!("reading the new key"))?;
     let kid = format!("k{}", Uuid::now_v7().simple());
-    sqlx::query(
-        "INSERT INTO signing_keys (kid, algorithm, private_key, public_key) VALUES ($1, 'EdDSA', $2, $3)",
-    )
-    .bind(&kid)
-    .bind(pkcs8.as_ref())
-    .bind(pair.public_key().as_ref())
-    .execute(&mut **tx)
-    .await?;
+    sqlx::query("INSERT INTO signing_keys (kid, algorithm, private_key, public_key) VALUES ($1, 'EdDSA', $2, $3)")
+        .bind(&kid)
+        .bind(pkcs8.as_ref())
+        .bind(pair.public_key().as_ref())
+        .execute(&mut **tx)
+        .await?;
     Ok(kid)
 }
 

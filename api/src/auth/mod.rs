@@ -14,12 +14,7 @@ use axum::{
 };
 use uuid::Uuid;
 
-use crate::{
-    api_keys,
-    authz::Role,
-    error::ApiError,
-    startup::AppState,
-};
+use crate::{api_keys, authz::Role, error::ApiError, startup::AppState};
 
 /// An authenticated caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,9 +109,8 @@ impl FromRequestParts<AppState> for RequestContext {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let header = |name: &str| {
-            parts.headers.get(name).and_then(|v| v.to_str().ok()).map(|s| s.chars().take(256).collect())
-        };
+        let header =
+            |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok()).map(|s| s.chars().take(256).collect());
         let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
         let forwarded = if state.settings.trust_forwarded_for {
             parts

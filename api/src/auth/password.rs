@@ -16,8 +16,7 @@ fn argon2() -> Argon2<'static> {
 /// Hashes a password into a PHC string.
 pub async fn hash(password: String) -> anyhow::Result<String> {
     tokio::task::spawn_blocking(move || {
-        let salt = SaltString::encode_b64(&random_bytes::<16>())
-            .map_err(|e| anyhow::anyhow!("encoding salt: {e}"))?;
+        let salt = SaltString::encode_b64(&random_bytes::<16>()).map_err(|e| anyhow::anyhow!("encoding salt: {e}"))?;
         argon2()
             .hash_password(password.as_bytes(), &salt)
             .map(|h| h.to_string())

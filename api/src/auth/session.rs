@@ -119,7 +119,10 @@ pub async fn create_user_with_tenant(
     .execute(&mut *tx)
     .await
     .map_err(|e| {
-        on_constraint(e, &[("users_email_key", ApiError::conflict("email_taken", "this e-mail address already has an account"))])
+        on_constraint(
+            e,
+            &[("users_email_key", ApiError::conflict("email_taken", "this e-mail address already has an account"))],
+        )
     })?;
     let actor = Actor::Principal("user", user_id);
     audit::record(
@@ -196,11 +199,10 @@ pub async fn sign_in(
     }
     let lookup = Scope { lookup_email: Some(email.to_owned()), ..Scope::default() };
     let mut tx = db::begin(&state.pool, &lookup).await?;
-    let user: Option<(Uuid, String)> =
-        sqlx::query_as("SELECT id, password_hash FROM users WHERE email = $1")
-            .bind(email)
-            .fetch_optional(&mut *tx)
-            .await?;
+    let user: Option<(Uuid, String)> = sqlx::query_as("SELECT id, password_hash FROM users WHERE email = $1")
+        .bind(email)
+        .fetch_optional(&mut *tx)
+        .await?;
     let ok = password::verify(req.password, user.as_ref().map(|u| u.1.clone())).await?;
     let Some((user_id, _)) = user.filter(|_| ok) else {
         tx.rollback().await?;
@@ -264,14 +266,14 @@ pub async fn refresh(
     let hash = secret::sha256(req.refresh_token.as_bytes());
     let scope = Scope { refresh_token_hash: Some(secret::hex(&hash)), ..Scope::default() };
     let mut tx = db::begin(&state.pool, &scope).await?;
-    let row: Option<(Uuid, Uuid, Uuid, DateTime<Utc>, Option<DateTime<Utc>>, Option<DateTime<Utc>>)> = sqlx::query_as(
+    let row: Option<RefreshRow> = sqlx::query_as(
         "SELECT id, family_id, user_id, expires_at, used_at, revoked_at FROM refresh_tokens \
          WHERE token_hash = $1 FOR UPDATE",
     )
     .bind(&hash)
     .fetch_optional(&mut *tx)
     .await?;
-    let Some((id, family, user_id, expires_at, used_at, revoked_at)) = row else {
+    let Some(RefreshRow { id, family_id: family, user_id, expires_at, used_at, revoked_at }) = row else {
         return Err(ApiError::Unauthenticated("unknown refresh token"));
     };
     db::set_scope(&mut tx, &Scope::user(user_id)).await?;
@@ -301,10 +303,7 @@ pub async fn refresh(
     if expires_at <= Utc::now() {
         return Err(ApiError::Unauthenticated("refresh token expired"));
     }
-    sqlx::query("UPDATE refresh_tokens SET used_at = now() WHERE id = $1")
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query("UPDATE refresh_tokens SET used_at = now() WHERE id = $1").bind(id).execute(&mut *tx).await?;
     let tokens = issue_tokens(&state, &mut tx, user_id, family).await?;
     tx.commit().await?;
     Ok(Json(tokens))
@@ -353,6 +352,16 @@ pub async fn sign_out(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[derive(sqlx::FromRow)]
+struct RefreshRow {
+    id: Uuid,
+    family_id: Uuid,
+    user_id: Uuid,
+    expires_at: DateTime<Utc>,
+    used_at: Option<DateTime<Utc>>,
+    revoked_at: Option<DateTime<Utc>>,
+}
+
 async fn revoke_family(tx: &mut Tx, family: Uuid) -> Result<(), sqlx::Error> {
     sqlx::query("UPDATE refresh_tokens SET revoked_at = now() WHERE family_id = $1 AND revoked_at IS NULL")
         .bind(family)
@@ -368,8 +377,8 @@ pub async fn start_session(state: &AppState, tx: &mut Tx, user_id: Uuid) -> ApiR
 
 async fn issue_tokens(state: &AppState, tx: &mut Tx, user_id: Uuid, family: Uuid) -> ApiResult<TokenResponse> {
     let refresh_token = format!("nmr_{}", secret::random_token());
-    let refresh_expires_at = Utc::now()
-        + chrono::Duration::from_std(state.settings.refresh_token_ttl.0).map_err(anyhow::Error::from)?;
+    let refresh_expires_at =
+        Utc::now() + chrono::Duration::from_std(state.settings.refresh_token_ttl.0).map_err(anyhow::Error::from)?;
     sqlx::query(
         "INSERT INTO refresh_tokens (id, family_id, user_id, token_hash, expires_at) VALUES ($1, $2, $3, $4, $5)",
     )

@@ -38,7 +38,12 @@ pub async fn check(pool: &PgPool, cfg: &ServerArgs, email: &str, ip: Option<IpAd
 }
 
 /// Counts a failed attempt against the account and the address.
-pub async fn record_failure(pool: &PgPool, cfg: &ServerArgs, email: &str, ip: Option<IpAddr>) -> Result<(), sqlx::Error> {
+pub async fn record_failure(
+    pool: &PgPool,
+    cfg: &ServerArgs,
+    email: &str,
+    ip: Option<IpAddr>,
+) -> Result<(), sqlx::Error> {
     let mut keys = vec![("account", email.to_owned())];
     if let Some(ip) = ip {
         keys.push(("address", ip.to_string()));
@@ -63,10 +68,7 @@ pub async fn record_failure(pool: &PgPool, cfg: &ServerArgs, email: &str, ip: Op
 
 /// Forgets an account's failures after a successful sign-in.
 pub async fn clear_account(pool: &PgPool, email: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("DELETE FROM signin_throttle WHERE scope = 'account' AND key = $1")
-        .bind(email)
-        .execute(pool)
-        .await?;
+    sqlx::query("DELETE FROM signin_throttle WHERE scope = 'account' AND key = $1").bind(email).execute(pool).await?;
     Ok(())
 }
 

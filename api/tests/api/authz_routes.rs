@@ -1,0 +1,73 @@
+//! Every route in the OpenAPI document is either on the short public list or refuses a caller
+//! without credentials (401) and a stranger to the tenant (404/403). A new route that forgets
+//! to authenticate or authorize fails here.
+
+use axum::http::{Method, StatusCode};
+use serde_json::Value;
+
+use crate::helpers::{Req, spawn_app};
+
+/// Routes that need no credentials, by design.
+const PUBLIC: &[(&str, &str)] = &[
+    ("get", "/healthz"),
+    ("get", "/readyz"),
+    ("get", "/metrics"),
+    ("get", "/.well-known/jwks.json"),
+    ("post", "/v1/auth/signup"),
+    ("post", "/v1/auth/signin"),
+    ("post", "/v1/auth/refresh"),
+    ("post", "/v1/auth/signout"),
+];
+
+#[tokio::test]
+async fn every_route_is_public_by_design_or_authorized() {
+    let app = spawn_app().await;
+    let owner = app.sign_up("owner@example.com", "target").await;
+    let stranger = app.sign_up("stranger@example.com", "elsewhere").await;
+    let (key_id, _) = app.create_key(&owner.token, owner.tenant, "viewer").await;
+
+    let doc = serde_json::to_value(nimbus_api::openapi::document()).unwrap();
+    let mut checked = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let is_public = PUBLIC.contains(&(method.as_str(), path.as_str()));
+            let declares_security = op.get("security").is_some();
+            assert_eq!(
+                !is_public, declares_security,
+                "{method} {path}: public routes must be listed in PUBLIC, all others must declare security"
+            );
+            if is_public {
+                continue;
+            }
+            let concrete = path
+                .replace("{tenant_id}", &owner.tenant.to_string())
+                .replace("{user_id}", &owner.id.to_string())
+                .replace("{key_id}", &key_id.to_string());
+            assert!(!concrete.contains('{'), "no test value for a parameter of {path}");
+            let m: Method = method.to_uppercase().parse().unwrap();
+            let example = op
+                .pointer("/requestBody/content/application~1json/example")
+                .cloned()
+                .unwrap_or(Value::Object(Default::default()));
+
+            let res = with_body(app.req(m.clone(), &concrete), &m, &example).send().await;
+            res.assert_problem(StatusCode::UNAUTHORIZED, "unauthenticated");
+
+            if path.contains("{tenant_id}") {
+                let res = with_body(app.req(m.clone(), &concrete).token(&stranger.token), &m, &example).send().await;
+                assert!(
+                    res.status == StatusCode::NOT_FOUND || res.status == StatusCode::FORBIDDEN,
+                    "{method} {path} let a stranger through: {} {}",
+                    res.status,
+                    res.text
+                );
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 12, "only {checked} routes checked");
+}
+
+fn with_body<'a>(r: Req<'a>, m: &Method, example: &Value) -> Req<'a> {
+    if m == Method::GET || m == Method::DELETE { r } else { r.json(example.clone()) }
+}

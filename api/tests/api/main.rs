@@ -1,0 +1,12 @@
+//! Integration tests of the API against a real PostgreSQL: each test gets a fresh database
+//! with the migrations applied, and drives the router in-process.
+
+mod helpers;
+
+mod api_keys;
+mod auth;
+mod authz_routes;
+mod conventions;
+mod idempotency;
+mod isolation;
+mod tenants;
