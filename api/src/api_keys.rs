@@ -12,7 +12,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
 use crate::{
-    audit::{self, Entry},
+    audit,
     auth::{Principal, RequestContext, secret},
     authz::{self, Action, Role, nrn},
     db::{self, Scope},
@@ -168,9 +168,8 @@ pub async fn create_api_key(
     if req.expires_at.is_some_and(|e| e <= Utc::now()) {
         return Err(ApiError::Validation(vec![FieldError::new("expires_at", "future", "must be in the future")]));
     }
-    let mut tx = db::begin(&state.pool, &Scope::tenant(tenant_id, principal.user_id())).await?;
     let resource = nrn::api_key(tenant_id, "*");
-    let own = authz::authorize(&mut tx, &principal, Action::CreateApiKey, tenant_id, &resource).await?;
+    let (mut tx, own) = authz::begin(&state.pool, &principal, Action::CreateApiKey, tenant_id, &resource).await?;
     if req.role > own {
         return Err(ApiError::Forbidden {
             action: format!("{} (role {})", Action::CreateApiKey.name(), req.role.as_str()),
@@ -209,18 +208,15 @@ pub async fn create_api_key(
     .bind(req.expires_at)
     .fetch_one(&mut *tx)
     .await?;
-    audit::record(
+    audit::record_action(
         &mut tx,
         &ctx,
-        Entry {
-            tenant: Some(tenant_id),
-            actor: (&principal).into(),
-            action: Action::CreateApiKey.name(),
-            resource: nrn::api_key(tenant_id, &id.to_string()),
-            success: true,
-            details: json!({ "name": req.name.as_str(), "prefix": prefix, "role": req.role,
+        &principal,
+        Action::CreateApiKey,
+        tenant_id,
+        nrn::api_key(tenant_id, &id.to_string()),
+        json!({ "name": req.name.as_str(), "prefix": prefix, "role": req.role,
                              "expires_at": req.expires_at, "via": actor_type, "via_id": actor_id }),
-        },
     )
     .await?;
     tx.commit().await?;
@@ -245,10 +241,9 @@ pub async fn list_api_keys(
     Path(tenant_id): Path<Uuid>,
     Query(page): Query<PageParams>,
 ) -> ApiResult<Json<Page<ApiKey>>> {
-    let limit = page.limit()?;
-    let after = page.after()?;
-    let mut tx = db::begin(&state.pool, &Scope::tenant(tenant_id, principal.user_id())).await?;
-    authz::authorize(&mut tx, &principal, Action::ListApiKeys, tenant_id, &nrn::api_key(tenant_id, "*")).await?;
+    let (limit, after) = page.parse()?;
+    let (mut tx, _) =
+        authz::begin(&state.pool, &principal, Action::ListApiKeys, tenant_id, &nrn::api_key(tenant_id, "*")).await?;
     let rows: Vec<ApiKey> = sqlx::query_as(&format!(
         "SELECT {KEY_COLUMNS} FROM api_keys WHERE tenant_id = $1 AND ($2::uuid IS NULL OR id > $2) \
          ORDER BY id LIMIT $3"
@@ -281,9 +276,8 @@ pub async fn revoke_api_key(
     ctx: RequestContext,
     Path((tenant_id, key_id)): Path<(Uuid, Uuid)>,
 ) -> ApiResult<StatusCode> {
-    let mut tx = db::begin(&state.pool, &Scope::tenant(tenant_id, principal.user_id())).await?;
     let resource = nrn::api_key(tenant_id, &key_id.to_string());
-    authz::authorize(&mut tx, &principal, Action::RevokeApiKey, tenant_id, &resource).await?;
+    let (mut tx, _) = authz::begin(&state.pool, &principal, Action::RevokeApiKey, tenant_id, &resource).await?;
     let revoked: Option<Option<DateTime<Utc>>> =
         sqlx::query_scalar("SELECT revoked_at FROM api_keys WHERE tenant_id = $1 AND id = $2 FOR UPDATE")
             .bind(tenant_id)
@@ -296,19 +290,7 @@ pub async fn revoke_api_key(
         Some(None) => {}
     }
     sqlx::query("UPDATE api_keys SET revoked_at = now() WHERE id = $1").bind(key_id).execute(&mut *tx).await?;
-    audit::record(
-        &mut tx,
-        &ctx,
-        Entry {
-            tenant: Some(tenant_id),
-            actor: (&principal).into(),
-            action: Action::RevokeApiKey.name(),
-            resource,
-            success: true,
-            details: json!({}),
-        },
-    )
-    .await?;
+    audit::record_action(&mut tx, &ctx, &principal, Action::RevokeApiKey, tenant_id, resource, json!({})).await?;
     tx.commit().await?;
     Ok(StatusCode::NO_CONTENT)
 }

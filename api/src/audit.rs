@@ -12,7 +12,7 @@ use uuid::Uuid;
 use crate::{
     auth::{Principal, RequestContext},
     authz::{self, Action, nrn},
-    db::{self, Scope, Tx},
+    db::Tx,
     error::ApiResult,
     extract::{Path, Query},
     pagination::{Page, PageParams},
@@ -81,6 +81,27 @@ pub async fn record(tx: &mut Tx, ctx: &RequestContext, entry: Entry<'_>) -> Resu
     Ok(())
 }
 
+/// Writes the audit row of a successful action of `principal` in `tenant`.
+pub async fn record_action(
+    tx: &mut Tx,
+    ctx: &RequestContext,
+    principal: &Principal,
+    action: Action,
+    tenant: Uuid,
+    resource: String,
+    details: Value,
+) -> Result<(), sqlx::Error> {
+    let entry = Entry {
+        tenant: Some(tenant),
+        actor: principal.into(),
+        action: action.name(),
+        resource,
+        success: true,
+        details,
+    };
+    record(tx, ctx, entry).await
+}
+
 /// An audit log row.
 #[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
 pub struct AuditEvent {
@@ -134,10 +155,9 @@ pub async fn list_audit_events(
     Path(tenant_id): Path<Uuid>,
     Query(page): Query<PageParams>,
 ) -> ApiResult<Json<Page<AuditEvent>>> {
-    let limit = page.limit()?;
-    let after = page.after()?;
-    let mut tx = db::begin(&state.pool, &Scope::tenant(tenant_id, principal.user_id())).await?;
-    authz::authorize(&mut tx, &principal, Action::ListAuditEvents, tenant_id, &nrn::audit_log(tenant_id)).await?;
+    let (limit, after) = page.parse()?;
+    let (mut tx, _) =
+        authz::begin(&state.pool, &principal, Action::ListAuditEvents, tenant_id, &nrn::audit_log(tenant_id)).await?;
     let rows: Vec<AuditEvent> = sqlx::query_as(
         "SELECT id, tenant_id, actor_type, actor_id, action, resource, outcome, source_ip, user_agent, \
          request_id, details, created_at FROM audit_log \

@@ -9,7 +9,13 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::{auth::Principal, db::Tx, error::ApiError};
+use sqlx::PgPool;
+
+use crate::{
+    auth::Principal,
+    db::{self, Scope, Tx},
+    error::ApiError,
+};
 
 /// A role in a tenant, ordered by what it may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema)]
@@ -129,8 +135,8 @@ pub mod nrn {
     pub fn tenant(t: Uuid) -> String {
         format!("nrn:nimbus:tenants:{t}:tenant/{t}")
     }
-    /// A member of a tenant.
-    pub fn member(t: Uuid, user: Uuid) -> String {
+    /// A member of a tenant, or every member with `*`.
+    pub fn member(t: Uuid, user: impl std::fmt::Display) -> String {
         format!("nrn:nimbus:tenants:{t}:member/{user}")
     }
     /// An API key, or every key with `*`.
@@ -184,6 +190,32 @@ pub async fn authorize(
         metrics::counter!("nimbus_authz_denied_total", "action" => action.name()).increment(1);
         Err(ApiError::Forbidden { action: action.name().to_owned(), resource: resource.to_owned() })
     }
+}
+
+/// Opens a transaction scoped to `tenant` (and the principal's user) and authorizes `action`
+/// in it: the way every tenant handler starts.
+pub async fn begin(
+    pool: &PgPool,
+    principal: &Principal,
+    action: Action,
+    tenant: Uuid,
+    resource: &str,
+) -> Result<(Tx, Role), ApiError> {
+    begin_in(pool, Scope::tenant(tenant, principal.user_id()), principal, action, tenant, resource).await
+}
+
+/// [`begin`] with extra scope settings (for example an e-mail the handler will look up).
+pub async fn begin_in(
+    pool: &PgPool,
+    scope: Scope,
+    principal: &Principal,
+    action: Action,
+    tenant: Uuid,
+    resource: &str,
+) -> Result<(Tx, Role), ApiError> {
+    let mut tx = db::begin(pool, &Scope { tenant: Some(tenant), user: principal.user_id(), ..scope }).await?;
+    let role = authorize(&mut tx, principal, action, tenant, resource).await?;
+    Ok((tx, role))
 }
 
 #[cfg(test)]

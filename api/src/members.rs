@@ -10,7 +10,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
 use crate::{
-    audit::{self, Entry},
+    audit,
     auth::{Principal, RequestContext},
     authz::{self, Action, Role, nrn},
     db::{self, Scope, Tx},
@@ -127,10 +127,9 @@ pub async fn list_members(
     Path(tenant_id): Path<Uuid>,
     Query(page): Query<PageParams>,
 ) -> ApiResult<Json<Page<Member>>> {
-    let limit = page.limit()?;
-    let after = page.after()?;
-    let mut tx = db::begin(&state.pool, &Scope::tenant(tenant_id, principal.user_id())).await?;
-    authz::authorize(&mut tx, &principal, Action::ListMembers, tenant_id, &nrn::member(tenant_id, Uuid::nil())).await?;
+    let (limit, after) = page.parse()?;
+    let (mut tx, _) =
+        authz::begin(&state.pool, &principal, Action::ListMembers, tenant_id, &nrn::member(tenant_id, "*")).await?;
     let rows: Vec<MemberRow> = sqlx::query_as(&format!(
         "{MEMBER_SELECT} AND ($2::uuid IS NULL OR m.user_id > $2) ORDER BY m.user_id LIMIT $3"
     ))
@@ -172,7 +171,7 @@ pub async fn add_member(
     let scope =
         Scope { lookup_email: Some(req.email.as_str().to_owned()), ..Scope::tenant(tenant_id, principal.user_id()) };
     let mut tx = db::begin(&state.pool, &scope).await?;
-    authz::authorize(&mut tx, &principal, Action::AddMember, tenant_id, &nrn::member(tenant_id, Uuid::nil())).await?;
+    authz::authorize(&mut tx, &principal, Action::AddMember, tenant_id, &nrn::member(tenant_id, "*")).await?;
     let user: Uuid = sqlx::query_scalar("SELECT id FROM users WHERE email = $1")
         .bind(req.email.as_str())
         .fetch_optional(&mut *tx)
@@ -188,17 +187,14 @@ pub async fn add_member(
     if inserted.rows_affected() == 0 {
         return Err(ApiError::conflict("already_member", "that user is already a member"));
     }
-    audit::record(
+    audit::record_action(
         &mut tx,
         &ctx,
-        Entry {
-            tenant: Some(tenant_id),
-            actor: (&principal).into(),
-            action: Action::AddMember.name(),
-            resource: nrn::member(tenant_id, user),
-            success: true,
-            details: json!({ "email": req.email.as_str(), "role": req.role }),
-        },
+        &principal,
+        Action::AddMember,
+        tenant_id,
+        nrn::member(tenant_id, user),
+        json!({ "email": req.email.as_str(), "role": req.role }),
     )
     .await?;
     let member = fetch_member(&mut tx, tenant_id, user).await?;
@@ -228,8 +224,9 @@ pub async fn update_member(
     Path((tenant_id, user_id)): Path<(Uuid, Uuid)>,
     extract::Json(req): extract::Json<UpdateMemberRequest>,
 ) -> ApiResult<Json<Member>> {
-    let mut tx = db::begin(&state.pool, &Scope::tenant(tenant_id, principal.user_id())).await?;
-    authz::authorize(&mut tx, &principal, Action::UpdateMember, tenant_id, &nrn::member(tenant_id, user_id)).await?;
+    let (mut tx, _) =
+        authz::begin(&state.pool, &principal, Action::UpdateMember, tenant_id, &nrn::member(tenant_id, user_id))
+            .await?;
     let before = fetch_member(&mut tx, tenant_id, user_id).await?;
     if before.role == Role::Admin && req.role != Role::Admin {
         ensure_not_last_admin(&mut tx, tenant_id, user_id).await?;
@@ -240,17 +237,14 @@ pub async fn update_member(
         .bind(req.role.as_str())
         .execute(&mut *tx)
         .await?;
-    audit::record(
+    audit::record_action(
         &mut tx,
         &ctx,
-        Entry {
-            tenant: Some(tenant_id),
-            actor: (&principal).into(),
-            action: Action::UpdateMember.name(),
-            resource: nrn::member(tenant_id, user_id),
-            success: true,
-            details: json!({ "from": before.role, "to": req.role }),
-        },
+        &principal,
+        Action::UpdateMember,
+        tenant_id,
+        nrn::member(tenant_id, user_id),
+        json!({ "from": before.role, "to": req.role }),
     )
     .await?;
     let after = fetch_member(&mut tx, tenant_id, user_id).await?;
@@ -278,8 +272,9 @@ pub async fn remove_member(
     ctx: RequestContext,
     Path((tenant_id, user_id)): Path<(Uuid, Uuid)>,
 ) -> ApiResult<StatusCode> {
-    let mut tx = db::begin(&state.pool, &Scope::tenant(tenant_id, principal.user_id())).await?;
-    authz::authorize(&mut tx, &principal, Action::RemoveMember, tenant_id, &nrn::member(tenant_id, user_id)).await?;
+    let (mut tx, _) =
+        authz::begin(&state.pool, &principal, Action::RemoveMember, tenant_id, &nrn::member(tenant_id, user_id))
+            .await?;
     let before = fetch_member(&mut tx, tenant_id, user_id).await?;
     if before.role == Role::Admin {
         ensure_not_last_admin(&mut tx, tenant_id, user_id).await?;
@@ -289,17 +284,14 @@ pub async fn remove_member(
         .bind(user_id)
         .execute(&mut *tx)
         .await?;
-    audit::record(
+    audit::record_action(
         &mut tx,
         &ctx,
-        Entry {
-            tenant: Some(tenant_id),
-            actor: (&principal).into(),
-            action: Action::RemoveMember.name(),
-            resource: nrn::member(tenant_id, user_id),
-            success: true,
-            details: json!({ "email": before.email, "role": before.role }),
-        },
+        &principal,
+        Action::RemoveMember,
+        tenant_id,
+        nrn::member(tenant_id, user_id),
+        json!({ "email": before.email, "role": before.role }),
     )
     .await?;
     tx.commit().await?;

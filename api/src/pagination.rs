@@ -28,6 +28,11 @@ pub struct PageParams {
 }
 
 impl PageParams {
+    /// The checked page size and decoded cursor.
+    pub fn parse(&self) -> Result<(i64, Option<Uuid>), ApiError> {
+        Ok((self.limit()?, self.after()?))
+    }
+
     /// The page size, checked.
     pub fn limit(&self) -> Result<i64, ApiError> {
         match self.limit {

@@ -204,8 +204,7 @@ pub async fn list_tenants(
     principal: Principal,
     Query(page): Query<PageParams>,
 ) -> ApiResult<Json<Page<Tenant>>> {
-    let limit = page.limit()?;
-    let after = page.after()?;
+    let (limit, after) = page.parse()?;
     let (scope, rows) = match &principal {
         Principal::User { user_id, .. } => (
             Scope::user(*user_id),
@@ -259,8 +258,8 @@ pub async fn get_tenant(
     principal: Principal,
     Path(tenant_id): Path<Uuid>,
 ) -> ApiResult<Json<Tenant>> {
-    let mut tx = db::begin(&state.pool, &Scope::tenant(tenant_id, principal.user_id())).await?;
-    let role = authz::authorize(&mut tx, &principal, Action::GetTenant, tenant_id, &nrn::tenant(tenant_id)).await?;
+    let (mut tx, role) =
+        authz::begin(&state.pool, &principal, Action::GetTenant, tenant_id, &nrn::tenant(tenant_id)).await?;
     let tenant = fetch_tenant(&mut tx, tenant_id, role).await?;
     tx.commit().await?;
     Ok(Json(tenant))
@@ -288,8 +287,8 @@ pub async fn update_tenant(
     Path(tenant_id): Path<Uuid>,
     extract::Json(req): extract::Json<UpdateTenantRequest>,
 ) -> ApiResult<Json<Tenant>> {
-    let mut tx = db::begin(&state.pool, &Scope::tenant(tenant_id, principal.user_id())).await?;
-    let role = authz::authorize(&mut tx, &principal, Action::UpdateTenant, tenant_id, &nrn::tenant(tenant_id)).await?;
+    let (mut tx, role) =
+        authz::begin(&state.pool, &principal, Action::UpdateTenant, tenant_id, &nrn::tenant(tenant_id)).await?;
     let before = fetch_tenant(&mut tx, tenant_id, role).await?;
     sqlx::query(
         "UPDATE tenants SET name = coalesce($2, name), display_name = coalesce($3, display_name), \
@@ -302,20 +301,17 @@ pub async fn update_tenant(
     .await
     .map_err(|e| on_constraint(e, &[("tenants_name_key", name_taken())]))?;
     let after = fetch_tenant(&mut tx, tenant_id, role).await?;
-    audit::record(
+    audit::record_action(
         &mut tx,
         &ctx,
-        Entry {
-            tenant: Some(tenant_id),
-            actor: (&principal).into(),
-            action: Action::UpdateTenant.name(),
-            resource: nrn::tenant(tenant_id),
-            success: true,
-            details: json!({
-                "from": { "name": before.name, "display_name": before.display_name },
-                "to": { "name": after.name, "display_name": after.display_name },
-            }),
-        },
+        &principal,
+        Action::UpdateTenant,
+        tenant_id,
+        nrn::tenant(tenant_id),
+        json!({
+            "from": { "name": before.name, "display_name": before.display_name },
+            "to": { "name": after.name, "display_name": after.display_name },
+        }),
     )
     .await?;
     tx.commit().await?;
