@@ -9,8 +9,6 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use sqlx::PgPool;
-
 use crate::{
     auth::Principal,
     db::{self, Scope, Tx},
@@ -195,7 +193,7 @@ pub async fn authorize(
 /// Opens a transaction scoped to `tenant` (and the principal's user) and authorizes `action`
 /// in it: the way every tenant handler starts.
 pub async fn begin(
-    pool: &PgPool,
+    pool: &db::Db,
     principal: &Principal,
     action: Action,
     tenant: Uuid,
@@ -206,7 +204,7 @@ pub async fn begin(
 
 /// [`begin`] with extra scope settings (for example an e-mail the handler will look up).
 pub async fn begin_in(
-    pool: &PgPool,
+    pool: &db::Db,
     scope: Scope,
     principal: &Principal,
     action: Action,

@@ -42,7 +42,7 @@ pub struct DatabaseArgs {
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Secret,
     /// Maximum connections in the application pool.
-    #[arg(long, env = "NIMBUS_DB_MAX_CONNECTIONS", default_value_t = 32)]
+    #[arg(long, env = "NIMBUS_DB_MAX_CONNECTIONS", default_value_t = 8)]
     pub db_max_connections: u32,
 }
 

@@ -1,12 +1,24 @@
 //! Database access: the migrator, the application pool (connected as the `nimbus_app` role, to
 //! which row-level security applies) and scoped transactions that tell the RLS policies who is
 //! asking.
+//!
+//! The pool is `deadpool` over sqlx connections rather than sqlx's own pool, because sqlx's pool
+//! sends a ping on every release. Per request that is a fourth round trip next to
+//! BEGIN, the query and COMMIT, and on a small machine the round trips are the cost of a request
+//! (see BENCHMARKS.md). Here a connection goes back to the pool as it is, and is checked only when
+//! it was left in an unknown state (a transaction dropped without COMMIT, which is rolled back
+//! first) or has sat idle for a while.
 
-use std::{str::FromStr, time::Duration};
+use std::{
+    ops::{Deref, DerefMut},
+    str::FromStr,
+    time::Duration,
+};
 
 use anyhow::Context;
+use deadpool::managed::{self, Metrics, Object, RecycleError, RecycleResult};
 use sqlx::{
-    PgPool, Postgres, Transaction,
+    ConnectOptions, Connection, Executor, PgConnection,
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 use uuid::Uuid;
@@ -16,6 +28,9 @@ pub const APP_ROLE: &str = "nimbus_app";
 
 /// The migrations of `migrations/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+/// How long a connection may sit idle before it is checked on its next checkout.
+const IDLE_CHECK_AFTER: Duration = Duration::from_secs(30);
 
 /// Applies pending migrations using the privileged connection of `url`.
 pub async fn migrate(url: &str) -> anyhow::Result<()> {
@@ -30,20 +45,141 @@ pub async fn migrate(url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Opens the application pool. Every connection starts with the session role `nimbus_app`
-/// (a startup option, so even `RESET ROLE` returns to it).
-pub async fn connect_app(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
-    let opts = PgConnectOptions::from_str(url)
-        .context("parsing the database URL")?
-        .options([("role", APP_ROLE)])
-        .application_name("nimbus-api");
-    PgPoolOptions::new()
-        .max_connections(max_connections)
-        .min_connections(1)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect_with(opts)
-        .await
-        .context("connecting to PostgreSQL as the application role")
+/// Creates and recycles application connections.
+pub struct Manager {
+    options: PgConnectOptions,
+}
+
+impl managed::Manager for Manager {
+    type Type = PgConnection;
+    type Error = sqlx::Error;
+
+    async fn create(&self) -> Result<PgConnection, sqlx::Error> {
+        self.options.connect().await
+    }
+
+    async fn recycle(&self, conn: &mut PgConnection, metrics: &Metrics) -> RecycleResult<sqlx::Error> {
+        if metrics.last_used() > IDLE_CHECK_AFTER {
+            conn.ping().await.map_err(RecycleError::Backend)?;
+        }
+        Ok(())
+    }
+}
+
+/// The application pool.
+#[derive(Clone)]
+pub struct Db {
+    pool: managed::Pool<Manager>,
+}
+
+/// A pooled connection outside any transaction (for tables without row-level security).
+pub type Conn = Object<Manager>;
+
+impl Db {
+    /// Opens the application pool. Every connection starts with the session role `nimbus_app`
+    /// (a startup option, so even `RESET ROLE` returns to it).
+    pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<Db> {
+        let options = PgConnectOptions::from_str(url)
+            .context("parsing the database URL")?
+            .options([("role", APP_ROLE)])
+            .application_name("nimbus-api");
+        let pool = managed::Pool::builder(Manager { options })
+            .max_size(max_connections.max(1) as usize)
+            .runtime(deadpool::Runtime::Tokio1)
+            .wait_timeout(Some(Duration::from_secs(5)))
+            .create_timeout(Some(Duration::from_secs(5)))
+            .build()
+            .context("building the connection pool")?;
+        let db = Db { pool };
+        // Fail at startup, not on the first request, when the database is unreachable.
+        drop(db.conn().await.context("connecting to PostgreSQL as the application role")?);
+        Ok(db)
+    }
+
+    /// A connection in autocommit mode.
+    pub async fn conn(&self) -> Result<Conn, sqlx::Error> {
+        self.pool.get().await.map_err(|e| match e {
+            managed::PoolError::Backend(e) => e,
+            managed::PoolError::Timeout(_) => sqlx::Error::PoolTimedOut,
+            managed::PoolError::Closed => sqlx::Error::PoolClosed,
+            other => sqlx::Error::Protocol(format!("connection pool: {other}")),
+        })
+    }
+
+    /// Closes the pool: connections are dropped as they come back.
+    pub fn close(&self) {
+        self.pool.close();
+    }
+}
+
+/// Opens the application pool (see [`Db::connect`]).
+pub async fn connect_app(url: &str, max_connections: u32) -> anyhow::Result<Db> {
+    Db::connect(url, max_connections).await
+}
+
+/// A transaction on a pooled connection. Use it as an executor with `&mut *tx`; end it with
+/// [`Tx::commit`]. Dropped without committing, it is rolled back on a background task before
+/// its connection can be used again (or the connection is discarded if that fails).
+pub struct Tx {
+    conn: Option<Conn>,
+}
+
+impl Tx {
+    /// Commits and returns the connection to the pool.
+    pub async fn commit(self) -> Result<(), sqlx::Error> {
+        self.finish("COMMIT").await
+    }
+
+    /// Rolls back and returns the connection to the pool.
+    pub async fn rollback(self) -> Result<(), sqlx::Error> {
+        self.finish("ROLLBACK").await
+    }
+
+    async fn finish(mut self, statement: &'static str) -> Result<(), sqlx::Error> {
+        // The connection stays in `self` while the statement runs: if this future is dropped
+        // half-way, or the statement fails, `Drop` cleans the connection up.
+        let conn: &mut PgConnection = &mut self;
+        conn.execute(statement).await?;
+        drop(self.conn.take());
+        Ok(())
+    }
+}
+
+/// A connection in an unknown state goes back to the pool only if a ROLLBACK succeeds on it
+/// (which also reads whatever an interrupted statement left unread); otherwise it is closed.
+async fn discard_unless_idle(mut conn: Conn) {
+    let c: &mut PgConnection = &mut conn;
+    if c.execute("ROLLBACK").await.is_err() {
+        drop(Object::take(conn));
+    }
+}
+
+impl Drop for Tx {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            // An early return (`?`) or a cancelled request: roll back before the connection is
+            // reused, so no locks or snapshot outlive the request. `raw_sql` first drains any
+            // response a cancelled query left unread.
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(discard_unless_idle(conn));
+            } else {
+                drop(Object::take(conn));
+            }
+        }
+    }
+}
+
+impl Deref for Tx {
+    type Target = PgConnection;
+    fn deref(&self) -> &PgConnection {
+        self.conn.as_ref().expect("a live transaction")
+    }
+}
+
+impl DerefMut for Tx {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        self.conn.as_mut().expect("a live transaction")
+    }
 }
 
 /// Who a transaction acts for; each set field becomes a transaction-local setting that the
@@ -73,30 +209,90 @@ impl Scope {
     }
 }
 
-/// A transaction on the application pool.
-pub type Tx = Transaction<'static, Postgres>;
-
 /// Begins a transaction with the scope's settings in place.
-pub async fn begin(pool: &PgPool, scope: &Scope) -> Result<Tx, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    set_scope(&mut tx, scope).await?;
+///
+/// `BEGIN` and the settings travel in one round trip. That statement has no bind parameters, so
+/// the values are written into it; only values made of letters, digits, `-` and `_` (UUIDs, hex
+/// digests, API key prefixes) are, since those cannot break out of a SQL string literal. Any
+/// other value (an e-mail address) is bound in a second statement.
+pub async fn begin(db: &Db, scope: &Scope) -> Result<Tx, sqlx::Error> {
+    let settings = scope.settings();
+    let inline = settings.iter().all(|(_, v)| is_plain(v));
+    let mut statement = String::from("BEGIN");
+    if inline {
+        let calls: Vec<String> = settings
+            .iter()
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(name, v)| format!("set_config('{name}', '{v}', true)"))
+            .collect();
+        if !calls.is_empty() {
+            statement.push_str("; SELECT ");
+            statement.push_str(&calls.join(", "));
+        }
+    }
+    let mut conn = db.conn().await?;
+    // A `&str` without arguments goes over the simple protocol, which allows several statements.
+    let c: &mut PgConnection = &mut conn;
+    if let Err(e) = c.execute(statement.as_str()).await {
+        discard_unless_idle(conn).await;
+        return Err(e);
+    }
+    let mut tx = Tx { conn: Some(conn) };
+    if !inline {
+        set_scope(&mut tx, scope).await?;
+    }
     Ok(tx)
+}
+
+/// Whether a value can be written into a SQL string literal as it is.
+fn is_plain(v: &str) -> bool {
+    v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+impl Scope {
+    /// The settings as (name, value) pairs; an unset value is empty.
+    fn settings(&self) -> [(&'static str, String); 5] {
+        let uuid = |u: Option<Uuid>| u.map(|u| u.hyphenated().to_string()).unwrap_or_default();
+        [
+            ("nimbus.tenant_id", uuid(self.tenant)),
+            ("nimbus.user_id", uuid(self.user)),
+            ("nimbus.lookup_email", self.lookup_email.clone().unwrap_or_default()),
+            ("nimbus.api_key_prefix", self.api_key_prefix.clone().unwrap_or_default()),
+            ("nimbus.refresh_token_hash", self.refresh_token_hash.clone().unwrap_or_default()),
+        ]
+    }
 }
 
 /// Replaces the scope settings of an open transaction (for example once a lookup has told
 /// which user a token belongs to).
 pub async fn set_scope(tx: &mut Tx, scope: &Scope) -> Result<(), sqlx::Error> {
+    let [tenant, user, email, prefix, hash] = scope.settings().map(|(_, v)| v);
     sqlx::query(
         "SELECT set_config('nimbus.tenant_id', $1, true), set_config('nimbus.user_id', $2, true), \
          set_config('nimbus.lookup_email', $3, true), set_config('nimbus.api_key_prefix', $4, true), \
          set_config('nimbus.refresh_token_hash', $5, true)",
     )
-    .bind(scope.tenant.map(|t| t.to_string()).unwrap_or_default())
-    .bind(scope.user.map(|u| u.to_string()).unwrap_or_default())
-    .bind(scope.lookup_email.clone().unwrap_or_default())
-    .bind(scope.api_key_prefix.clone().unwrap_or_default())
-    .bind(scope.refresh_token_hash.clone().unwrap_or_default())
+    .bind(tenant)
+    .bind(user)
+    .bind(email)
+    .bind(prefix)
+    .bind(hash)
     .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_values_are_written_into_statements() {
+        assert!(is_plain("01a221eb-df66-743f-92f9-faf564fa7021"));
+        assert!(is_plain("nmb_c2bc22437e7d"));
+        assert!(is_plain(""));
+        for bad in ["o'brien@example.com", "a\\b", "x; DROP TABLE users", "a b", "é"] {
+            assert!(!is_plain(bad), "{bad}");
+        }
+    }
 }

@@ -42,8 +42,11 @@ pub async fn healthz() -> Json<Health> {
     )
 )]
 pub async fn readyz(State(state): State<AppState>) -> Result<Json<Health>, ApiError> {
-    let check = tokio::time::timeout(std::time::Duration::from_secs(2), sqlx::query("SELECT 1").execute(&state.pool));
-    match check.await {
+    let check = async {
+        let mut conn = state.pool.conn().await?;
+        sqlx::query("SELECT 1").execute(&mut *conn).await
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(2), check).await {
         Ok(Ok(_)) => Ok(Json(Health { status: "ok".into() })),
         _ => Err(ApiError::Timeout),
     }

@@ -70,13 +70,14 @@ async fn handle(state: AppState, req: Request, next: Next) -> Result<Response, A
     let owner = format!("{kind}:{id}");
     let ttl = state.settings.idempotency_ttl.0.as_secs_f64();
 
+    let mut conn = state.pool.conn().await?;
     sqlx::query(
         "DELETE FROM idempotency_keys WHERE principal = $1 AND key = $2 AND created_at < now() - make_interval(secs => $3)",
     )
     .bind(&owner)
     .bind(&key)
     .bind(ttl)
-    .execute(&state.pool)
+    .execute(&mut *conn)
     .await?;
     let claimed = sqlx::query(
         "INSERT INTO idempotency_keys (principal, key, request_hash) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
@@ -84,7 +85,7 @@ async fn handle(state: AppState, req: Request, next: Next) -> Result<Response, A
     .bind(&owner)
     .bind(&key)
     .bind(&hash)
-    .execute(&state.pool)
+    .execute(&mut *conn)
     .await?
     .rows_affected()
         == 1;
@@ -97,7 +98,7 @@ async fn handle(state: AppState, req: Request, next: Next) -> Result<Response, A
             )
             .bind(&owner)
             .bind(&key)
-            .fetch_one(&state.pool)
+            .fetch_one(&mut *conn)
             .await?;
         if stored_hash != hash {
             return Err(ApiError::IdempotencyKeyReused);
@@ -118,13 +119,15 @@ async fn handle(state: AppState, req: Request, next: Next) -> Result<Response, A
         return Ok(res);
     }
 
+    // The handler needs a connection of its own; holding this one meanwhile could exhaust the pool.
+    drop(conn);
     parts.extensions.insert(principal);
     let res = next.run(Request::from_parts(parts, Body::from(body))).await;
     let release = || async {
         sqlx::query("DELETE FROM idempotency_keys WHERE principal = $1 AND key = $2")
             .bind(&owner)
             .bind(&key)
-            .execute(&state.pool)
+            .execute(&mut *state.pool.conn().await?)
             .await
     };
     if res.status().is_server_error() {
@@ -148,7 +151,7 @@ async fn handle(state: AppState, req: Request, next: Next) -> Result<Response, A
     .bind(res_parts.status.as_u16() as i16)
     .bind(res_parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()))
     .bind(bytes.as_ref())
-    .execute(&state.pool)
+    .execute(&mut *state.pool.conn().await?)
     .await?;
     Ok(Response::from_parts(res_parts, Body::from(bytes)))
 }
@@ -157,7 +160,7 @@ async fn handle(state: AppState, req: Request, next: Next) -> Result<Response, A
 pub async fn purge_expired(state: &AppState) -> Result<u64, sqlx::Error> {
     let r = sqlx::query("DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(secs => $1)")
         .bind(state.settings.idempotency_ttl.0.as_secs_f64())
-        .execute(&state.pool)
+        .execute(&mut *state.pool.conn().await?)
         .await?;
     Ok(r.rows_affected())
 }

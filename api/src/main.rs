@@ -9,6 +9,10 @@ use nimbus_api::{
     telemetry,
 };
 
+// mimalloc: fewer cycles per request than the system allocator under many small allocations.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();

@@ -13,7 +13,6 @@ use axum::{
     response::IntoResponse,
 };
 use metrics_exporter_prometheus::PrometheusHandle;
-use sqlx::PgPool;
 use tower::ServiceBuilder;
 use tower_http::{
     catch_panic::CatchPanicLayer,
@@ -39,7 +38,7 @@ use crate::{
 #[derive(Clone)]
 pub struct AppState {
     /// The application pool (role `nimbus_app`).
-    pub pool: PgPool,
+    pub pool: db::Db,
     /// Access-token signing keys.
     pub keys: KeyRing,
     /// Settings.
@@ -153,7 +152,7 @@ impl Application {
         tracing::info!(url = %self.public_url, "listening");
         let served = axum::serve(self.listener, app).with_graceful_shutdown(shutdown).await;
         maintenance.abort();
-        self.state.pool.close().await;
+        self.state.pool.close();
         served.context("serving HTTP")
     }
 }

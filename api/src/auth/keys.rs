@@ -4,10 +4,11 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, RwLock},
-    time::Duration,
+    sync::{Arc, Mutex, RwLock},
+    time::{Duration, Instant},
 };
 
+use crate::db::{self, Db, Scope};
 use anyhow::Context;
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use chrono::{DateTime, Utc};
@@ -20,7 +21,6 @@ use jsonwebtoken::{
 };
 use ring::signature::{Ed25519KeyPair, KeyPair};
 use serde::{Deserialize, Serialize};
-use sqlx::PgPool;
 use uuid::Uuid;
 
 /// Claims of an access token.
@@ -41,6 +41,9 @@ pub struct Claims {
     /// Token id.
     pub jti: Uuid,
 }
+
+/// Clock-skew allowance when checking expiry, in seconds.
+const LEEWAY_SECS: u64 = 30;
 
 /// Audience of every access token.
 pub const AUDIENCE: &str = "nimbus-api";
@@ -72,16 +75,35 @@ struct Keys {
 /// The in-memory set of signing keys.
 #[derive(Clone)]
 pub struct KeyRing {
-    pool: PgPool,
+    pool: Db,
     keys: Arc<RwLock<Keys>>,
     issuer: String,
     access_ttl: Duration,
+    /// Tokens already verified, by the SHA-256 of the whole token: a client sends the same
+    /// token for its whole life, and an Ed25519 verification is the costliest step of
+    /// authentication. Emptied whenever the set of trusted keys changes.
+    verified: Arc<Mutex<HashMap<Vec<u8>, Claims>>>,
+    /// When an unknown `kid` last made us reload, so that bogus tokens cannot make every
+    /// request query the database.
+    last_miss_reload: Arc<Mutex<Option<Instant>>>,
 }
+
+/// Most verified tokens remembered at once.
+const VERIFIED_CACHE_MAX: usize = 50_000;
+/// Least time between reloads caused by unknown key ids.
+const MISS_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
 
 impl KeyRing {
     /// Loads the keys, creating the first one if the database has none.
-    pub async fn load(pool: PgPool, issuer: String, access_ttl: Duration) -> anyhow::Result<Self> {
-        let ring = KeyRing { pool, keys: Arc::default(), issuer, access_ttl };
+    pub async fn load(pool: Db, issuer: String, access_ttl: Duration) -> anyhow::Result<Self> {
+        let ring = KeyRing {
+            pool,
+            keys: Arc::default(),
+            issuer,
+            access_ttl,
+            verified: Arc::default(),
+            last_miss_reload: Arc::default(),
+        };
         ring.ensure_active_key().await?;
         ring.reload().await?;
         Ok(ring)
@@ -100,7 +122,7 @@ impl KeyRing {
              ORDER BY created_at",
         )
         .bind(self.verify_grace().as_secs_f64())
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.pool.conn().await?)
         .await
         .context("loading signing keys")?;
         let mut keys = Keys::default();
@@ -117,7 +139,14 @@ impl KeyRing {
             }
             keys.by_kid.insert(kid, Arc::new(loaded));
         }
-        *self.keys.write().expect("key ring lock") = keys;
+        let mut current = self.keys.write().expect("key ring lock");
+        let same_keys = current.active == keys.active
+            && current.by_kid.len() == keys.by_kid.len()
+            && keys.by_kid.keys().all(|k| current.by_kid.contains_key(k));
+        if !same_keys {
+            self.verified.lock().expect("verified cache lock").clear();
+        }
+        *current = keys;
         Ok(())
     }
 
@@ -127,7 +156,7 @@ impl KeyRing {
     }
 
     async fn ensure_active_key(&self) -> anyhow::Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = db::begin(&self.pool, &Scope::default()).await?;
         // Replicas starting together must not each create a key.
         sqlx::query("SELECT pg_advisory_xact_lock(hashtext('nimbus.signing_keys'))").execute(&mut *tx).await?;
         let active: Option<String> =
@@ -143,7 +172,7 @@ impl KeyRing {
 
     /// Retires the active key and makes a new one active. Tokens signed by the old key stay valid.
     pub async fn rotate(&self) -> anyhow::Result<String> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = db::begin(&self.pool, &Scope::default()).await?;
         sqlx::query("SELECT pg_advisory_xact_lock(hashtext('nimbus.signing_keys'))").execute(&mut *tx).await?;
         sqlx::query("UPDATE signing_keys SET retired_at = now() WHERE retired_at IS NULL").execute(&mut *tx).await?;
         let kid = insert_new_key(&mut tx).await?;
@@ -160,7 +189,7 @@ impl KeyRing {
              WHERE retired_at IS NULL ORDER BY created_at DESC LIMIT 1",
         )
         .bind(max_age.as_secs_f64())
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.pool.conn().await?)
         .await?;
         if too_old == Some(true) {
             self.rotate().await?;
@@ -203,23 +232,54 @@ impl KeyRing {
             return Err(VerifyError::Malformed);
         }
         let kid = header.kid.ok_or(VerifyError::Malformed)?;
+        let digest = super::secret::sha256(token.as_bytes());
+        let cached = self.verified.lock().expect("verified cache lock").get(&digest).cloned();
+        if let Some(claims) = cached {
+            // Same checks as a fresh verification would make, minus the signature.
+            return if claims.exp + LEEWAY_SECS as i64 > Utc::now().timestamp() && self.key(&kid).is_some() {
+                Ok(claims)
+            } else {
+                Err(VerifyError::Expired)
+            };
+        }
         let key = match self.key(&kid) {
             Some(k) => k,
             None => {
-                self.reload().await.map_err(VerifyError::Internal)?;
+                let due = {
+                    let mut last = self.last_miss_reload.lock().expect("reload lock");
+                    let due = last.is_none_or(|t| t.elapsed() >= MISS_RELOAD_INTERVAL);
+                    if due {
+                        *last = Some(Instant::now());
+                    }
+                    due
+                };
+                if due {
+                    self.reload().await.map_err(VerifyError::Internal)?;
+                }
                 self.key(&kid).ok_or(VerifyError::UnknownKey)?
             }
         };
         let mut validation = Validation::new(Algorithm::EdDSA);
         validation.set_audience(&[AUDIENCE]);
         validation.set_issuer(&[&self.issuer]);
-        validation.leeway = 30;
-        jsonwebtoken::decode::<Claims>(token, &key.decoding, &validation).map(|d| d.claims).map_err(|e| {
-            match e.kind() {
+        validation.leeway = LEEWAY_SECS;
+        let claims =
+            jsonwebtoken::decode::<Claims>(token, &key.decoding, &validation).map(|d| d.claims).map_err(|e| match e
+                .kind()
+            {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => VerifyError::Expired,
                 _ => VerifyError::Invalid,
+            })?;
+        let mut cache = self.verified.lock().expect("verified cache lock");
+        if cache.len() >= VERIFIED_CACHE_MAX {
+            let now = Utc::now().timestamp();
+            cache.retain(|_, c| c.exp + LEEWAY_SECS as i64 > now);
+            if cache.len() >= VERIFIED_CACHE_MAX {
+                cache.clear();
             }
-        })
+        }
+        cache.insert(digest, claims.clone());
+        Ok(claims)
     }
 
     fn key(&self, kid: &str) -> Option<Arc<LoadedKey>> {
@@ -254,7 +314,7 @@ impl KeyRing {
     }
 }
 
-async fn insert_new_key(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>) -> anyhow::Result<String> {
+async fn insert_new_key(tx: &mut db::Tx) -> anyhow::Result<String> {
     let rng = ring::rand::SystemRandom::new();
     let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).map_err(|_| anyhow::anyhow!("generating an Ed25519 key"))?;
     let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(|_| anyhow::anyhow!("reading the new key"))?;

@@ -5,12 +5,12 @@
 
 use std::{net::IpAddr, time::Duration};
 
-use sqlx::PgPool;
+use crate::db::Db;
 
 use crate::{config::ServerArgs, error::ApiError};
 
 /// Refuses the attempt if the account or the address is over its limit.
-pub async fn check(pool: &PgPool, cfg: &ServerArgs, email: &str, ip: Option<IpAddr>) -> Result<(), ApiError> {
+pub async fn check(db: &Db, cfg: &ServerArgs, email: &str, ip: Option<IpAddr>) -> Result<(), ApiError> {
     let window = cfg.signin_throttle_window.0.as_secs_f64();
     let wait: Option<f64> = sqlx::query_scalar(
         "SELECT max(extract(epoch FROM window_start + make_interval(secs => $3) - now()))::float8 \
@@ -23,7 +23,7 @@ pub async fn check(pool: &PgPool, cfg: &ServerArgs, email: &str, ip: Option<IpAd
     .bind(window)
     .bind(cfg.signin_max_failures_per_account as i32)
     .bind(cfg.signin_max_failures_per_address as i32)
-    .fetch_one(pool)
+    .fetch_one(&mut *db.conn().await?)
     .await?;
     match wait {
         Some(secs) => {
@@ -38,12 +38,7 @@ pub async fn check(pool: &PgPool, cfg: &ServerArgs, email: &str, ip: Option<IpAd
 }
 
 /// Counts a failed attempt against the account and the address.
-pub async fn record_failure(
-    pool: &PgPool,
-    cfg: &ServerArgs,
-    email: &str,
-    ip: Option<IpAddr>,
-) -> Result<(), sqlx::Error> {
+pub async fn record_failure(db: &Db, cfg: &ServerArgs, email: &str, ip: Option<IpAddr>) -> Result<(), sqlx::Error> {
     let mut keys = vec![("account", email.to_owned())];
     if let Some(ip) = ip {
         keys.push(("address", ip.to_string()));
@@ -60,23 +55,26 @@ pub async fn record_failure(
         .bind(scope)
         .bind(key)
         .bind(cfg.signin_throttle_window.0.as_secs_f64())
-        .execute(pool)
+        .execute(&mut *db.conn().await?)
         .await?;
     }
     Ok(())
 }
 
 /// Forgets an account's failures after a successful sign-in.
-pub async fn clear_account(pool: &PgPool, email: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("DELETE FROM signin_throttle WHERE scope = 'account' AND key = $1").bind(email).execute(pool).await?;
+pub async fn clear_account(db: &Db, email: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM signin_throttle WHERE scope = 'account' AND key = $1")
+        .bind(email)
+        .execute(&mut *db.conn().await?)
+        .await?;
     Ok(())
 }
 
 /// Deletes expired windows (run by the maintenance loop).
-pub async fn purge_expired(pool: &PgPool, window: Duration) -> Result<u64, sqlx::Error> {
+pub async fn purge_expired(db: &Db, window: Duration) -> Result<u64, sqlx::Error> {
     let r = sqlx::query("DELETE FROM signin_throttle WHERE window_start <= now() - make_interval(secs => $1)")
         .bind(window.as_secs_f64())
-        .execute(pool)
+        .execute(&mut *db.conn().await?)
         .await?;
     Ok(r.rows_affected())
 }

@@ -296,3 +296,23 @@ async fn sign_in_is_throttled_per_address() {
         app.audit_actions(None).await.into_iter().filter(|a| a == &("auth:SignIn".into(), "failure".into())).count();
     assert_eq!(failures, 4);
 }
+
+#[tokio::test]
+async fn addresses_with_quotes_are_bound_not_spliced() {
+    // Sign-in looks the user up through a transaction setting; an apostrophe in the address must
+    // reach PostgreSQL as data.
+    let app = spawn_app().await;
+    app.sign_up("o'brien@example.com", "obrien").await;
+    let res =
+        app.post("/v1/auth/signin").json(json!({"email": "o'brien@example.com", "password": PASSWORD})).send().await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.text);
+    let res = app
+        .post("/v1/auth/signin")
+        .json(json!({"email": "x'); DROP TABLE users; --@example.com", "password": PASSWORD}))
+        .send()
+        .await;
+    assert!(res.status == StatusCode::UNAUTHORIZED || res.status == StatusCode::UNPROCESSABLE_ENTITY, "{}", res.text);
+    let mut c = app.admin_conn().await;
+    let users: i64 = sqlx::query_scalar("SELECT count(*) FROM users").fetch_one(&mut c).await.unwrap();
+    assert_eq!(users, 1);
+}

@@ -142,7 +142,7 @@ async fn health_readiness_and_metrics() {
     assert!(metrics.text.contains("http_request_duration_seconds_bucket"), "{}", metrics.text);
 
     // With the database gone, readiness says so while liveness stays up.
-    app.state.pool.close().await;
+    app.state.pool.close();
     app.get("/readyz").send().await.assert_problem(StatusCode::SERVICE_UNAVAILABLE, "timeout");
     assert_eq!(app.get("/healthz").send().await.status, StatusCode::OK);
 }

@@ -7,6 +7,7 @@ mod api_keys;
 mod auth;
 mod authz_routes;
 mod conventions;
+mod db;
 mod idempotency;
 mod isolation;
 mod tenants;
