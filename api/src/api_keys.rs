@@ -15,7 +15,7 @@ use crate::{
     audit,
     auth::{Principal, RequestContext, secret},
     authz::{self, Action, Role, nrn},
-    db::{self, Scope},
+    db::{self, Hot, Scope},
     error::{ApiError, ApiResult, FieldError},
     extract::{self, Path, Query},
     names::DisplayName,
@@ -107,16 +107,13 @@ pub async fn authenticate(state: &AppState, presented: &str) -> Result<Principal
         return Err(invalid);
     }
     let prefix = &presented[..PREFIX_LEN];
+    // Every prefix this server issued is `nmb_` and 12 lowercase hex digits; anything else is not
+    // a key of ours and needs no lookup.
+    if !prefix[KEY_PREFIX.len()..].bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        return Err(invalid);
+    }
     let scope = Scope { api_key_prefix: Some(prefix.to_owned()), ..Scope::default() };
-    let mut tx = db::begin(&state.pool, &scope).await?;
-    let row: Option<KeyAuthRow> = sqlx::query_as(
-        "SELECT id, tenant_id, secret_hash, role, created_by, expires_at, revoked_at, \
-         (last_used_at IS NULL OR last_used_at < now() - interval '1 minute') AS stale \
-         FROM api_keys WHERE prefix = $1",
-    )
-    .bind(prefix)
-    .fetch_optional(&mut *tx)
-    .await?;
+    let row: Option<KeyAuthRow> = db::read_hot(&state.pool, &scope, Hot::ApiKeyByPrefix, prefix).await?.pop();
     let Some(KeyAuthRow { id: key_id, tenant_id, secret_hash: hash, role, created_by, expires_at, revoked_at, stale }) =
         row
     else {
@@ -133,9 +130,10 @@ pub async fn authenticate(state: &AppState, presented: &str) -> Result<Principal
         return Err(ApiError::Unauthenticated("API key expired"));
     }
     if stale {
+        let mut tx = db::begin(&state.pool, &Scope::tenant(tenant_id, None)).await?;
         sqlx::query("UPDATE api_keys SET last_used_at = now() WHERE id = $1").bind(key_id).execute(&mut *tx).await?;
+        tx.commit().await?;
     }
-    tx.commit().await?;
     Ok(Principal::ApiKey { key_id, tenant_id, role, created_by })
 }
 

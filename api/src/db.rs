@@ -55,7 +55,10 @@ impl managed::Manager for Manager {
     type Error = sqlx::Error;
 
     async fn create(&self) -> Result<PgConnection, sqlx::Error> {
-        self.options.connect().await
+        let mut conn = self.options.connect().await?;
+        let prepare: String = Hot::ALL.iter().map(|h| format!("PREPARE {} AS {};", h.name(), h.sql())).collect();
+        conn.execute(prepare.as_str()).await?;
+        Ok(conn)
     }
 
     async fn recycle(&self, conn: &mut PgConnection, metrics: &Metrics) -> RecycleResult<sqlx::Error> {
@@ -64,6 +67,66 @@ impl managed::Manager for Manager {
         }
         Ok(())
     }
+}
+
+/// Hot reads: statements on the path of most authenticated requests, prepared on every
+/// connection when it is opened, so that [`read_hot`] can scope and run one in a single round
+/// trip with a cached plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hot {
+    /// The signed-in user, by id (`GET /v1/me`).
+    UserById,
+    /// An API key, by prefix (API-key authentication).
+    ApiKeyByPrefix,
+}
+
+impl Hot {
+    /// Every hot statement.
+    pub const ALL: &'static [Hot] = &[Hot::UserById, Hot::ApiKeyByPrefix];
+
+    fn name(self) -> &'static str {
+        match self {
+            Hot::UserById => "nimbus_hot_user_by_id",
+            Hot::ApiKeyByPrefix => "nimbus_hot_api_key_by_prefix",
+        }
+    }
+
+    fn sql(self) -> &'static str {
+        match self {
+            Hot::UserById => {
+                "SELECT id, email, display_name, is_platform_admin, created_at FROM users WHERE id = $1::uuid"
+            }
+            Hot::ApiKeyByPrefix => {
+                "SELECT id, tenant_id, secret_hash, role, created_by, expires_at, revoked_at, \
+                 (last_used_at IS NULL OR last_used_at < now() - interval '1 minute') AS stale \
+                 FROM api_keys WHERE prefix = $1::text"
+            }
+        }
+    }
+}
+
+/// Runs a [`Hot`] statement under `scope` in one round trip: `SET LOCAL`s and `EXECUTE` travel
+/// as one simple query, which PostgreSQL runs as one implicit transaction (rolled back as a
+/// whole on error), so the settings hold for exactly this read. The simple protocol has no bind
+/// parameters, so the scope and `arg` are written into the statement, and only plain values
+/// (letters, digits, `-`, `_`) are accepted.
+pub async fn read_hot<T>(db: &Db, scope: &Scope, hot: Hot, arg: &str) -> Result<Vec<T>, sqlx::Error>
+where
+    T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+{
+    let settings = scope.settings();
+    if !is_plain(arg) || !settings.iter().all(|(_, v)| is_plain(v)) {
+        return Err(sqlx::Error::Protocol("a hot read takes only plain values".into()));
+    }
+    let mut statement = String::with_capacity(256);
+    for (name, value) in settings.iter().filter(|(_, v)| !v.is_empty()) {
+        statement.push_str(&format!("SET LOCAL {name} = '{value}'; "));
+    }
+    statement.push_str(&format!("EXECUTE {}('{arg}')", hot.name()));
+    let mut conn = db.conn().await?;
+    let c: &mut PgConnection = &mut conn;
+    let rows = c.fetch_all(statement.as_str()).await?;
+    rows.iter().map(T::from_row).collect()
 }
 
 /// The application pool.

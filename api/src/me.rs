@@ -10,7 +10,7 @@ use uuid::Uuid;
 use crate::{
     auth::Principal,
     authz::Role,
-    db::{self, Scope},
+    db::{self, Hot, Scope},
     error::{ApiError, ApiResult},
     startup::AppState,
 };
@@ -78,15 +78,10 @@ pub fn router() -> OpenApiRouter<AppState> {
 pub async fn get_me(State(state): State<AppState>, principal: Principal) -> ApiResult<Json<Me>> {
     match principal {
         Principal::User { user_id, session_id } => {
-            let mut tx = db::begin(&state.pool, &Scope::user(user_id)).await?;
-            let user: User = sqlx::query_as(
-                "SELECT id, email, display_name, is_platform_admin, created_at FROM users WHERE id = $1",
-            )
-            .bind(user_id)
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or(ApiError::Unauthenticated("the user no longer exists"))?;
-            tx.commit().await?;
+            let user: User = db::read_hot(&state.pool, &Scope::user(user_id), Hot::UserById, &user_id.to_string())
+                .await?
+                .pop()
+                .ok_or(ApiError::Unauthenticated("the user no longer exists"))?;
             Ok(Json(Me::User { user, session_id }))
         }
         Principal::ApiKey { key_id, tenant_id, role, .. } => {

@@ -59,3 +59,44 @@ async fn a_cancelled_query_leaves_the_connection_clean() {
     assert_eq!(echoed, id);
     tx.commit().await.unwrap();
 }
+
+#[derive(sqlx::FromRow, Debug, PartialEq)]
+struct UserRow {
+    id: Uuid,
+    email: String,
+}
+
+#[tokio::test]
+async fn hot_reads_are_scoped_by_rls_and_leave_nothing_behind() {
+    use nimbus_api::db::Hot;
+    let app = spawn_app().await;
+    let a = app.sign_up("a@example.com", "tenant-a").await;
+    let b = app.sign_up("b@example.com", "tenant-b").await;
+    let pool = db::connect_app(&app.db_url, 1).await.unwrap();
+
+    let own: Vec<UserRow> = db::read_hot(&pool, &Scope::user(a.id), Hot::UserById, &a.id.to_string()).await.unwrap();
+    assert_eq!(own, [UserRow { id: a.id, email: "a@example.com".into() }]);
+    // B's row is invisible to A: the statement runs under A's scope, as the application role.
+    let other: Vec<UserRow> = db::read_hot(&pool, &Scope::user(a.id), Hot::UserById, &b.id.to_string()).await.unwrap();
+    assert!(other.is_empty());
+    let unscoped: Vec<UserRow> =
+        db::read_hot(&pool, &Scope::default(), Hot::UserById, &a.id.to_string()).await.unwrap();
+    assert!(unscoped.is_empty());
+
+    // Nothing of the scope survives the read on the (only) connection.
+    let mut tx = db::begin(&pool, &Scope::default()).await.unwrap();
+    let left: Option<String> = sqlx::query_scalar("SELECT nullif(current_setting('nimbus.user_id', true), '')")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(left, None);
+    tx.commit().await.unwrap();
+
+    // Values that are not plain are refused before anything is sent; a failing read leaves the
+    // connection usable.
+    let quote = db::read_hot::<UserRow>(&pool, &Scope::user(a.id), Hot::UserById, "x'; DROP TABLE users; --").await;
+    assert!(quote.is_err());
+    assert!(db::read_hot::<UserRow>(&pool, &Scope::user(a.id), Hot::UserById, "not-a-uuid").await.is_err());
+    let again: Vec<UserRow> = db::read_hot(&pool, &Scope::user(b.id), Hot::UserById, &b.id.to_string()).await.unwrap();
+    assert_eq!(again.len(), 1);
+}
