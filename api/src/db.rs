@@ -62,7 +62,9 @@ impl managed::Manager for Manager {
     }
 
     async fn recycle(&self, conn: &mut PgConnection, metrics: &Metrics) -> RecycleResult<sqlx::Error> {
-        if metrics.last_used() > IDLE_CHECK_AFTER {
+        // A ping flushes and drains whatever an interrupted use left behind, and proves the
+        // connection alive after a long idle spell; a failed ping discards the connection.
+        if metrics.last_used() > IDLE_CHECK_AFTER || conn.should_flush() {
             conn.ping().await.map_err(RecycleError::Backend)?;
         }
         Ok(())
@@ -125,8 +127,13 @@ where
     statement.push_str(&format!("EXECUTE {}('{arg}')", hot.name()));
     let mut conn = db.conn().await?;
     let c: &mut PgConnection = &mut conn;
-    let rows = c.fetch_all(statement.as_str()).await?;
-    rows.iter().map(T::from_row).collect()
+    match c.fetch_all(statement.as_str()).await {
+        Ok(rows) => rows.iter().map(T::from_row).collect(),
+        Err(e) => {
+            discard_unless_idle(conn).await;
+            Err(e)
+        }
+    }
 }
 
 /// The application pool.
@@ -135,8 +142,8 @@ pub struct Db {
     pool: managed::Pool<Manager>,
 }
 
-/// A pooled connection outside any transaction (for tables without row-level security).
-pub type Conn = Object<Manager>;
+/// A pooled connection.
+type Conn = Object<Manager>;
 
 impl Db {
     /// Opens the application pool. Every connection starts with the session role `nimbus_app`
@@ -159,8 +166,9 @@ impl Db {
         Ok(db)
     }
 
-    /// A connection in autocommit mode.
-    pub async fn conn(&self) -> Result<Conn, sqlx::Error> {
+    /// A connection; callers outside this module go through [`begin`] or [`read_hot`], which
+    /// clean up a connection left in an unknown state.
+    async fn conn(&self) -> Result<Conn, sqlx::Error> {
         self.pool.get().await.map_err(|e| match e {
             managed::PoolError::Backend(e) => e,
             managed::PoolError::Timeout(_) => sqlx::Error::PoolTimedOut,

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use crate::{error::ApiError, startup::AppState};
+use crate::{db, error::ApiError, startup::AppState};
 
 /// Health status.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -43,8 +43,9 @@ pub async fn healthz() -> Json<Health> {
 )]
 pub async fn readyz(State(state): State<AppState>) -> Result<Json<Health>, ApiError> {
     let check = async {
-        let mut conn = state.pool.conn().await?;
-        sqlx::query("SELECT 1").execute(&mut *conn).await
+        let mut tx = db::begin(&state.pool, &db::Scope::default()).await?;
+        sqlx::query("SELECT 1").execute(&mut *tx).await?;
+        tx.commit().await
     };
     match tokio::time::timeout(std::time::Duration::from_secs(2), check).await {
         Ok(Ok(_)) => Ok(Json(Health { status: "ok".into() })),

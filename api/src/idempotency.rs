@@ -16,6 +16,7 @@ use axum::{
 
 use crate::{
     auth::{Principal, secret},
+    db::{self, Scope},
     error::ApiError,
     startup::AppState,
 };
@@ -26,6 +27,14 @@ pub const HEADER: &str = "idempotency-key";
 pub const REPLAYED: &str = "idempotency-replayed";
 /// Longest accepted key.
 pub const MAX_KEY_LEN: usize = 255;
+
+#[derive(sqlx::FromRow)]
+struct Stored {
+    request_hash: Vec<u8>,
+    status_code: Option<i16>,
+    content_type: Option<String>,
+    response_body: Option<Vec<u8>>,
+}
 
 /// The middleware.
 pub async fn middleware(State(state): State<AppState>, req: Request, next: Next) -> Response {
@@ -70,14 +79,14 @@ async fn handle(state: AppState, req: Request, next: Next) -> Result<Response, A
     let owner = format!("{kind}:{id}");
     let ttl = state.settings.idempotency_ttl.0.as_secs_f64();
 
-    let mut conn = state.pool.conn().await?;
+    let mut tx = db::begin(&state.pool, &Scope::default()).await?;
     sqlx::query(
         "DELETE FROM idempotency_keys WHERE principal = $1 AND key = $2 AND created_at < now() - make_interval(secs => $3)",
     )
     .bind(&owner)
     .bind(&key)
     .bind(ttl)
-    .execute(&mut *conn)
+    .execute(&mut *tx)
     .await?;
     let claimed = sqlx::query(
         "INSERT INTO idempotency_keys (principal, key, request_hash) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
@@ -85,21 +94,30 @@ async fn handle(state: AppState, req: Request, next: Next) -> Result<Response, A
     .bind(&owner)
     .bind(&key)
     .bind(&hash)
-    .execute(&mut *conn)
+    .execute(&mut *tx)
     .await?
     .rows_affected()
         == 1;
 
-    if !claimed {
-        let (stored_hash, status, content_type, stored_body): (Vec<u8>, Option<i16>, Option<String>, Option<Vec<u8>>) =
+    let stored: Option<Stored> = if claimed {
+        None
+    } else {
+        Some(
             sqlx::query_as(
                 "SELECT request_hash, status_code, content_type, response_body FROM idempotency_keys \
                  WHERE principal = $1 AND key = $2",
             )
             .bind(&owner)
             .bind(&key)
-            .fetch_one(&mut *conn)
-            .await?;
+            .fetch_one(&mut *tx)
+            .await?,
+        )
+    };
+    tx.commit().await?;
+
+    if let Some(Stored { request_hash: stored_hash, status_code: status, content_type, response_body: stored_body }) =
+        stored
+    {
         if stored_hash != hash {
             return Err(ApiError::IdempotencyKeyReused);
         }
@@ -119,16 +137,16 @@ async fn handle(state: AppState, req: Request, next: Next) -> Result<Response, A
         return Ok(res);
     }
 
-    // The handler needs a connection of its own; holding this one meanwhile could exhaust the pool.
-    drop(conn);
     parts.extensions.insert(principal);
     let res = next.run(Request::from_parts(parts, Body::from(body))).await;
     let release = || async {
+        let mut tx = db::begin(&state.pool, &Scope::default()).await?;
         sqlx::query("DELETE FROM idempotency_keys WHERE principal = $1 AND key = $2")
             .bind(&owner)
             .bind(&key)
-            .execute(&mut *state.pool.conn().await?)
-            .await
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await
     };
     if res.status().is_server_error() {
         release().await?;
@@ -142,6 +160,7 @@ async fn handle(state: AppState, req: Request, next: Next) -> Result<Response, A
             return Err(ApiError::Internal(anyhow::anyhow!("buffering response: {e}")));
         }
     };
+    let mut tx = db::begin(&state.pool, &Scope::default()).await?;
     sqlx::query(
         "UPDATE idempotency_keys SET status_code = $3, content_type = $4, response_body = $5 \
          WHERE principal = $1 AND key = $2",
@@ -151,16 +170,19 @@ async fn handle(state: AppState, req: Request, next: Next) -> Result<Response, A
     .bind(res_parts.status.as_u16() as i16)
     .bind(res_parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()))
     .bind(bytes.as_ref())
-    .execute(&mut *state.pool.conn().await?)
+    .execute(&mut *tx)
     .await?;
+    tx.commit().await?;
     Ok(Response::from_parts(res_parts, Body::from(bytes)))
 }
 
 /// Deletes expired records (run by the maintenance loop).
 pub async fn purge_expired(state: &AppState) -> Result<u64, sqlx::Error> {
+    let mut tx = db::begin(&state.pool, &Scope::default()).await?;
     let r = sqlx::query("DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(secs => $1)")
         .bind(state.settings.idempotency_ttl.0.as_secs_f64())
-        .execute(&mut *state.pool.conn().await?)
+        .execute(&mut *tx)
         .await?;
+    tx.commit().await?;
     Ok(r.rows_affected())
 }

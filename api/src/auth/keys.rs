@@ -116,15 +116,17 @@ impl KeyRing {
 
     /// Re-reads the keys from the database.
     pub async fn reload(&self) -> anyhow::Result<()> {
+        let mut tx = db::begin(&self.pool, &Scope::default()).await?;
         let rows: Vec<KeyRow> = sqlx::query_as(
             "SELECT kid, private_key, public_key, created_at, retired_at FROM signing_keys \
              WHERE retired_at IS NULL OR retired_at > now() - make_interval(secs => $1) \
              ORDER BY created_at",
         )
         .bind(self.verify_grace().as_secs_f64())
-        .fetch_all(&mut *self.pool.conn().await?)
+        .fetch_all(&mut *tx)
         .await
         .context("loading signing keys")?;
+        tx.commit().await?;
         let mut keys = Keys::default();
         for KeyRow { kid, private_key, public_key, created_at, retired_at } in rows {
             let loaded = LoadedKey {
@@ -184,13 +186,15 @@ impl KeyRing {
 
     /// Rotates if the active key is older than `max_age`; returns whether it did.
     pub async fn rotate_if_older_than(&self, max_age: Duration) -> anyhow::Result<bool> {
+        let mut tx = db::begin(&self.pool, &Scope::default()).await?;
         let too_old: Option<bool> = sqlx::query_scalar(
             "SELECT created_at < now() - make_interval(secs => $1) FROM signing_keys \
              WHERE retired_at IS NULL ORDER BY created_at DESC LIMIT 1",
         )
         .bind(max_age.as_secs_f64())
-        .fetch_optional(&mut *self.pool.conn().await?)
+        .fetch_optional(&mut *tx)
         .await?;
+        tx.commit().await?;
         if too_old == Some(true) {
             self.rotate().await?;
             Ok(true)

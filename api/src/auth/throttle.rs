@@ -5,13 +5,14 @@
 
 use std::{net::IpAddr, time::Duration};
 
-use crate::db::Db;
+use crate::db::{self, Db, Scope};
 
 use crate::{config::ServerArgs, error::ApiError};
 
 /// Refuses the attempt if the account or the address is over its limit.
 pub async fn check(db: &Db, cfg: &ServerArgs, email: &str, ip: Option<IpAddr>) -> Result<(), ApiError> {
     let window = cfg.signin_throttle_window.0.as_secs_f64();
+    let mut tx = db::begin(db, &Scope::default()).await?;
     let wait: Option<f64> = sqlx::query_scalar(
         "SELECT max(extract(epoch FROM window_start + make_interval(secs => $3) - now()))::float8 \
          FROM signin_throttle WHERE window_start > now() - make_interval(secs => $3) AND ( \
@@ -23,8 +24,9 @@ pub async fn check(db: &Db, cfg: &ServerArgs, email: &str, ip: Option<IpAddr>) -
     .bind(window)
     .bind(cfg.signin_max_failures_per_account as i32)
     .bind(cfg.signin_max_failures_per_address as i32)
-    .fetch_one(&mut *db.conn().await?)
+    .fetch_one(&mut *tx)
     .await?;
+    tx.commit().await?;
     match wait {
         Some(secs) => {
             metrics::counter!("nimbus_signin_throttled_total").increment(1);
@@ -43,6 +45,7 @@ pub async fn record_failure(db: &Db, cfg: &ServerArgs, email: &str, ip: Option<I
     if let Some(ip) = ip {
         keys.push(("address", ip.to_string()));
     }
+    let mut tx = db::begin(db, &Scope::default()).await?;
     for (scope, key) in keys {
         sqlx::query(
             "INSERT INTO signin_throttle (scope, key, window_start, failures) VALUES ($1, $2, now(), 1) \
@@ -55,26 +58,29 @@ pub async fn record_failure(db: &Db, cfg: &ServerArgs, email: &str, ip: Option<I
         .bind(scope)
         .bind(key)
         .bind(cfg.signin_throttle_window.0.as_secs_f64())
-        .execute(&mut *db.conn().await?)
+        .execute(&mut *tx)
         .await?;
     }
-    Ok(())
+    tx.commit().await
 }
 
 /// Forgets an account's failures after a successful sign-in.
 pub async fn clear_account(db: &Db, email: &str) -> Result<(), sqlx::Error> {
+    let mut tx = db::begin(db, &Scope::default()).await?;
     sqlx::query("DELETE FROM signin_throttle WHERE scope = 'account' AND key = $1")
         .bind(email)
-        .execute(&mut *db.conn().await?)
+        .execute(&mut *tx)
         .await?;
-    Ok(())
+    tx.commit().await
 }
 
 /// Deletes expired windows (run by the maintenance loop).
 pub async fn purge_expired(db: &Db, window: Duration) -> Result<u64, sqlx::Error> {
+    let mut tx = db::begin(db, &Scope::default()).await?;
     let r = sqlx::query("DELETE FROM signin_throttle WHERE window_start <= now() - make_interval(secs => $1)")
         .bind(window.as_secs_f64())
-        .execute(&mut *db.conn().await?)
+        .execute(&mut *tx)
         .await?;
+    tx.commit().await?;
     Ok(r.rows_affected())
 }

@@ -61,7 +61,7 @@ async fn user_of_tenant_a_cannot_reach_tenant_b() {
 #[tokio::test]
 async fn the_application_role_is_subject_to_rls() {
     let app = spawn_app().await;
-    let mut conn = app.state.pool.conn().await.unwrap();
+    let mut conn = db::begin(&app.state.pool, &Scope::default()).await.unwrap();
     let (user, superuser, bypass): (String, bool, bool) =
         sqlx::query_as("SELECT current_user::text, rolsuper, rolbypassrls FROM pg_roles WHERE rolname = current_user")
             .fetch_one(&mut *conn)
