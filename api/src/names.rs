@@ -165,6 +165,26 @@ impl fmt::Debug for NewPassword {
     }
 }
 
+/// A secret presented by a caller (a password at sign-in, a refresh token): any string, never
+/// printed.
+#[derive(Clone, Deserialize, ToSchema)]
+#[serde(transparent)]
+#[schema(value_type = String, format = Password)]
+pub struct SecretText(String);
+
+impl SecretText {
+    /// The secret, for checking.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SecretText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SecretText([redacted])")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -201,5 +221,8 @@ mod tests {
         assert!(NewPassword::try_from("x".repeat(257)).is_err());
         assert!(NewPassword::try_from("long enough".to_owned()).is_ok());
         assert!(!format!("{:?}", NewPassword::try_from("long enough".to_owned()).unwrap()).contains("long"));
+        let secret: SecretText = serde_json::from_str("\"hunter22\"").unwrap();
+        assert!(!format!("{secret:?}").contains("hunter22"));
+        assert_eq!(secret.expose(), "hunter22");
     }
 }

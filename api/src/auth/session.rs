@@ -19,7 +19,7 @@ use crate::{
     db::{self, Scope, Tx},
     error::{ApiError, ApiResult, on_constraint},
     extract,
-    names::{DisplayName, Email, Name, NewPassword},
+    names::{DisplayName, Email, Name, NewPassword, SecretText},
     startup::AppState,
     tenants::{self, Tenant},
 };
@@ -76,8 +76,7 @@ pub struct SignInRequest {
     /// E-mail address.
     pub email: Email,
     /// Password.
-    #[schema(format = Password)]
-    pub password: String,
+    pub password: SecretText,
 }
 
 /// Body of refresh and sign-out.
@@ -85,7 +84,7 @@ pub struct SignInRequest {
 #[serde(deny_unknown_fields)]
 pub struct RefreshRequest {
     /// A refresh token.
-    pub refresh_token: String,
+    pub refresh_token: SecretText,
 }
 
 /// Routes of this module.
@@ -194,18 +193,19 @@ pub async fn sign_in(
 ) -> ApiResult<Json<TokenResponse>> {
     let email = req.email.as_str();
     throttle::check(&state.pool, &state.settings, email, ctx.source_ip).await?;
-    if req.password.len() > crate::names::PASSWORD_MAX * 4 {
+    if req.password.expose().len() > crate::names::PASSWORD_MAX * 4 {
         return Err(ApiError::field("password", "length", "is longer than any valid password"));
     }
+    // Look the user up and let go of the connection before the deliberately slow hash check.
     let lookup = Scope { lookup_email: Some(email.to_owned()), ..Scope::default() };
     let mut tx = db::begin(&state.pool, &lookup).await?;
     let user: Option<(Uuid, String)> = sqlx::query_as("SELECT id, password_hash FROM users WHERE email = $1")
         .bind(email)
         .fetch_optional(&mut *tx)
         .await?;
-    let ok = password::verify(req.password, user.as_ref().map(|u| u.1.clone())).await?;
+    tx.commit().await?;
+    let ok = password::verify(req.password.expose().to_owned(), user.as_ref().map(|u| u.1.clone())).await?;
     let Some((user_id, _)) = user.filter(|_| ok) else {
-        tx.rollback().await?;
         throttle::record_failure(&state.pool, &state.settings, email, ctx.source_ip).await?;
         let mut tx = db::begin(&state.pool, &Scope::default()).await?;
         audit::record(
@@ -225,7 +225,7 @@ pub async fn sign_in(
         metrics::counter!("nimbus_signin_total", "outcome" => "failure").increment(1);
         return Err(ApiError::InvalidCredentials);
     };
-    db::set_scope(&mut tx, &Scope::user(user_id)).await?;
+    let mut tx = db::begin(&state.pool, &Scope::user(user_id)).await?;
     let tokens = start_session(&state, &mut tx, user_id).await?;
     audit::record(
         &mut tx,
@@ -263,7 +263,7 @@ pub async fn refresh(
     ctx: RequestContext,
     extract::Json(req): extract::Json<RefreshRequest>,
 ) -> ApiResult<Json<TokenResponse>> {
-    let hash = secret::sha256(req.refresh_token.as_bytes());
+    let hash = secret::sha256(req.refresh_token.expose().as_bytes());
     let scope = Scope { refresh_token_hash: Some(secret::hex(&hash)), ..Scope::default() };
     let mut tx = db::begin(&state.pool, &scope).await?;
     let row: Option<RefreshRow> = sqlx::query_as(
@@ -323,7 +323,7 @@ pub async fn sign_out(
     ctx: RequestContext,
     extract::Json(req): extract::Json<RefreshRequest>,
 ) -> ApiResult<StatusCode> {
-    let hash = secret::sha256(req.refresh_token.as_bytes());
+    let hash = secret::sha256(req.refresh_token.expose().as_bytes());
     let scope = Scope { refresh_token_hash: Some(secret::hex(&hash)), ..Scope::default() };
     let mut tx = db::begin(&state.pool, &scope).await?;
     let row: Option<(Uuid, Uuid)> =
