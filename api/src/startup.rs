@@ -83,6 +83,8 @@ pub fn app(state: AppState) -> Router {
         .nest("/console", console)
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        // The console's forms get the same body limit as the API.
+        .layer(DefaultBodyLimit::max(state.settings.max_body_bytes))
         .layer(
             ServiceBuilder::new()
                 .layer(SetRequestIdLayer::new(request_id.clone(), MakeUuidV7))
