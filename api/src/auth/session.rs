@@ -305,6 +305,19 @@ pub async fn refresh(
     }
     sqlx::query("UPDATE refresh_tokens SET used_at = now() WHERE id = $1").bind(id).execute(&mut *tx).await?;
     let tokens = issue_tokens(&state, &mut tx, user_id, family).await?;
+    audit::record(
+        &mut tx,
+        &ctx,
+        Entry {
+            tenant: None,
+            actor: Actor::Principal("user", user_id),
+            action: "auth:RefreshToken",
+            resource: nrn::user(user_id),
+            success: true,
+            details: json!({ "session": family }),
+        },
+    )
+    .await?;
     tx.commit().await?;
     Ok(Json(tokens))
 }

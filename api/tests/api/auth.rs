@@ -107,6 +107,7 @@ async fn refresh_rotates_and_reuse_revokes_the_family() {
     assert_eq!(app.post("/v1/auth/refresh").json(json!({"refresh_token": rt})).send().await.status, StatusCode::OK);
 
     let actions = app.audit_actions(None).await;
+    assert!(actions.contains(&("auth:RefreshToken".into(), "success".into())), "{actions:?}");
     assert!(actions.contains(&("auth:RefreshToken".into(), "failure".into())), "{actions:?}");
 
     app.post("/v1/auth/refresh")
