@@ -156,48 +156,65 @@ CREATE TABLE signin_throttle (
     PRIMARY KEY (scope, key)
 );
 
--- Row-level security.
+-- Row-level security. Reads may be wider than writes (a user sees the tenants it belongs to, a
+-- lookup sees the one row it names); writes are always confined to the tenant or user the
+-- transaction acts for, so a wide read clause never lets a statement change another tenant.
 ALTER TABLE users ENABLE ROW LEVEL SECURITY;
 ALTER TABLE users FORCE ROW LEVEL SECURITY;
-CREATE POLICY users_access ON users
+CREATE POLICY users_read ON users FOR SELECT
     USING (
         id = nimbus_current_user()
         OR email = current_setting('nimbus.lookup_email', true)
         OR id IN (SELECT m.user_id FROM memberships m WHERE m.tenant_id = nimbus_current_tenant())
-    )
-    WITH CHECK (id = nimbus_current_user());
+    );
+CREATE POLICY users_insert ON users FOR INSERT WITH CHECK (id = nimbus_current_user());
+CREATE POLICY users_update ON users FOR UPDATE
+    USING (id = nimbus_current_user()) WITH CHECK (id = nimbus_current_user());
+CREATE POLICY users_delete ON users FOR DELETE USING (id = nimbus_current_user());
 
 ALTER TABLE tenants ENABLE ROW LEVEL SECURITY;
 ALTER TABLE tenants FORCE ROW LEVEL SECURITY;
-CREATE POLICY tenants_access ON tenants
+CREATE POLICY tenants_read ON tenants FOR SELECT
     USING (
         id = nimbus_current_tenant()
         OR id IN (SELECT m.tenant_id FROM memberships m WHERE m.user_id = nimbus_current_user())
-    )
-    WITH CHECK (id = nimbus_current_tenant());
+    );
+CREATE POLICY tenants_insert ON tenants FOR INSERT WITH CHECK (id = nimbus_current_tenant());
+CREATE POLICY tenants_update ON tenants FOR UPDATE
+    USING (id = nimbus_current_tenant()) WITH CHECK (id = nimbus_current_tenant());
+CREATE POLICY tenants_delete ON tenants FOR DELETE USING (id = nimbus_current_tenant());
 
 ALTER TABLE memberships ENABLE ROW LEVEL SECURITY;
 ALTER TABLE memberships FORCE ROW LEVEL SECURITY;
-CREATE POLICY memberships_access ON memberships
-    USING (tenant_id = nimbus_current_tenant() OR user_id = nimbus_current_user())
-    WITH CHECK (tenant_id = nimbus_current_tenant());
+CREATE POLICY memberships_read ON memberships FOR SELECT
+    USING (tenant_id = nimbus_current_tenant() OR user_id = nimbus_current_user());
+CREATE POLICY memberships_insert ON memberships FOR INSERT WITH CHECK (tenant_id = nimbus_current_tenant());
+CREATE POLICY memberships_update ON memberships FOR UPDATE
+    USING (tenant_id = nimbus_current_tenant()) WITH CHECK (tenant_id = nimbus_current_tenant());
+CREATE POLICY memberships_delete ON memberships FOR DELETE USING (tenant_id = nimbus_current_tenant());
 
 ALTER TABLE api_keys ENABLE ROW LEVEL SECURITY;
 ALTER TABLE api_keys FORCE ROW LEVEL SECURITY;
-CREATE POLICY api_keys_access ON api_keys
-    USING (tenant_id = nimbus_current_tenant() OR prefix = current_setting('nimbus.api_key_prefix', true))
-    WITH CHECK (tenant_id = nimbus_current_tenant() OR prefix = current_setting('nimbus.api_key_prefix', true));
+CREATE POLICY api_keys_read ON api_keys FOR SELECT
+    USING (tenant_id = nimbus_current_tenant() OR prefix = current_setting('nimbus.api_key_prefix', true));
+CREATE POLICY api_keys_insert ON api_keys FOR INSERT WITH CHECK (tenant_id = nimbus_current_tenant());
+CREATE POLICY api_keys_update ON api_keys FOR UPDATE
+    USING (tenant_id = nimbus_current_tenant()) WITH CHECK (tenant_id = nimbus_current_tenant());
+CREATE POLICY api_keys_delete ON api_keys FOR DELETE USING (tenant_id = nimbus_current_tenant());
 
 ALTER TABLE refresh_tokens ENABLE ROW LEVEL SECURITY;
 ALTER TABLE refresh_tokens FORCE ROW LEVEL SECURITY;
--- A refresh token is presented before the user is known, so a request may also see the one row
+-- A refresh token is presented before the user is known, so a request may also read the one row
 -- whose hash it names (only the holder of the token can compute that hash).
-CREATE POLICY refresh_tokens_access ON refresh_tokens
+CREATE POLICY refresh_tokens_read ON refresh_tokens FOR SELECT
     USING (
         user_id = nimbus_current_user()
         OR token_hash = decode(current_setting('nimbus.refresh_token_hash', true), 'hex')
-    )
-    WITH CHECK (user_id = nimbus_current_user());
+    );
+CREATE POLICY refresh_tokens_insert ON refresh_tokens FOR INSERT WITH CHECK (user_id = nimbus_current_user());
+CREATE POLICY refresh_tokens_update ON refresh_tokens FOR UPDATE
+    USING (user_id = nimbus_current_user()) WITH CHECK (user_id = nimbus_current_user());
+CREATE POLICY refresh_tokens_delete ON refresh_tokens FOR DELETE USING (user_id = nimbus_current_user());
 
 ALTER TABLE audit_log ENABLE ROW LEVEL SECURITY;
 ALTER TABLE audit_log FORCE ROW LEVEL SECURITY;

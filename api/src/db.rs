@@ -120,8 +120,8 @@ where
     if !is_plain(arg) || !settings.iter().all(|(_, v)| is_plain(v)) {
         return Err(sqlx::Error::Protocol("a hot read takes only plain values".into()));
     }
-    let mut statement = String::with_capacity(256);
-    for (name, value) in settings.iter().filter(|(_, v)| !v.is_empty()) {
+    let mut statement = String::with_capacity(384);
+    for (name, value) in &settings {
         statement.push_str(&format!("SET LOCAL {name} = '{value}'; "));
     }
     statement.push_str(&format!("EXECUTE {}('{arg}')", hot.name()));
@@ -291,24 +291,18 @@ pub async fn begin(db: &Db, scope: &Scope) -> Result<Tx, sqlx::Error> {
     let inline = settings.iter().all(|(_, v)| is_plain(v));
     let mut statement = String::from("BEGIN");
     if inline {
-        let calls: Vec<String> = settings
-            .iter()
-            .filter(|(_, v)| !v.is_empty())
-            .map(|(name, v)| format!("set_config('{name}', '{v}', true)"))
-            .collect();
-        if !calls.is_empty() {
-            statement.push_str("; SELECT ");
-            statement.push_str(&calls.join(", "));
-        }
+        // Every setting, empty ones included: nothing of an earlier use of the connection counts.
+        let calls: Vec<String> =
+            settings.iter().map(|(name, v)| format!("set_config('{name}', '{v}', true)")).collect();
+        statement.push_str("; SELECT ");
+        statement.push_str(&calls.join(", "));
     }
-    let mut conn = db.conn().await?;
+    // The connection is inside a `Tx` before BEGIN is sent: if this future is dropped half-way,
+    // `Tx`'s drop rolls back (or discards the connection) before anyone else gets it.
+    let mut tx = Tx { conn: Some(db.conn().await?) };
     // A `&str` without arguments goes over the simple protocol, which allows several statements.
-    let c: &mut PgConnection = &mut conn;
-    if let Err(e) = c.execute(statement.as_str()).await {
-        discard_unless_idle(conn).await;
-        return Err(e);
-    }
-    let mut tx = Tx { conn: Some(conn) };
+    let c: &mut PgConnection = &mut tx;
+    c.execute(statement.as_str()).await?;
     if !inline {
         set_scope(&mut tx, scope).await?;
     }

@@ -266,17 +266,25 @@ pub async fn refresh(
     let hash = secret::sha256(req.refresh_token.expose().as_bytes());
     let scope = Scope { refresh_token_hash: Some(secret::hex(&hash)), ..Scope::default() };
     let mut tx = db::begin(&state.pool, &scope).await?;
-    let row: Option<RefreshRow> = sqlx::query_as(
-        "SELECT id, family_id, user_id, expires_at, used_at, revoked_at FROM refresh_tokens \
-         WHERE token_hash = $1 FOR UPDATE",
-    )
-    .bind(&hash)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some(RefreshRow { id, family_id: family, user_id, expires_at, used_at, revoked_at }) = row else {
+    let owner: Option<(Uuid, Uuid)> =
+        sqlx::query_as("SELECT family_id, user_id FROM refresh_tokens WHERE token_hash = $1")
+            .bind(&hash)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let Some((family, user_id)) = owner else {
         return Err(ApiError::Unauthenticated("unknown refresh token"));
     };
     db::set_scope(&mut tx, &Scope::user(user_id)).await?;
+    // One exchange per session at a time: a reuse that revokes the family and a sibling refresh
+    // cannot interleave, so no token of a revoked family is ever issued.
+    lock_family(&mut tx, family).await?;
+    let row: RefreshRow = sqlx::query_as(
+        "SELECT id, expires_at, used_at, revoked_at FROM refresh_tokens WHERE token_hash = $1 FOR UPDATE",
+    )
+    .bind(&hash)
+    .fetch_one(&mut *tx)
+    .await?;
+    let RefreshRow { id, expires_at, used_at, revoked_at } = row;
     if revoked_at.is_some() {
         return Err(ApiError::Unauthenticated("refresh token revoked"));
     }
@@ -346,6 +354,7 @@ pub async fn sign_out(
             .await?;
     if let Some((family, user_id)) = row {
         db::set_scope(&mut tx, &Scope::user(user_id)).await?;
+        lock_family(&mut tx, family).await?;
         revoke_family(&mut tx, family).await?;
         audit::record(
             &mut tx,
@@ -368,11 +377,14 @@ pub async fn sign_out(
 #[derive(sqlx::FromRow)]
 struct RefreshRow {
     id: Uuid,
-    family_id: Uuid,
-    user_id: Uuid,
     expires_at: DateTime<Utc>,
     used_at: Option<DateTime<Utc>>,
     revoked_at: Option<DateTime<Utc>>,
+}
+
+async fn lock_family(tx: &mut Tx, family: Uuid) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1::text, 0))").bind(family).execute(&mut **tx).await?;
+    Ok(())
 }
 
 async fn revoke_family(tx: &mut Tx, family: Uuid) -> Result<(), sqlx::Error> {

@@ -158,3 +158,55 @@ async fn a_query_that_forgets_its_tenant_filter_sees_nothing_of_other_tenants() 
         .unwrap_err();
     assert!(err.to_string().contains("row-level security"), "{err}");
 }
+
+#[tokio::test]
+async fn writes_stay_in_the_scoped_tenant_even_where_reads_are_wider() {
+    let app = spawn_app().await;
+    let a = app.sign_up("a@example.com", "tenant-a").await;
+    let b = app.sign_up("b@example.com", "tenant-b").await;
+    // A is a viewer in B, so A can read B's tenant row, and B's key is found by its prefix.
+    app.add_member(&b, b.tenant, &a, "viewer").await;
+    let (b_key, _) = app.create_key(&b.token, b.tenant, "viewer").await;
+    let mut c = app.admin_conn().await;
+    let b_prefix: String =
+        sqlx::query_scalar("SELECT prefix FROM api_keys WHERE id = $1").bind(b_key).fetch_one(&mut c).await.unwrap();
+
+    let scope = Scope { api_key_prefix: Some(b_prefix), ..Scope::tenant(a.tenant, Some(a.id)) };
+    let mut tx = db::begin(&app.state.pool, &scope).await.unwrap();
+    let visible: i64 = sqlx::query_scalar("SELECT count(*) FROM tenants WHERE id = $1")
+        .bind(b.tenant)
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(visible, 1, "the read policy lets A see a tenant it belongs to");
+    let writes = [
+        sqlx::query("DELETE FROM tenants WHERE id = $1").bind(b.tenant).execute(&mut *tx).await.unwrap(),
+        sqlx::query("UPDATE tenants SET display_name = 'x' WHERE id = $1")
+            .bind(b.tenant)
+            .execute(&mut *tx)
+            .await
+            .unwrap(),
+        sqlx::query("UPDATE memberships SET role = 'admin' WHERE tenant_id = $1 AND user_id = $2")
+            .bind(b.tenant)
+            .bind(a.id)
+            .execute(&mut *tx)
+            .await
+            .unwrap(),
+        sqlx::query("UPDATE api_keys SET revoked_at = now() WHERE id = $1")
+            .bind(b_key)
+            .execute(&mut *tx)
+            .await
+            .unwrap(),
+    ];
+    for w in writes {
+        assert_eq!(w.rows_affected(), 0, "a write reached another tenant's row");
+    }
+    tx.commit().await.unwrap();
+    let role: String = sqlx::query_scalar("SELECT role FROM memberships WHERE tenant_id = $1 AND user_id = $2")
+        .bind(b.tenant)
+        .bind(a.id)
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(role, "viewer");
+}
