@@ -3,7 +3,7 @@
 //! logs. Keys can expire and be revoked; the last time a key was used is recorded (with one
 //! minute resolution, so that authentication does not write on every request).
 
-use axum::{Json, extract::State, http::StatusCode};
+use axum::{Extension, Json, extract::State, http::StatusCode};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -18,6 +18,7 @@ use crate::{
     db::{self, Hot, Scope},
     error::{ApiError, ApiResult, FieldError},
     extract::{self, Path, Query},
+    idempotency::ContainsSecret,
     names::DisplayName,
     pagination::{Page, PageParams},
     startup::AppState,
@@ -162,7 +163,7 @@ pub async fn create_api_key(
     ctx: RequestContext,
     Path(tenant_id): Path<Uuid>,
     extract::Json(req): extract::Json<CreateApiKeyRequest>,
-) -> ApiResult<(StatusCode, Json<CreatedApiKey>)> {
+) -> ApiResult<(StatusCode, Extension<ContainsSecret>, Json<CreatedApiKey>)> {
     if req.expires_at.is_some_and(|e| e <= Utc::now()) {
         return Err(ApiError::Validation(vec![FieldError::new("expires_at", "future", "must be in the future")]));
     }
@@ -218,7 +219,7 @@ pub async fn create_api_key(
     )
     .await?;
     tx.commit().await?;
-    Ok((StatusCode::CREATED, Json(CreatedApiKey { key, secret: full })))
+    Ok((StatusCode::CREATED, Extension(ContainsSecret), Json(CreatedApiKey { key, secret: full })))
 }
 
 /// List a tenant's API keys (revoked ones included, marked).
@@ -275,17 +276,22 @@ pub async fn revoke_api_key(
     Path((tenant_id, key_id)): Path<(Uuid, Uuid)>,
 ) -> ApiResult<StatusCode> {
     let resource = nrn::api_key(tenant_id, &key_id.to_string());
-    let (mut tx, _) = authz::begin(&state.pool, &principal, Action::RevokeApiKey, tenant_id, &resource).await?;
-    let revoked: Option<Option<DateTime<Utc>>> =
-        sqlx::query_scalar("SELECT revoked_at FROM api_keys WHERE tenant_id = $1 AND id = $2 FOR UPDATE")
+    let (mut tx, own) = authz::begin(&state.pool, &principal, Action::RevokeApiKey, tenant_id, &resource).await?;
+    let key: Option<(Option<DateTime<Utc>>, String)> =
+        sqlx::query_as("SELECT revoked_at, role FROM api_keys WHERE tenant_id = $1 AND id = $2 FOR UPDATE")
             .bind(tenant_id)
             .bind(key_id)
             .fetch_optional(&mut *tx)
             .await?;
-    match revoked {
-        None => return Err(ApiError::NotFound("API key")),
-        Some(Some(_)) => return Ok(StatusCode::NO_CONTENT),
-        Some(None) => {}
+    let Some((revoked_at, role)) = key else {
+        return Err(ApiError::NotFound("API key"));
+    };
+    // Keys are managed up to one's own role: a developer cannot revoke an admin's key.
+    if Role::parse(&role)? > own {
+        return Err(ApiError::Forbidden { action: format!("{} (role {role})", Action::RevokeApiKey.name()), resource });
+    }
+    if revoked_at.is_some() {
+        return Ok(StatusCode::NO_CONTENT);
     }
     sqlx::query("UPDATE api_keys SET revoked_at = now() WHERE id = $1").bind(key_id).execute(&mut *tx).await?;
     audit::record_action(&mut tx, &ctx, &principal, Action::RevokeApiKey, tenant_id, resource, json!({})).await?;

@@ -1,7 +1,8 @@
 //! `Idempotency-Key` on POSTs: the first response to a (principal, key) is stored; a retry
 //! with the same key and the same request gets that response again (marked
 //! `Idempotency-Replayed: true`), the same key with a different request gets 422, and a retry
-//! while the first is still running gets 409. Server errors are not stored, so they can be
+//! while the first is still running gets 409 (a claim older than the request timeout is taken
+//! over: its request died). Server errors are not stored, so they can be
 //! retried. Only authenticated calls take part: sign-up, sign-in and token refresh ignore
 //! the header (a refresh token must never be replayable). Records expire after the configured
 //! TTL.
@@ -44,8 +45,15 @@ pub async fn middleware(State(state): State<AppState>, req: Request, next: Next)
     }
 }
 
+/// Put into a response's extensions by handlers whose response carries a secret shown once
+/// (a new API key): such a response is not stored, and a retry with the same key gets 409
+/// `idempotent_replay_unavailable` instead of a second copy of the secret.
+#[derive(Debug, Clone, Copy)]
+pub struct ContainsSecret;
+
 async fn handle(state: AppState, req: Request, next: Next) -> Result<Response, ApiError> {
-    if req.method() != Method::POST {
+    // Sign-up, sign-in, refresh and sign-out never take part: their responses are credentials.
+    if req.method() != Method::POST || req.uri().path().starts_with("/v1/auth/") {
         return Ok(next.run(req).await);
     }
     let Some(raw) = req.headers().get(HEADER) else {
@@ -80,12 +88,17 @@ async fn handle(state: AppState, req: Request, next: Next) -> Result<Response, A
     let ttl = state.settings.idempotency_ttl.0.as_secs_f64();
 
     let mut tx = db::begin(&state.pool, &Scope::default()).await?;
+    // An expired record is forgotten; so is a claim whose request cannot still be running (it
+    // outlived the request timeout: the process died or the handler panicked before storing).
+    let lease = (state.settings.request_timeout.0 + std::time::Duration::from_secs(5)).as_secs_f64();
     sqlx::query(
-        "DELETE FROM idempotency_keys WHERE principal = $1 AND key = $2 AND created_at < now() - make_interval(secs => $3)",
+        "DELETE FROM idempotency_keys WHERE principal = $1 AND key = $2 AND (created_at < now() - make_interval(secs => $3) \
+         OR (status_code IS NULL AND created_at < now() - make_interval(secs => $4)))",
     )
     .bind(&owner)
     .bind(&key)
     .bind(ttl)
+    .bind(lease)
     .execute(&mut *tx)
     .await?;
     let claimed = sqlx::query(
@@ -153,6 +166,24 @@ async fn handle(state: AppState, req: Request, next: Next) -> Result<Response, A
         return Ok(res);
     }
     let (res_parts, res_body) = res.into_parts();
+    if res_parts.extensions.get::<ContainsSecret>().is_some() {
+        let tombstone = ApiError::conflict(
+            "idempotent_replay_unavailable",
+            "the first response to this Idempotency-Key carried a secret that is shown only once; \
+             the resource was created: find it in its list, and revoke it if the secret was lost",
+        )
+        .problem();
+        store(
+            &state,
+            &owner,
+            &key,
+            StatusCode::CONFLICT,
+            crate::error::PROBLEM_JSON,
+            &serde_json::to_vec(&tombstone).map_err(anyhow::Error::from)?,
+        )
+        .await?;
+        return Ok(Response::from_parts(res_parts, res_body));
+    }
     let bytes = match to_bytes(res_body, usize::MAX).await {
         Ok(b) => b,
         Err(e) => {
@@ -160,20 +191,32 @@ async fn handle(state: AppState, req: Request, next: Next) -> Result<Response, A
             return Err(ApiError::Internal(anyhow::anyhow!("buffering response: {e}")));
         }
     };
+    let content_type = res_parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    store(&state, &owner, &key, res_parts.status, content_type, &bytes).await?;
+    Ok(Response::from_parts(res_parts, Body::from(bytes)))
+}
+
+async fn store(
+    state: &AppState,
+    owner: &str,
+    key: &str,
+    status: StatusCode,
+    content_type: &str,
+    body: &[u8],
+) -> Result<(), sqlx::Error> {
     let mut tx = db::begin(&state.pool, &Scope::default()).await?;
     sqlx::query(
         "UPDATE idempotency_keys SET status_code = $3, content_type = $4, response_body = $5 \
          WHERE principal = $1 AND key = $2",
     )
-    .bind(&owner)
-    .bind(&key)
-    .bind(res_parts.status.as_u16() as i16)
-    .bind(res_parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()))
-    .bind(bytes.as_ref())
+    .bind(owner)
+    .bind(key)
+    .bind(status.as_u16() as i16)
+    .bind(content_type)
+    .bind(body)
     .execute(&mut *tx)
     .await?;
-    tx.commit().await?;
-    Ok(Response::from_parts(res_parts, Body::from(bytes)))
+    tx.commit().await
 }
 
 /// Deletes expired records (run by the maintenance loop).

@@ -84,6 +84,36 @@ pub fn router() -> OpenApiRouter<AppState> {
 const MEMBER_SELECT: &str = "SELECT m.user_id, u.email, u.display_name, m.role, m.created_at \
      FROM memberships m JOIN users u ON u.id = m.user_id WHERE m.tenant_id = $1";
 
+/// Serializes membership changes in a tenant: role checks (the last admin) then see a state no
+/// concurrent change can alter before this transaction ends.
+async fn lock_members(tx: &mut Tx, tenant: Uuid) -> ApiResult<()> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('nimbus.members:' || $1::text, 0))")
+        .bind(tenant)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Revokes the member's API keys whose role is above `ceiling` (all of them when `None`), so that
+/// no key keeps more authority than its creator has; returns how many.
+async fn revoke_keys_above(tx: &mut Tx, tenant: Uuid, user: Uuid, ceiling: Option<Role>) -> ApiResult<u64> {
+    let allowed: Vec<&str> = [Role::Viewer, Role::Developer, Role::Admin]
+        .into_iter()
+        .filter(|r| ceiling.is_some_and(|c| *r <= c))
+        .map(Role::as_str)
+        .collect();
+    let r = sqlx::query(
+        "UPDATE api_keys SET revoked_at = now() WHERE tenant_id = $1 AND created_by = $2 \
+         AND revoked_at IS NULL AND NOT (role = ANY($3))",
+    )
+    .bind(tenant)
+    .bind(user)
+    .bind(&allowed)
+    .execute(&mut **tx)
+    .await?;
+    Ok(r.rows_affected())
+}
+
 async fn fetch_member(tx: &mut Tx, tenant: Uuid, user: Uuid) -> ApiResult<Member> {
     let row: MemberRow = sqlx::query_as(&format!("{MEMBER_SELECT} AND m.user_id = $2"))
         .bind(tenant)
@@ -227,10 +257,12 @@ pub async fn update_member(
     let (mut tx, _) =
         authz::begin(&state.pool, &principal, Action::UpdateMember, tenant_id, &nrn::member(tenant_id, user_id))
             .await?;
+    lock_members(&mut tx, tenant_id).await?;
     let before = fetch_member(&mut tx, tenant_id, user_id).await?;
     if before.role == Role::Admin && req.role != Role::Admin {
         ensure_not_last_admin(&mut tx, tenant_id, user_id).await?;
     }
+    let keys_revoked = revoke_keys_above(&mut tx, tenant_id, user_id, Some(req.role)).await?;
     sqlx::query("UPDATE memberships SET role = $3, updated_at = now() WHERE tenant_id = $1 AND user_id = $2")
         .bind(tenant_id)
         .bind(user_id)
@@ -244,7 +276,7 @@ pub async fn update_member(
         Action::UpdateMember,
         tenant_id,
         nrn::member(tenant_id, user_id),
-        json!({ "from": before.role, "to": req.role }),
+        json!({ "from": before.role, "to": req.role, "api_keys_revoked": keys_revoked }),
     )
     .await?;
     let after = fetch_member(&mut tx, tenant_id, user_id).await?;
@@ -275,10 +307,12 @@ pub async fn remove_member(
     let (mut tx, _) =
         authz::begin(&state.pool, &principal, Action::RemoveMember, tenant_id, &nrn::member(tenant_id, user_id))
             .await?;
+    lock_members(&mut tx, tenant_id).await?;
     let before = fetch_member(&mut tx, tenant_id, user_id).await?;
     if before.role == Role::Admin {
         ensure_not_last_admin(&mut tx, tenant_id, user_id).await?;
     }
+    let keys_revoked = revoke_keys_above(&mut tx, tenant_id, user_id, None).await?;
     sqlx::query("DELETE FROM memberships WHERE tenant_id = $1 AND user_id = $2")
         .bind(tenant_id)
         .bind(user_id)
@@ -291,7 +325,7 @@ pub async fn remove_member(
         Action::RemoveMember,
         tenant_id,
         nrn::member(tenant_id, user_id),
-        json!({ "email": before.email, "role": before.role }),
+        json!({ "email": before.email, "role": before.role, "api_keys_revoked": keys_revoked }),
     )
     .await?;
     tx.commit().await?;

@@ -116,3 +116,37 @@ async fn keys_cannot_exceed_their_creators_role_or_create_tenants() {
     res.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
     assert_eq!(res.body["errors"][0]["field"], "role");
 }
+
+#[tokio::test]
+async fn keys_never_carry_more_than_their_creator_has_now() {
+    let app = spawn_app().await;
+    let ada = app.sign_up("ada@example.com", "acme").await;
+    let bob = app.sign_up("bob@example.com", "bobs").await;
+    let dev = app.sign_up("dev@example.com", "devs").await;
+    app.add_member(&ada, ada.tenant, &bob, "admin").await;
+    app.add_member(&ada, ada.tenant, &dev, "developer").await;
+    let t = ada.tenant;
+    let (admin_key_id, admin_key) = app.create_key(&bob.token, t, "admin").await;
+    let (_, viewer_key) = app.create_key(&bob.token, t, "viewer").await;
+
+    // A developer cannot revoke an admin's key.
+    let res = app.delete(&format!("/v1/tenants/{t}/api-keys/{admin_key_id}")).token(&dev.token).send().await;
+    res.assert_problem(StatusCode::FORBIDDEN, "forbidden");
+    assert_eq!(app.get("/v1/me").token(&admin_key).send().await.status, StatusCode::OK);
+
+    // Demoting Bob to viewer revokes his admin key and keeps his viewer key.
+    let res = app
+        .patch(&format!("/v1/tenants/{t}/members/{}", bob.id))
+        .token(&ada.token)
+        .json(json!({"role": "viewer"}))
+        .send()
+        .await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.text);
+    app.get("/v1/me").token(&admin_key).send().await.assert_problem(StatusCode::UNAUTHORIZED, "unauthenticated");
+    assert_eq!(app.get("/v1/me").token(&viewer_key).send().await.status, StatusCode::OK);
+
+    // Removing him revokes the rest.
+    let res = app.delete(&format!("/v1/tenants/{t}/members/{}", bob.id)).token(&ada.token).send().await;
+    assert_eq!(res.status, StatusCode::NO_CONTENT);
+    app.get("/v1/me").token(&viewer_key).send().await.assert_problem(StatusCode::UNAUTHORIZED, "unauthenticated");
+}
