@@ -192,7 +192,7 @@ pub async fn sign_in(
     extract::Json(req): extract::Json<SignInRequest>,
 ) -> ApiResult<Json<TokenResponse>> {
     let email = req.email.as_str();
-    throttle::check(&state.pool, &state.settings, email, ctx.source_ip).await?;
+    throttle::attempt(&state.pool, &state.settings, email, ctx.source_ip).await?;
     if req.password.expose().len() > crate::names::PASSWORD_MAX * 4 {
         return Err(ApiError::field("password", "length", "is longer than any valid password"));
     }
@@ -206,7 +206,6 @@ pub async fn sign_in(
     tx.commit().await?;
     let ok = password::verify(req.password.expose().to_owned(), user.as_ref().map(|u| u.1.clone())).await?;
     let Some((user_id, _)) = user.filter(|_| ok) else {
-        throttle::record_failure(&state.pool, &state.settings, email, ctx.source_ip).await?;
         let mut tx = db::begin(&state.pool, &Scope::default()).await?;
         audit::record(
             &mut tx,
@@ -241,7 +240,7 @@ pub async fn sign_in(
     )
     .await?;
     tx.commit().await?;
-    throttle::clear_account(&state.pool, email).await?;
+    throttle::succeeded(&state.pool, email, ctx.source_ip).await?;
     metrics::counter!("nimbus_signin_total", "outcome" => "success").increment(1);
     Ok(Json(tokens))
 }

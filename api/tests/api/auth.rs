@@ -317,3 +317,27 @@ async fn addresses_with_quotes_are_bound_not_spliced() {
     let users: i64 = sqlx::query_scalar("SELECT count(*) FROM users").fetch_one(&mut c).await.unwrap();
     assert_eq!(users, 1);
 }
+
+#[tokio::test]
+async fn parallel_guesses_cannot_slip_past_the_limit() {
+    use axum::{body::Body, extract::ConnectInfo, http::Request};
+    use tower::ServiceExt;
+    let app = spawn_app_with(&["--signin-max-failures-per-account", "3"]).await;
+    app.sign_up("ada@example.com", "acme").await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..12u8 {
+        let router = app.router.clone();
+        tasks.spawn(async move {
+            let mut req = Request::post("/v1/auth/signin")
+                .header("content-type", "application/json")
+                .body(Body::from(json!({"email": "ada@example.com", "password": "wrong password"}).to_string()))
+                .unwrap();
+            req.extensions_mut().insert(ConnectInfo(std::net::SocketAddr::from(([10, 9, 0, i], 4000))));
+            router.oneshot(req).await.unwrap().status()
+        });
+    }
+    let statuses: Vec<StatusCode> = tasks.join_all().await;
+    let checked = statuses.iter().filter(|s| **s == StatusCode::UNAUTHORIZED).count();
+    let throttled = statuses.iter().filter(|s| **s == StatusCode::TOO_MANY_REQUESTS).count();
+    assert_eq!((checked, throttled), (3, 9), "{statuses:?}");
+}
