@@ -41,6 +41,12 @@ pub struct DatabaseArgs {
     /// `nimbus_app` role, to which row-level security applies.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Secret,
+    /// PostgreSQL URL the API's own queries use: a login role that is a member of `nimbus_app`
+    /// and neither a superuser nor BYPASSRLS (e.g. `nimbus_app` itself with LOGIN and a
+    /// password). Without it the API logs in with `DATABASE_URL` and switches to `nimbus_app`,
+    /// and a `SET ROLE NONE` could return to that more powerful login role.
+    #[arg(long, env = "NIMBUS_APP_DATABASE_URL", hide_env_values = true)]
+    pub app_database_url: Option<Secret>,
     /// Maximum connections in the application pool.
     #[arg(long, env = "NIMBUS_DB_MAX_CONNECTIONS", default_value_t = 8)]
     pub db_max_connections: u32,

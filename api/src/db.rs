@@ -177,6 +177,18 @@ impl Db {
         })
     }
 
+    /// Whether the role the connections logged in as (not `nimbus_app`, which they act as) could
+    /// bypass row-level security after a `SET ROLE NONE`.
+    pub async fn login_can_bypass_rls(&self) -> Result<bool, sqlx::Error> {
+        let mut tx = begin(self, &Scope::default()).await?;
+        let bypass: bool =
+            sqlx::query_scalar("SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = session_user")
+                .fetch_one(&mut *tx)
+                .await?;
+        tx.commit().await?;
+        Ok(bypass)
+    }
+
     /// Closes the pool: connections are dropped as they come back.
     pub fn close(&self) {
         self.pool.close();

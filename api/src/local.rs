@@ -145,15 +145,22 @@ fn chown(p: &Path, user: &str) -> anyhow::Result<()> {
 
 /// Runs the platform locally until Ctrl-C or SIGTERM.
 pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
-    let (url, pg) = match &args.database_url {
-        Some(url) => (url.expose().to_owned(), None),
+    let (url, app_url, pg) = match &args.database_url {
+        Some(url) => (url.expose().to_owned(), None, None),
         None => {
             let pg = LocalPostgres::new(&args.data_dir)?;
             pg.start()?;
-            (pg.database_url().await?, Some(pg))
+            let url = pg.database_url().await?;
+            // The private server trusts its own socket, so the API can log in as `nimbus_app`
+            // itself: no more powerful role to return to with SET ROLE NONE.
+            crate::db::migrate(&url).await?;
+            let mut admin: sqlx::PgConnection = sqlx::Connection::connect(&url).await?;
+            sqlx::query("ALTER ROLE nimbus_app LOGIN").execute(&mut admin).await?;
+            let app_url = url.replacen("postgres://nimbus@", "postgres://nimbus_app@", 1);
+            (url, Some(app_url), Some(pg))
         }
     };
-    let result = serve(&args, &url).await;
+    let result = serve(&args, &url, app_url.as_deref()).await;
     if let Some(pg) = pg {
         if let Err(e) = pg.stop() {
             eprintln!("stopping the private PostgreSQL: {e:#}");
@@ -162,8 +169,8 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
     result
 }
 
-async fn serve(args: &LocalArgs, url: &str) -> anyhow::Result<()> {
-    let app = Application::build(url, 16, args.server.clone()).await?;
+async fn serve(args: &LocalArgs, url: &str, app_url: Option<&str>) -> anyhow::Result<()> {
+    let app = Application::build(url, app_url, 8, args.server.clone()).await?;
     let login = first_run(&app, &args.data_dir).await?;
     let base = app.public_url().to_owned();
     println!("Nimbus is running.");

@@ -21,8 +21,13 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve(args) => {
             telemetry::init_logging(args.server.log_format, &args.server.log);
             tracing::debug!(settings = ?args, "starting");
-            let app =
-                Application::build(args.db.database_url.expose(), args.db.db_max_connections, args.server).await?;
+            let app = Application::build(
+                args.db.database_url.expose(),
+                args.db.app_database_url.as_ref().map(|s| s.expose()),
+                args.db.db_max_connections,
+                args.server,
+            )
+            .await?;
             // Printed for process supervisors and the end-to-end tests, which bind port 0.
             println!("listening on {}", app.public_url());
             app.run_until(shutdown_signal()).await

@@ -115,9 +115,21 @@ pub struct Application {
 
 impl Application {
     /// Migrates the database, connects, loads keys and binds the listener.
-    pub async fn build(database_url: &str, max_connections: u32, settings: ServerArgs) -> anyhow::Result<Self> {
+    pub async fn build(
+        database_url: &str,
+        app_database_url: Option<&str>,
+        max_connections: u32,
+        settings: ServerArgs,
+    ) -> anyhow::Result<Self> {
         db::migrate(database_url).await?;
-        let pool = db::connect_app(database_url, max_connections).await?;
+        let pool = db::connect_app(app_database_url.unwrap_or(database_url), max_connections).await?;
+        if pool.login_can_bypass_rls().await? {
+            tracing::warn!(
+                "the API's database login role is a superuser or has BYPASSRLS: row-level security holds for \
+                 its queries (they run as nimbus_app), but SET ROLE NONE would leave it; set \
+                 NIMBUS_APP_DATABASE_URL to a login role that is only a member of nimbus_app"
+            );
+        }
         let listener = tokio::net::TcpListener::bind(settings.listen)
             .await
             .with_context(|| format!("binding {}", settings.listen))?;

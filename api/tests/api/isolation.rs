@@ -210,3 +210,26 @@ async fn writes_stay_in_the_scoped_tenant_even_where_reads_are_wider() {
         .unwrap();
     assert_eq!(role, "viewer");
 }
+
+#[tokio::test]
+async fn a_login_as_nimbus_app_has_no_stronger_role_to_return_to() {
+    use sqlx::ConnectOptions;
+    let app = spawn_app().await;
+    // The default test set-up logs in as a superuser and acts as nimbus_app; that is detected.
+    assert!(app.state.pool.login_can_bypass_rls().await.unwrap());
+
+    let mut c = app.admin_conn().await;
+    sqlx::query("ALTER ROLE nimbus_app LOGIN").execute(&mut c).await.unwrap();
+    let opts: sqlx::postgres::PgConnectOptions = app.db_url.parse().unwrap();
+    let url = opts.username("nimbus_app").to_url_lossy().to_string();
+    let pool = db::connect_app(&url, 1).await.unwrap();
+    assert!(!pool.login_can_bypass_rls().await.unwrap());
+    let mut tx = db::begin(&pool, &Scope::default()).await.unwrap();
+    sqlx::query("SET ROLE NONE").execute(&mut *tx).await.unwrap();
+    let (user, superuser, bypass): (String, bool, bool) =
+        sqlx::query_as("SELECT current_user::text, rolsuper, rolbypassrls FROM pg_roles WHERE rolname = current_user")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+    assert_eq!((user.as_str(), superuser, bypass), ("nimbus_app", false, false));
+}
