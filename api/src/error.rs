@@ -239,25 +239,11 @@ impl IntoResponse for ApiError {
 /// Result type of handlers.
 pub type ApiResult<T> = Result<T, ApiError>;
 
-/// Maps a unique or check violation to a conflict by constraint name, other errors through.
-pub fn on_constraint(e: sqlx::Error, map: &[(&str, ApiError)]) -> ApiError
-where
-{
-    if let sqlx::Error::Database(db) = &e {
-        if let Some(name) = db.constraint() {
-            if let Some((_, err)) = map.iter().find(|(c, _)| *c == name) {
-                return clone_conflict(err);
-            }
-        }
-    }
-    e.into()
-}
-
-fn clone_conflict(e: &ApiError) -> ApiError {
-    match e {
-        ApiError::Conflict { code, message } => ApiError::Conflict { code, message: message.clone() },
-        ApiError::Validation(v) => ApiError::Validation(v.clone()),
-        ApiError::NotFound(what) => ApiError::NotFound(what),
-        other => ApiError::Internal(anyhow::anyhow!("unmappable constraint error: {other}")),
-    }
+/// Maps a constraint violation to the error named for its constraint; other errors pass through.
+pub fn on_constraint<const N: usize>(e: sqlx::Error, map: [(&str, ApiError); N]) -> ApiError {
+    let name = match &e {
+        sqlx::Error::Database(db) => db.constraint().map(str::to_owned),
+        _ => None,
+    };
+    name.and_then(|name| map.into_iter().find(|(c, _)| *c == name).map(|(_, err)| err)).unwrap_or_else(|| e.into())
 }

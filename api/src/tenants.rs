@@ -125,7 +125,7 @@ pub async fn insert_tenant(
     .bind(display_name.as_str())
     .fetch_one(&mut **tx)
     .await
-    .map_err(|e| on_constraint(e, &[("tenants_name_key", name_taken())]))?;
+    .map_err(|e| on_constraint(e, [("tenants_name_key", name_taken())]))?;
     sqlx::query("INSERT INTO memberships (tenant_id, user_id, role) VALUES ($1, $2, 'admin')")
         .bind(id)
         .bind(user)
@@ -299,7 +299,7 @@ pub async fn update_tenant(
     .bind(req.display_name.as_ref().map(DisplayName::as_str))
     .execute(&mut *tx)
     .await
-    .map_err(|e| on_constraint(e, &[("tenants_name_key", name_taken())]))?;
+    .map_err(|e| on_constraint(e, [("tenants_name_key", name_taken())]))?;
     let after = fetch_tenant(&mut tx, tenant_id, role).await?;
     audit::record_action(
         &mut tx,

@@ -120,7 +120,7 @@ pub async fn create_user_with_tenant(
     .map_err(|e| {
         on_constraint(
             e,
-            &[("users_email_key", ApiError::conflict("email_taken", "this e-mail address already has an account"))],
+            [("users_email_key", ApiError::conflict("email_taken", "this e-mail address already has an account"))],
         )
     })?;
     let actor = Actor::Principal("user", user_id);
