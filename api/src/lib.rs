@@ -20,6 +20,7 @@ pub mod members;
 pub mod names;
 pub mod openapi;
 pub mod pagination;
+pub mod routing;
 pub mod startup;
 pub mod telemetry;
 pub mod tenants;
