@@ -22,5 +22,6 @@ pub mod openapi;
 pub mod pagination;
 pub mod routing;
 pub mod startup;
+pub mod store;
 pub mod telemetry;
 pub mod tenants;
