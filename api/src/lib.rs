@@ -21,6 +21,7 @@ pub mod names;
 pub mod openapi;
 pub mod pagination;
 pub mod routing;
+pub mod secrets;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
