@@ -226,19 +226,7 @@ pub async fn sign_in(
     };
     let mut tx = db::begin(&state.pool, &Scope::user(user_id)).await?;
     let tokens = start_session(&state, &mut tx, user_id).await?;
-    audit::record(
-        &mut tx,
-        &ctx,
-        Entry {
-            tenant: None,
-            actor: Actor::Principal("user", user_id),
-            action: "auth:SignIn",
-            resource: nrn::user(user_id),
-            success: true,
-            details: json!({}),
-        },
-    )
-    .await?;
+    user_event(&mut tx, &ctx, user_id, "auth:SignIn", true, json!({})).await?;
     tx.commit().await?;
     throttle::succeeded(&state.pool, email, ctx.source_ip).await?;
     metrics::counter!("nimbus_signin_total", "outcome" => "success").increment(1);
@@ -289,17 +277,13 @@ pub async fn refresh(
     }
     if used_at.is_some() {
         revoke_family(&mut tx, family).await?;
-        audit::record(
+        user_event(
             &mut tx,
             &ctx,
-            Entry {
-                tenant: None,
-                actor: Actor::Principal("user", user_id),
-                action: "auth:RefreshToken",
-                resource: nrn::user(user_id),
-                success: false,
-                details: json!({ "reason": "reuse_detected", "session": family }),
-            },
+            user_id,
+            "auth:RefreshToken",
+            false,
+            json!({ "reason": "reuse_detected", "session": family }),
         )
         .await?;
         tx.commit().await?;
@@ -312,19 +296,7 @@ pub async fn refresh(
     }
     sqlx::query("UPDATE refresh_tokens SET used_at = now() WHERE id = $1").bind(id).execute(&mut *tx).await?;
     let tokens = issue_tokens(&state, &mut tx, user_id, family).await?;
-    audit::record(
-        &mut tx,
-        &ctx,
-        Entry {
-            tenant: None,
-            actor: Actor::Principal("user", user_id),
-            action: "auth:RefreshToken",
-            resource: nrn::user(user_id),
-            success: true,
-            details: json!({ "session": family }),
-        },
-    )
-    .await?;
+    user_event(&mut tx, &ctx, user_id, "auth:RefreshToken", true, json!({ "session": family })).await?;
     tx.commit().await?;
     Ok(Json(tokens))
 }
@@ -355,19 +327,7 @@ pub async fn sign_out(
         db::set_scope(&mut tx, &Scope::user(user_id)).await?;
         lock_family(&mut tx, family).await?;
         revoke_family(&mut tx, family).await?;
-        audit::record(
-            &mut tx,
-            &ctx,
-            Entry {
-                tenant: None,
-                actor: Actor::Principal("user", user_id),
-                action: "auth:SignOut",
-                resource: nrn::user(user_id),
-                success: true,
-                details: json!({ "session": family }),
-            },
-        )
-        .await?;
+        user_event(&mut tx, &ctx, user_id, "auth:SignOut", true, json!({ "session": family })).await?;
     }
     tx.commit().await?;
     Ok(StatusCode::NO_CONTENT)
@@ -379,6 +339,26 @@ struct RefreshRow {
     expires_at: DateTime<Utc>,
     used_at: Option<DateTime<Utc>>,
     revoked_at: Option<DateTime<Utc>>,
+}
+
+/// Audits an action of a user on their own account (outside any tenant).
+async fn user_event(
+    tx: &mut Tx,
+    ctx: &RequestContext,
+    user_id: Uuid,
+    action: &str,
+    success: bool,
+    details: serde_json::Value,
+) -> Result<(), sqlx::Error> {
+    let entry = Entry {
+        tenant: None,
+        actor: Actor::Principal("user", user_id),
+        action,
+        resource: nrn::user(user_id),
+        success,
+        details,
+    };
+    audit::record(tx, ctx, entry).await
 }
 
 async fn lock_family(tx: &mut Tx, family: Uuid) -> Result<(), sqlx::Error> {
