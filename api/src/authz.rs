@@ -78,6 +78,34 @@ pub enum Action {
     RevokeApiKey,
     /// Read the audit log.
     ListAuditEvents,
+    /// Create a function.
+    CreateFunction,
+    /// List functions.
+    ListFunctions,
+    /// Read a function.
+    GetFunction,
+    /// Change a function's configuration.
+    UpdateFunction,
+    /// Delete a function with its versions and aliases.
+    DeleteFunction,
+    /// Upload a code package (directly or through a presigned upload).
+    UpdateFunctionCode,
+    /// List and read a function's code packages.
+    ListPackages,
+    /// Publish a version.
+    CreateVersion,
+    /// List and read versions.
+    ListVersions,
+    /// Delete a version.
+    DeleteVersion,
+    /// Create an alias.
+    CreateAlias,
+    /// List and read aliases and their routing events.
+    ListAliases,
+    /// Change an alias's routing.
+    UpdateAlias,
+    /// Delete an alias.
+    DeleteAlias,
 }
 
 impl Action {
@@ -93,6 +121,20 @@ impl Action {
         Action::ListApiKeys,
         Action::RevokeApiKey,
         Action::ListAuditEvents,
+        Action::CreateFunction,
+        Action::ListFunctions,
+        Action::GetFunction,
+        Action::UpdateFunction,
+        Action::DeleteFunction,
+        Action::UpdateFunctionCode,
+        Action::ListPackages,
+        Action::CreateVersion,
+        Action::ListVersions,
+        Action::DeleteVersion,
+        Action::CreateAlias,
+        Action::ListAliases,
+        Action::UpdateAlias,
+        Action::DeleteAlias,
     ];
 
     /// The action's name, `<service>:<Verb><Noun>`.
@@ -108,6 +150,20 @@ impl Action {
             Action::ListApiKeys => "iam:ListApiKeys",
             Action::RevokeApiKey => "iam:RevokeApiKey",
             Action::ListAuditEvents => "audit:ListAuditEvents",
+            Action::CreateFunction => "functions:CreateFunction",
+            Action::ListFunctions => "functions:ListFunctions",
+            Action::GetFunction => "functions:GetFunction",
+            Action::UpdateFunction => "functions:UpdateFunction",
+            Action::DeleteFunction => "functions:DeleteFunction",
+            Action::UpdateFunctionCode => "functions:UpdateFunctionCode",
+            Action::ListPackages => "functions:ListPackages",
+            Action::CreateVersion => "functions:CreateVersion",
+            Action::ListVersions => "functions:ListVersions",
+            Action::DeleteVersion => "functions:DeleteVersion",
+            Action::CreateAlias => "functions:CreateAlias",
+            Action::ListAliases => "functions:ListAliases",
+            Action::UpdateAlias => "functions:UpdateAlias",
+            Action::DeleteAlias => "functions:DeleteAlias",
         }
     }
 
@@ -115,7 +171,21 @@ impl Action {
     pub fn min_role(self) -> Role {
         match self {
             Action::GetTenant | Action::ListMembers | Action::ListApiKeys => Role::Viewer,
+            Action::ListFunctions
+            | Action::GetFunction
+            | Action::ListPackages
+            | Action::ListVersions
+            | Action::ListAliases => Role::Viewer,
             Action::CreateApiKey | Action::RevokeApiKey => Role::Developer,
+            Action::CreateFunction
+            | Action::UpdateFunction
+            | Action::DeleteFunction
+            | Action::UpdateFunctionCode
+            | Action::CreateVersion
+            | Action::DeleteVersion
+            | Action::CreateAlias
+            | Action::UpdateAlias
+            | Action::DeleteAlias => Role::Developer,
             Action::UpdateTenant
             | Action::AddMember
             | Action::UpdateMember
@@ -144,6 +214,22 @@ pub mod nrn {
     /// A tenant's audit log.
     pub fn audit_log(t: Uuid) -> String {
         format!("nrn:nimbus:audit:{t}:audit-log/*")
+    }
+    /// A function, or every function with `*`.
+    pub fn function(t: Uuid, name: &str) -> String {
+        format!("nrn:nimbus:functions:{t}:function/{name}")
+    }
+    /// A version of a function, or every version with `*`.
+    pub fn version(t: Uuid, function: &str, version: impl std::fmt::Display) -> String {
+        format!("nrn:nimbus:functions:{t}:function/{function}/version/{version}")
+    }
+    /// An alias of a function, or every alias with `*`.
+    pub fn alias(t: Uuid, function: &str, alias: &str) -> String {
+        format!("nrn:nimbus:functions:{t}:function/{function}/alias/{alias}")
+    }
+    /// A code package of a function, or every package with `*`.
+    pub fn package(t: Uuid, function: &str, package: impl std::fmt::Display) -> String {
+        format!("nrn:nimbus:functions:{t}:function/{function}/package/{package}")
     }
     /// A user (outside any tenant).
     pub fn user(u: Uuid) -> String {

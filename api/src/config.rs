@@ -135,6 +135,45 @@ pub struct ServerArgs {
     /// How long stored `Idempotency-Key` responses are kept.
     #[arg(long, env = "NIMBUS_IDEMPOTENCY_TTL", default_value = "24h")]
     pub idempotency_ttl: HumanDuration,
+    /// Directory of the local code-package store, used when no S3 bucket is set
+    /// [default: `nimbus-packages`; `<data-dir>/packages` for `local`].
+    #[arg(long, env = "NIMBUS_PACKAGE_DIR")]
+    pub package_dir: Option<PathBuf>,
+    /// Largest code package accepted, in bytes.
+    #[arg(long, env = "NIMBUS_MAX_PACKAGE_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub max_package_bytes: u64,
+    /// S3 bucket for code packages; when set, packages go to S3 instead of the local directory.
+    #[arg(long, env = "NIMBUS_S3_BUCKET")]
+    pub s3_bucket: Option<String>,
+    /// S3 endpoint URL (an S3-protocol server); unset means AWS S3.
+    #[arg(long, env = "NIMBUS_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    /// S3 region.
+    #[arg(long, env = "NIMBUS_S3_REGION", default_value = "us-east-1")]
+    pub s3_region: String,
+    /// Path-style S3 addressing (`endpoint/bucket/key`), which most self-hosted servers need.
+    #[arg(long, env = "NIMBUS_S3_PATH_STYLE", default_value_t = false)]
+    pub s3_path_style: bool,
+    /// S3 access key id [default: `AWS_ACCESS_KEY_ID`].
+    #[arg(long, env = "NIMBUS_S3_ACCESS_KEY_ID")]
+    pub s3_access_key_id: Option<String>,
+    /// S3 secret access key [default: `AWS_SECRET_ACCESS_KEY`].
+    #[arg(long, env = "NIMBUS_S3_SECRET_ACCESS_KEY", hide_env_values = true)]
+    pub s3_secret_access_key: Option<Secret>,
+    /// Create the S3 bucket at startup when it does not exist.
+    #[arg(long, env = "NIMBUS_S3_CREATE_BUCKET", default_value_t = false)]
+    pub s3_create_bucket: bool,
+    /// Directory uploads are spooled to before they are validated and sent to S3
+    /// [default: the system's temporary directory].
+    #[arg(long, env = "NIMBUS_SPOOL_DIR")]
+    pub spool_dir: Option<PathBuf>,
+    /// How long a presigned upload URL stays valid.
+    #[arg(long, env = "NIMBUS_UPLOAD_URL_TTL", default_value = "15m")]
+    pub upload_url_ttl: HumanDuration,
+    /// Keys sealing secrets at rest (function environment secrets): `id:base64url-32-bytes[,...]`,
+    /// the first seals, all open. Without keys, secret values cannot be written.
+    #[arg(long, env = "NIMBUS_SECRETS_KEYS", hide_env_values = true)]
+    pub secrets_keys: Option<Secret>,
 }
 
 impl ServerArgs {

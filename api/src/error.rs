@@ -119,6 +119,26 @@ pub enum ApiError {
         /// Explanation.
         message: String,
     },
+    /// An `If-Match` precondition does not hold: someone changed the resource since it was read.
+    #[error("the resource changed since it was read (ETag {current} does not match If-Match)")]
+    PreconditionFailed {
+        /// The current ETag.
+        current: String,
+    },
+    /// An update that needs `If-Match` came without it.
+    #[error("this update needs an If-Match header with the ETag the change is based on (or `*`)")]
+    PreconditionRequired,
+    /// A code package is not acceptable; every problem is named.
+    #[error("invalid package")]
+    InvalidPackage(Vec<FieldError>),
+    /// This deployment does not offer the feature (for example presigned uploads without S3).
+    #[error("{message}")]
+    NotSupported {
+        /// Stable code.
+        code: &'static str,
+        /// Explanation.
+        message: String,
+    },
     /// The same `Idempotency-Key` was used with a different request.
     #[error("Idempotency-Key reused with a different request")]
     IdempotencyKeyReused,
@@ -173,6 +193,10 @@ impl ApiError {
             RouteNotFound => (StatusCode::NOT_FOUND, "route_not_found"),
             MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             Conflict { code, .. } => (StatusCode::CONFLICT, code),
+            PreconditionFailed { .. } => (StatusCode::PRECONDITION_FAILED, "precondition_failed"),
+            PreconditionRequired => (StatusCode::PRECONDITION_REQUIRED, "precondition_required"),
+            InvalidPackage(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_package"),
+            NotSupported { code, .. } => (StatusCode::NOT_IMPLEMENTED, code),
             IdempotencyKeyReused => (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused"),
             TooManyRequests { code, .. } => (StatusCode::TOO_MANY_REQUESTS, code),
             Timeout => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
@@ -195,7 +219,10 @@ impl ApiError {
             request_id: None,
         };
         match self {
-            ApiError::Validation(errors) | ApiError::InvalidPath(errors) | ApiError::InvalidQuery(errors) => {
+            ApiError::Validation(errors)
+            | ApiError::InvalidPath(errors)
+            | ApiError::InvalidQuery(errors)
+            | ApiError::InvalidPackage(errors) => {
                 p.detail =
                     Some(errors.iter().map(|e| format!("{}: {}", e.field, e.message)).collect::<Vec<_>>().join("; "));
                 p.errors = errors.clone();

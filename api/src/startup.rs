@@ -31,7 +31,10 @@ use crate::{
     config::ServerArgs,
     db,
     error::ApiError,
-    health, idempotency, me, members, openapi, telemetry, tenants,
+    functions, health, idempotency, me, members, openapi,
+    secrets::SecretBox,
+    store::{LocalStore, PackageStore, S3Settings, S3Store},
+    telemetry, tenants,
 };
 
 /// Shared state of every handler.
@@ -45,6 +48,50 @@ pub struct AppState {
     pub settings: Arc<ServerArgs>,
     /// Prometheus metrics.
     pub metrics: PrometheusHandle,
+    /// The code-package store.
+    pub store: PackageStore,
+    /// Keys sealing secrets at rest, when configured.
+    pub secrets: Option<Arc<SecretBox>>,
+}
+
+impl AppState {
+    /// The state for `settings`: opens the package store (creating the S3 bucket if asked) and
+    /// parses the secrets keys.
+    pub async fn new(pool: db::Db, keys: KeyRing, settings: ServerArgs) -> anyhow::Result<AppState> {
+        let store = match &settings.s3_bucket {
+            Some(bucket) => {
+                let credentials = match (&settings.s3_access_key_id, &settings.s3_secret_access_key) {
+                    (Some(id), Some(secret)) => Some((id.clone(), secret.expose().to_owned())),
+                    (None, None) => None,
+                    _ => anyhow::bail!("set both --s3-access-key-id and --s3-secret-access-key, or neither"),
+                };
+                let s3 = S3Store::open(S3Settings {
+                    endpoint: settings.s3_endpoint.clone(),
+                    region: settings.s3_region.clone(),
+                    bucket: bucket.clone(),
+                    path_style: settings.s3_path_style,
+                    credentials,
+                    spool_dir: settings.spool_dir.clone().unwrap_or_else(|| std::env::temp_dir().join("nimbus-spool")),
+                })
+                .await?;
+                if settings.s3_create_bucket {
+                    s3.ensure_bucket().await?;
+                }
+                PackageStore::S3(s3)
+            }
+            None => PackageStore::Local(
+                LocalStore::open(settings.package_dir.clone().unwrap_or_else(|| "nimbus-packages".into())).await?,
+            ),
+        };
+        let secrets = match &settings.secrets_keys {
+            Some(spec) => Some(Arc::new(SecretBox::from_spec(spec.expose())?)),
+            None => {
+                tracing::warn!("no --secrets-keys: secret environment variables cannot be written");
+                None
+            }
+        };
+        Ok(AppState { pool, keys, settings: Arc::new(settings), metrics: telemetry::metrics_handle(), store, secrets })
+    }
 }
 
 /// Every API route with its OpenAPI description.
@@ -57,6 +104,7 @@ pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(members::router())
         .merge(api_keys::router())
         .merge(audit::router())
+        .merge(functions::router())
         .split_for_parts()
 }
 
@@ -137,7 +185,7 @@ impl Application {
         let public_url = settings.public_url(bound);
         let keys = KeyRing::load(pool.clone(), public_url.clone(), settings.access_token_ttl.0).await?;
         crate::extract::set_body_limit_hint(settings.max_body_bytes);
-        let state = AppState { pool, keys, settings: Arc::new(settings), metrics: telemetry::metrics_handle() };
+        let state = AppState::new(pool, keys, settings).await?;
         Ok(Application { listener, state, public_url })
     }
 

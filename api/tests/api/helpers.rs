@@ -44,10 +44,13 @@ pub struct TestApp {
     pub state: AppState,
     pub db_name: String,
     pub db_url: String,
+    /// The local package store's directory (removed on drop).
+    pub package_dir: std::path::PathBuf,
 }
 
 impl Drop for TestApp {
     fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.package_dir);
         let name = self.db_name.clone();
         // Dropping runs outside the test's runtime; a thread with its own runtime removes the database.
         let _ = std::thread::spawn(move || {
@@ -70,13 +73,22 @@ pub async fn spawn_app_with(flags: &[&str]) -> TestApp {
     let db_url = url_for(&db_name);
     db::migrate(&db_url).await.expect("migrations apply");
     let pool = db::connect_app(&db_url, 5).await.unwrap();
+    let package_dir = std::env::temp_dir().join(format!("nimbus-test-packages-{}", Uuid::now_v7().simple()));
+    let package_flag = format!("--package-dir={}", package_dir.display());
+    let secrets_flag = format!("--secrets-keys=test:{}", nimbus_api::secrets::generate_key());
     let mut args = vec!["test"];
+    if !flags.iter().any(|f| f.starts_with("--package-dir") || f.starts_with("--s3-bucket")) {
+        args.push(&package_flag);
+    }
+    if !flags.iter().any(|f| f.starts_with("--secrets-keys")) {
+        args.push(&secrets_flag);
+    }
     args.extend_from_slice(flags);
     let settings = Flags::parse_from(args).server;
     let keys = KeyRing::load(pool.clone(), "http://nimbus.test".into(), settings.access_token_ttl.0).await.unwrap();
     nimbus_api::extract::set_body_limit_hint(settings.max_body_bytes);
-    let state = AppState { pool, keys, settings: std::sync::Arc::new(settings), metrics: telemetry::metrics_handle() };
-    TestApp { router: startup::app(state.clone()), state, db_name, db_url }
+    let state = AppState::new(pool, keys, settings).await.expect("state builds");
+    TestApp { router: startup::app(state.clone()), state, db_name, db_url, package_dir }
 }
 
 pub async fn spawn_app() -> TestApp {

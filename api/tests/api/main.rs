@@ -8,6 +8,7 @@ mod auth;
 mod authz_routes;
 mod conventions;
 mod db;
+mod functions;
 mod idempotency;
 mod isolation;
 mod tenants;

@@ -1,0 +1,420 @@
+//! Validation of code packages before they are stored. Runs on the blocking pool over the
+//! spooled file.
+//!
+//! - `wasm` (`application/wasm`): a valid core WebAssembly module (wasmparser's validator with
+//!   its default features) that exports a function `_start` and imports only functions of
+//!   `wasi_snapshot_preview1` — WASI preview 1, nothing else the host would have to provide.
+//! - `process` (`application/zip`, or `application/gzip` holding a tar archive): the archive
+//!   opens, no member escapes the package directory (no absolute paths, no `..`), and the
+//!   function's entry is a regular file in it, executable when the archive records modes.
+
+use std::{
+    io::Read,
+    path::{Component, Path},
+};
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::error::FieldError;
+
+/// The WASI preview 1 import module.
+pub const WASI_P1: &str = "wasi_snapshot_preview1";
+/// Most members an archive may have.
+pub const MAX_ARCHIVE_MEMBERS: usize = 10_000;
+/// Most bytes a tarball may unpack to (guards against compression bombs).
+pub const MAX_UNPACKED_BYTES: u64 = 4 * 1024 * 1024 * 1024;
+
+/// How a package is packed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub enum Format {
+    /// A WebAssembly module (`application/wasm`).
+    #[serde(rename = "wasm")]
+    Wasm,
+    /// A zip archive (`application/zip`).
+    #[serde(rename = "zip")]
+    Zip,
+    /// A gzip-compressed tar archive (`application/gzip`).
+    #[serde(rename = "tar.gz")]
+    TarGz,
+}
+
+impl Format {
+    /// The format of a request's media type, if it is one of ours.
+    pub fn from_media_type(content_type: &str) -> Option<Format> {
+        let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        match essence.as_str() {
+            "application/wasm" => Some(Format::Wasm),
+            "application/zip" => Some(Format::Zip),
+            "application/gzip" | "application/x-gzip" => Some(Format::TarGz),
+            _ => None,
+        }
+    }
+
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Wasm => "wasm",
+            Format::Zip => "zip",
+            Format::TarGz => "tar.gz",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> anyhow::Result<Format> {
+        match s {
+            "wasm" => Ok(Format::Wasm),
+            "zip" => Ok(Format::Zip),
+            "tar.gz" => Ok(Format::TarGz),
+            other => Err(anyhow::anyhow!("unknown package format {other:?} in the database")),
+        }
+    }
+}
+
+impl TryFrom<String> for Format {
+    type Error = anyhow::Error;
+    fn try_from(s: String) -> anyhow::Result<Format> {
+        Format::parse(&s)
+    }
+}
+
+fn invalid(field: &str, rule: &str, message: impl Into<String>) -> Vec<FieldError> {
+    vec![FieldError::new(field, rule, message)]
+}
+
+/// Validates the package at `path`: a wasm module when `entry` is `None`, else an archive
+/// holding `entry`. Every problem is named (`package`, `package.imports[i]`, `package.entry`).
+pub fn validate(path: &Path, format: Format, entry: Option<&str>) -> Result<(), Vec<FieldError>> {
+    let io_error = |e: std::io::Error| invalid("package", "unreadable", format!("reading the package: {e}"));
+    match (format, entry) {
+        (Format::Wasm, None) => validate_wasm(&std::fs::read(path).map_err(io_error)?),
+        (Format::Zip, Some(entry)) => validate_zip(std::fs::File::open(path).map_err(io_error)?, entry),
+        (Format::TarGz, Some(entry)) => validate_tar_gz(std::fs::File::open(path).map_err(io_error)?, entry),
+        (Format::Wasm, Some(_)) => Err(invalid(
+            "content-type",
+            "runtime_mismatch",
+            "process functions take application/zip or application/gzip",
+        )),
+        (_, None) => Err(invalid("content-type", "runtime_mismatch", "wasm functions take application/wasm")),
+    }
+}
+
+/// Validates a WebAssembly module against the WASI preview 1 contract.
+pub fn validate_wasm(bytes: &[u8]) -> Result<(), Vec<FieldError>> {
+    use wasmparser::{Encoding, ExternalKind, Parser, Payload, TypeRef, Validator, WasmFeatures};
+
+    let mut validator = Validator::new_with_features(WasmFeatures::default());
+    if let Err(e) = validator.validate_all(bytes) {
+        let message = if bytes.starts_with(b"\0asm") && bytes.get(4..8) != Some(&[1, 0, 0, 0]) {
+            "a WebAssembly component or unknown version; Nimbus runs core modules (WASI preview 1)".to_owned()
+        } else {
+            format!("not a valid WebAssembly module: {e}")
+        };
+        return Err(invalid("package", "wasm_invalid", message));
+    }
+    let mut errors = Vec::new();
+    let mut has_start = false;
+    for payload in Parser::new(0).parse_all(bytes) {
+        let payload = match payload {
+            Ok(p) => p,
+            Err(e) => return Err(invalid("package", "wasm_invalid", format!("not a valid WebAssembly module: {e}"))),
+        };
+        match payload {
+            Payload::Version { encoding: Encoding::Component, .. } => {
+                return Err(invalid("package", "wasm_component", "a WebAssembly component; Nimbus runs core modules"));
+            }
+            Payload::ImportSection(reader) => {
+                for (i, import) in reader.into_imports().enumerate() {
+                    let Ok(import) = import else { continue };
+                    if import.module != WASI_P1 {
+                        errors.push(FieldError::new(
+                            format!("package.imports[{i}]"),
+                            "wasi_preview1_only",
+                            format!(
+                                "imports {}.{}; only functions of {WASI_P1} may be imported",
+                                import.module, import.name
+                            ),
+                        ));
+                    } else if !matches!(import.ty, TypeRef::Func(_) | TypeRef::FuncExact(_)) {
+                        errors.push(FieldError::new(
+                            format!("package.imports[{i}]"),
+                            "wasi_preview1_only",
+                            format!(
+                                "imports {}.{} as a non-function; only functions may be imported",
+                                import.module, import.name
+                            ),
+                        ));
+                    }
+                }
+            }
+            Payload::ExportSection(reader) => {
+                has_start |= reader.into_iter().flatten().any(|e| e.name == "_start" && e.kind == ExternalKind::Func);
+            }
+            _ => {}
+        }
+    }
+    if !has_start {
+        errors.push(FieldError::new("package.exports", "start_required", "the module must export a function `_start`"));
+    }
+    if errors.is_empty() { Ok(()) } else { Err(errors) }
+}
+
+/// Whether an archive member's path stays inside the package directory.
+fn safe_member(path: &Path) -> bool {
+    path.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+}
+
+fn normalized(path: &Path) -> String {
+    path.components()
+        .filter_map(|c| match c {
+            Component::Normal(s) => Some(s.to_string_lossy().into_owned()),
+            _ => None,
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+fn check_entry(found: Option<(bool, Option<u32>)>, entry: &str) -> Result<(), Vec<FieldError>> {
+    match found {
+        None => Err(invalid(
+            "package.entry",
+            "entry_missing",
+            format!("the archive has no file {entry:?} (the function's entry)"),
+        )),
+        Some((false, _)) => Err(invalid("package.entry", "entry_not_file", format!("{entry:?} is not a regular file"))),
+        Some((true, Some(mode))) if mode & 0o111 == 0 => Err(invalid(
+            "package.entry",
+            "entry_not_executable",
+            format!("{entry:?} is not executable (mode {mode:o})"),
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
+fn validate_zip(file: std::fs::File, entry: &str) -> Result<(), Vec<FieldError>> {
+    let mut archive = zip::ZipArchive::new(std::io::BufReader::new(file))
+        .map_err(|e| invalid("package", "archive_invalid", format!("not a readable zip archive: {e}")))?;
+    if archive.len() > MAX_ARCHIVE_MEMBERS {
+        return Err(invalid("package", "too_many_members", format!("at most {MAX_ARCHIVE_MEMBERS} archive members")));
+    }
+    let want = normalized(Path::new(entry));
+    let mut found = None;
+    for i in 0..archive.len() {
+        let member = archive
+            .by_index_raw(i)
+            .map_err(|e| invalid("package", "archive_invalid", format!("member {i} unreadable: {e}")))?;
+        let name = member
+            .name()
+            .map_err(|e| invalid("package", "archive_invalid", format!("member {i} has an unreadable name: {e}")))?
+            .into_owned();
+        let path = Path::new(&name);
+        if !safe_member(path) {
+            return Err(invalid("package", "unsafe_path", format!("member {name:?} leaves the package directory")));
+        }
+        if normalized(path) == want {
+            found = Some((member.is_file() && !member.is_symlink(), member.unix_mode()));
+        }
+    }
+    check_entry(found, entry)
+}
+
+fn validate_tar_gz(file: std::fs::File, entry: &str) -> Result<(), Vec<FieldError>> {
+    let gz = flate2::read::GzDecoder::new(std::io::BufReader::new(file));
+    let mut archive = tar::Archive::new(gz.take(MAX_UNPACKED_BYTES));
+    let bad =
+        |e: std::io::Error| invalid("package", "archive_invalid", format!("not a readable gzip tar archive: {e}"));
+    let want = normalized(Path::new(entry));
+    let mut found = None;
+    for (i, member) in archive.entries().map_err(bad)?.enumerate() {
+        if i >= MAX_ARCHIVE_MEMBERS {
+            return Err(invalid(
+                "package",
+                "too_many_members",
+                format!("at most {MAX_ARCHIVE_MEMBERS} archive members"),
+            ));
+        }
+        let member = member.map_err(bad)?;
+        let path = member.path().map_err(bad)?.into_owned();
+        if !safe_member(&path) {
+            return Err(invalid(
+                "package",
+                "unsafe_path",
+                format!("member {:?} leaves the package directory", path.display()),
+            ));
+        }
+        if normalized(&path) == want {
+            let header = member.header();
+            found = Some((header.entry_type().is_file(), header.mode().ok()));
+        }
+    }
+    check_entry(found, entry)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wasm(text: &str) -> Vec<u8> {
+        wat::parse_str(text).unwrap()
+    }
+
+    fn rules(r: Result<(), Vec<FieldError>>) -> Vec<(String, String)> {
+        r.unwrap_err().into_iter().map(|e| (e.field, e.rule)).collect()
+    }
+
+    #[test]
+    fn a_wasi_command_is_accepted() {
+        let ok = wasm(
+            r#"(module
+                 (import "wasi_snapshot_preview1" "fd_write" (func (param i32 i32 i32 i32) (result i32)))
+                 (memory (export "memory") 1)
+                 (func (export "_start")))"#,
+        );
+        assert_eq!(validate_wasm(&ok), Ok(()));
+    }
+
+    #[test]
+    fn wasm_without_start_or_with_foreign_imports_is_refused_naming_each_problem() {
+        let bad = wasm(
+            r#"(module
+                 (import "env" "host_call" (func))
+                 (import "wasi_snapshot_preview1" "fd_write" (func (param i32 i32 i32 i32) (result i32)))
+                 (import "wasi_snapshot_preview1" "mem" (memory 1))
+                 (func (export "main")))"#,
+        );
+        assert_eq!(
+            rules(validate_wasm(&bad)),
+            vec![
+                ("package.imports[0]".into(), "wasi_preview1_only".into()),
+                ("package.imports[2]".into(), "wasi_preview1_only".into()),
+                ("package.exports".into(), "start_required".into()),
+            ]
+        );
+        // `_start` exported as something other than a function does not count.
+        let global = wasm(r#"(module (global (export "_start") i32 (i32.const 0)))"#);
+        assert_eq!(rules(validate_wasm(&global)), vec![("package.exports".into(), "start_required".into())]);
+    }
+
+    #[test]
+    fn garbage_and_broken_modules_are_refused() {
+        assert_eq!(rules(validate_wasm(b"not wasm at all")), vec![("package".into(), "wasm_invalid".into())]);
+        let mut truncated = wasm(r#"(module (func (export "_start")))"#);
+        truncated.truncate(truncated.len() - 3);
+        assert_eq!(rules(validate_wasm(&truncated)), vec![("package".into(), "wasm_invalid".into())]);
+        // Type error inside a function body: parses, but does not validate.
+        let ill_typed = wasm(r#"(module (func (export "_start") (drop (i32.add (i32.const 1) (f64.const 2)))))"#);
+        assert_eq!(rules(validate_wasm(&ill_typed)), vec![("package".into(), "wasm_invalid".into())]);
+        let component = b"\0asm\x0d\0\x01\0";
+        assert_eq!(rules(validate_wasm(component)), vec![("package".into(), "wasm_invalid".into())]);
+    }
+
+    fn tar_gz(members: &[(&str, u32, &[u8])]) -> Vec<u8> {
+        let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+        for (path, mode, data) in members {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(data.len() as u64);
+            header.set_mode(*mode);
+            header.set_entry_type(tar::EntryType::Regular);
+            // `append_data` refuses `..`; write the raw name to test hostile archives too.
+            header.as_gnu_mut().unwrap().name[..path.len()].copy_from_slice(path.as_bytes());
+            header.set_cksum();
+            builder.append(&header, *data).unwrap();
+        }
+        builder.into_inner().unwrap().finish().unwrap()
+    }
+
+    fn check_tar(members: &[(&str, u32, &[u8])], entry: &str) -> Result<(), Vec<FieldError>> {
+        let path = std::env::temp_dir().join(format!("nimbus-tgz-{}", uuid::Uuid::now_v7().simple()));
+        std::fs::write(&path, tar_gz(members)).unwrap();
+        let r = validate(&path, Format::TarGz, Some(entry));
+        let _ = std::fs::remove_file(path);
+        r
+    }
+
+    #[test]
+    fn tarballs_must_hold_the_executable_entry_and_stay_inside() {
+        assert_eq!(check_tar(&[("bin/handler", 0o755, b"#!/bin/sh\n")], "bin/handler"), Ok(()));
+        assert_eq!(check_tar(&[("./bin/handler", 0o755, b"x")], "bin/handler"), Ok(()));
+        assert_eq!(
+            rules(check_tar(&[("bin/other", 0o755, b"x")], "bin/handler")),
+            vec![("package.entry".into(), "entry_missing".into())]
+        );
+        assert_eq!(
+            rules(check_tar(&[("bin/handler", 0o644, b"x")], "bin/handler")),
+            vec![("package.entry".into(), "entry_not_executable".into())]
+        );
+        assert_eq!(
+            rules(check_tar(&[("../escape", 0o755, b"x"), ("bin/handler", 0o755, b"x")], "bin/handler")),
+            vec![("package".into(), "unsafe_path".into())]
+        );
+        let path = std::env::temp_dir().join(format!("nimbus-tgz-{}", uuid::Uuid::now_v7().simple()));
+        std::fs::write(&path, b"\x1f\x8b garbage").unwrap();
+        assert_eq!(
+            rules(validate(&path, Format::TarGz, Some("x"))),
+            vec![("package".into(), "archive_invalid".into())]
+        );
+        let _ = std::fs::remove_file(path);
+    }
+
+    fn zip(members: &[(&str, u32)]) -> Vec<u8> {
+        use std::io::Write;
+        let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        for (name, mode) in members {
+            let options = zip::write::SimpleFileOptions::default()
+                .compression_method(zip::CompressionMethod::Stored)
+                .unix_permissions(*mode);
+            w.start_file(*name, options).unwrap();
+            w.write_all(b"#!/bin/sh\necho hi\n").unwrap();
+        }
+        w.finish().unwrap().into_inner()
+    }
+
+    fn check_zip(bytes: &[u8], entry: &str) -> Result<(), Vec<FieldError>> {
+        let path = std::env::temp_dir().join(format!("nimbus-zip-{}", uuid::Uuid::now_v7().simple()));
+        std::fs::write(&path, bytes).unwrap();
+        let r = validate(&path, Format::Zip, Some(entry));
+        let _ = std::fs::remove_file(path);
+        r
+    }
+
+    #[test]
+    fn zips_must_hold_the_executable_entry_and_stay_inside() {
+        assert_eq!(check_zip(&zip(&[("handler", 0o755)]), "handler"), Ok(()));
+        assert_eq!(
+            rules(check_zip(&zip(&[("handler", 0o644)]), "handler")),
+            vec![("package.entry".into(), "entry_not_executable".into())]
+        );
+        assert_eq!(
+            rules(check_zip(&zip(&[("lib/x", 0o755)]), "handler")),
+            vec![("package.entry".into(), "entry_missing".into())]
+        );
+        assert_eq!(
+            rules(check_zip(&zip(&[("/etc/cron.d/x", 0o755), ("handler", 0o755)]), "handler")),
+            vec![("package".into(), "unsafe_path".into())]
+        );
+        assert_eq!(
+            rules(check_zip(b"PK\x05\x06 not really", "handler")),
+            vec![("package".into(), "archive_invalid".into())]
+        );
+    }
+
+    #[test]
+    fn entry_must_match_the_runtime() {
+        let path = std::env::temp_dir().join(format!("nimbus-zip-{}", uuid::Uuid::now_v7().simple()));
+        std::fs::write(&path, b"PK\x05\x06 not really").unwrap();
+        assert_eq!(rules(validate(&path, Format::Zip, None)), vec![("content-type".into(), "runtime_mismatch".into())]);
+        assert_eq!(
+            rules(validate(&path, Format::Wasm, Some("handler"))),
+            vec![("content-type".into(), "runtime_mismatch".into())]
+        );
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn media_types_map_to_formats() {
+        assert_eq!(Format::from_media_type("application/wasm"), Some(Format::Wasm));
+        assert_eq!(Format::from_media_type("Application/Zip; charset=binary"), Some(Format::Zip));
+        assert_eq!(Format::from_media_type("application/gzip"), Some(Format::TarGz));
+        assert_eq!(Format::from_media_type("application/json"), None);
+    }
+}

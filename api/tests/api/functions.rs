@@ -1,0 +1,514 @@
+//! Functions, packages, versions and aliases through the API, with the local package store.
+
+use axum::{
+    body::Body,
+    http::{Method, StatusCode},
+};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::helpers::{TestApp, TestResponse, User, spawn_app, spawn_app_with};
+
+/// A minimal WASI command: exports `_start`, imports one WASI function. `tag` changes the bytes.
+pub fn wasm_module(tag: i32) -> Vec<u8> {
+    wat::parse_str(format!(
+        r#"(module
+             (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+             (memory (export "memory") 1)
+             (func (export "_start") (call $exit (i32.const {tag}))))"#
+    ))
+    .unwrap()
+}
+
+/// A gzip tarball with one executable file at `path`.
+pub fn tarball(path: &str) -> Vec<u8> {
+    let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+    let data = b"#!/bin/sh\necho hello\n";
+    let mut header = tar::Header::new_gnu();
+    header.set_size(data.len() as u64);
+    header.set_mode(0o755);
+    builder.append_data(&mut header, path, &data[..]).unwrap();
+    builder.into_inner().unwrap().finish().unwrap()
+}
+
+pub fn functions_path(tenant: Uuid) -> String {
+    format!("/v1/tenants/{tenant}/functions")
+}
+
+pub async fn create_function(app: &TestApp, user: &User, body: Value) -> TestResponse {
+    app.post(&functions_path(user.tenant)).token(&user.token).json(body).send().await
+}
+
+pub async fn upload(app: &TestApp, user: &User, name: &str, content_type: &str, bytes: Vec<u8>) -> TestResponse {
+    app.req(Method::PUT, &format!("{}/{name}/code", functions_path(user.tenant)))
+        .token(&user.token)
+        .raw(content_type, bytes)
+        .send()
+        .await
+}
+
+pub async fn publish(app: &TestApp, user: &User, name: &str) -> TestResponse {
+    app.post(&format!("{}/{name}/versions", functions_path(user.tenant)))
+        .token(&user.token)
+        .json(json!({}))
+        .send()
+        .await
+}
+
+fn files_under(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|it| it.flatten().map(|e| if e.path().is_dir() { files_under(&e.path()) } else { 1 }).sum())
+        .unwrap_or(0)
+}
+
+async fn count(app: &TestApp, table: &str) -> i64 {
+    let mut c = app.admin_conn().await;
+    sqlx::query_scalar(&format!("SELECT count(*) FROM {table}")).fetch_one(&mut c).await.unwrap()
+}
+
+#[tokio::test]
+async fn functions_are_created_read_updated_with_etags_and_deleted() {
+    let app = spawn_app().await;
+    let owner = app.sign_up("owner@example.com", "acme").await;
+    let res = create_function(
+        &app,
+        &owner,
+        json!({"name": "thumbs", "runtime": "wasm", "memory_mb": 256, "tags": {"team": "media"},
+               "environment": {"LOG_LEVEL": {"value": "info"}}}),
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::CREATED, "{}", res.text);
+    let etag = res.headers["etag"].to_str().unwrap().to_owned();
+    assert_eq!(res.body["etag"], etag.as_str());
+    assert_eq!(res.body["memory_mb"], 256);
+    assert_eq!(res.body["timeout_ms"], 10_000, "defaults apply");
+    assert_eq!(res.body["package"], Value::Null);
+    assert_eq!(res.body["environment"]["LOG_LEVEL"], json!({"value": "info", "secret": false, "set": true}));
+
+    let path = format!("{}/thumbs", functions_path(owner.tenant));
+    let got = app.get(&path).token(&owner.token).send().await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.headers["etag"].to_str().unwrap(), etag);
+
+    // Without If-Match: 428. With a stale ETag: 412, and nothing changes.
+    app.patch(&path)
+        .token(&owner.token)
+        .json(json!({"memory_mb": 512}))
+        .send()
+        .await
+        .assert_problem(StatusCode::PRECONDITION_REQUIRED, "precondition_required");
+    let ok =
+        app.patch(&path).token(&owner.token).header("if-match", &etag).json(json!({"memory_mb": 512})).send().await;
+    assert_eq!(ok.status, StatusCode::OK, "{}", ok.text);
+    let newer = ok.headers["etag"].to_str().unwrap().to_owned();
+    assert_ne!(newer, etag);
+    let stale =
+        app.patch(&path).token(&owner.token).header("if-match", &etag).json(json!({"memory_mb": 1024})).send().await;
+    stale.assert_problem(StatusCode::PRECONDITION_FAILED, "precondition_failed");
+    let now = app.get(&path).token(&owner.token).send().await;
+    assert_eq!(now.body["memory_mb"], 512, "the stale update changed nothing");
+    // `*` matches whatever is current; null clears an optional field.
+    let star = app
+        .patch(&path)
+        .token(&owner.token)
+        .header("if-match", "*")
+        .json(json!({"reserved_concurrency": 5}))
+        .send()
+        .await;
+    assert_eq!(star.body["reserved_concurrency"], 5, "{}", star.text);
+    let cleared = app
+        .patch(&path)
+        .token(&owner.token)
+        .header("if-match", "*")
+        .json(json!({"reserved_concurrency": null}))
+        .send()
+        .await;
+    assert_eq!(cleared.body["reserved_concurrency"], Value::Null, "{}", cleared.text);
+
+    // Invalid fields are all named; the name is unique per tenant.
+    let bad = create_function(
+        &app,
+        &owner,
+        json!({"name": "bad", "runtime": "process", "memory_mb": 1, "min_scale": 3, "max_scale": 1,
+               "environment": {"NIMBUS_X": {"value": "1"}}}),
+    )
+    .await;
+    bad.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+    let fields: Vec<&str> =
+        bad.body["errors"].as_array().unwrap().iter().map(|e| e["field"].as_str().unwrap()).collect();
+    assert_eq!(fields, ["memory_mb", "min_scale", "entry", "environment.NIMBUS_X"], "{}", bad.text);
+    create_function(&app, &owner, json!({"name": "thumbs", "runtime": "wasm"}))
+        .await
+        .assert_problem(StatusCode::CONFLICT, "function_name_taken");
+    create_function(&app, &owner, json!({"name": "Thumbs", "runtime": "wasm"}))
+        .await
+        .assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+
+    let list = app.get(&functions_path(owner.tenant)).token(&owner.token).send().await;
+    assert_eq!(list.body["items"].as_array().unwrap().len(), 1);
+
+    // A viewer reads but cannot change.
+    let viewer = app.sign_up("viewer@example.com", "viewers").await;
+    app.add_member(&owner, owner.tenant, &viewer, "viewer").await;
+    assert_eq!(app.get(&path).token(&viewer.token).send().await.status, StatusCode::OK);
+    let denied = app.delete(&path).token(&viewer.token).send().await;
+    denied.assert_problem(StatusCode::FORBIDDEN, "forbidden");
+    assert_eq!(denied.body["action"], "functions:DeleteFunction");
+
+    assert_eq!(app.delete(&path).token(&owner.token).send().await.status, StatusCode::NO_CONTENT);
+    app.get(&path).token(&owner.token).send().await.assert_problem(StatusCode::NOT_FOUND, "not_found");
+    let actions: Vec<String> = app.audit_actions(Some(owner.tenant)).await.into_iter().map(|(a, _)| a).collect();
+    for a in ["functions:CreateFunction", "functions:UpdateFunction", "functions:DeleteFunction"] {
+        assert!(actions.iter().any(|x| x == a), "{a} audited: {actions:?}");
+    }
+}
+
+#[tokio::test]
+async fn upload_dedupe_publish_alias_and_weights() {
+    let app = spawn_app().await;
+    let owner = app.sign_up("owner@example.com", "acme").await;
+    for name in ["api", "worker"] {
+        let res = create_function(&app, &owner, json!({"name": name, "runtime": "wasm"})).await;
+        assert_eq!(res.status, StatusCode::CREATED, "{}", res.text);
+    }
+    let first = upload(&app, &owner, "api", "application/wasm", wasm_module(1)).await;
+    assert_eq!(first.status, StatusCode::CREATED, "{}", first.text);
+    assert_eq!(first.body["deduplicated"], false);
+    let sha = first.body["package"]["sha256"].as_str().unwrap().to_owned();
+    assert_eq!(sha, nimbus_api::store::hex(ring::digest::digest(&ring::digest::SHA256, &wasm_module(1)).as_ref()));
+    // Same bytes again: the same package, nothing stored twice.
+    let again = upload(&app, &owner, "api", "application/wasm", wasm_module(1)).await;
+    assert_eq!(again.status, StatusCode::OK, "{}", again.text);
+    assert_eq!(again.body["deduplicated"], true);
+    assert_eq!(again.body["package"]["id"], first.body["package"]["id"]);
+    // Another function, same bytes: its own package row, the object is shared.
+    let other = upload(&app, &owner, "worker", "application/wasm", wasm_module(1)).await;
+    assert_eq!(other.status, StatusCode::CREATED);
+    assert_eq!(other.body["deduplicated"], true);
+    assert_ne!(other.body["package"]["id"], first.body["package"]["id"]);
+    assert_eq!(files_under(&app.package_dir.join("sha256")), 1);
+    assert_eq!(files_under(&app.package_dir.join("tmp")), 0);
+
+    let base = format!("{}/api", functions_path(owner.tenant));
+    let fun = app.get(&base).token(&owner.token).send().await;
+    assert_eq!(fun.body["package"]["sha256"], sha.as_str());
+
+    let v1 = publish(&app, &owner, "api").await;
+    assert_eq!(v1.status, StatusCode::CREATED, "{}", v1.text);
+    assert_eq!(v1.body["number"], 1);
+    assert_eq!(v1.body["package"]["sha256"], sha.as_str());
+    assert_eq!(v1.body["published_by"], owner.id.to_string());
+    assert_eq!(v1.body["published_via"], "user");
+    upload(&app, &owner, "api", "application/wasm", wasm_module(2)).await;
+    let v2 = publish(&app, &owner, "api").await;
+    assert_eq!(v2.body["number"], 2);
+    assert_ne!(v2.body["package"]["sha256"], sha.as_str());
+    // Versions are frozen: changing the function does not change them.
+    app.patch(&base).token(&owner.token).header("if-match", "*").json(json!({"memory_mb": 2048})).send().await;
+    let v1_again = app.get(&format!("{base}/versions/1")).token(&owner.token).send().await;
+    assert_eq!(v1_again.body["config"]["memory_mb"], 128);
+    assert_eq!(v1_again.body["package"]["sha256"], sha.as_str());
+
+    let aliases = format!("{base}/aliases");
+    let live = app
+        .post(&aliases)
+        .token(&owner.token)
+        .json(json!({"name": "live", "routing": {"weights": [{"version": 1, "weight": 100}]}}))
+        .send()
+        .await;
+    assert_eq!(live.status, StatusCode::CREATED, "{}", live.text);
+    let etag = live.headers["etag"].to_str().unwrap().to_owned();
+    let routing = json!({"weights": [{"version": 1, "weight": 90}, {"version": 2, "weight": 10}], "sticky": true,
+                         "header_rules": [{"header": "X-Canary", "value": "1", "version": 2}]});
+    let updated = app
+        .req(Method::PUT, &format!("{aliases}/live"))
+        .token(&owner.token)
+        .header("if-match", &etag)
+        .json(json!({"routing": routing}))
+        .send()
+        .await;
+    assert_eq!(updated.status, StatusCode::OK, "{}", updated.text);
+    assert_eq!(updated.body["routing"]["weights"][1], json!({"version": 2, "weight": 10}));
+    assert_eq!(updated.body["routing"]["header_rules"][0]["header"], "x-canary", "header names are stored lowercase");
+    // The old ETag is stale now.
+    app.req(Method::PUT, &format!("{aliases}/live"))
+        .token(&owner.token)
+        .header("if-match", &etag)
+        .json(json!({"routing": {"weights": [{"version": 2, "weight": 100}]}}))
+        .send()
+        .await
+        .assert_problem(StatusCode::PRECONDITION_FAILED, "precondition_failed");
+    // Weights must sum to 100 and name existing versions.
+    let bad = app
+        .req(Method::PUT, &format!("{aliases}/live"))
+        .token(&owner.token)
+        .header("if-match", "*")
+        .json(json!({"routing": {"weights": [{"version": 1, "weight": 50}, {"version": 9, "weight": 40}]}}))
+        .send()
+        .await;
+    bad.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+    assert_eq!(bad.body["errors"][0]["field"], "routing.weights", "{}", bad.text);
+    let missing = app
+        .req(Method::PUT, &format!("{aliases}/live"))
+        .token(&owner.token)
+        .header("if-match", "*")
+        .json(json!({"routing": {"weights": [{"version": 9, "weight": 100}]}}))
+        .send()
+        .await;
+    missing.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+    assert_eq!(missing.body["errors"][0]["field"], "routing.weights[0].version");
+    app.post(&aliases)
+        .token(&owner.token)
+        .json(json!({"name": "7", "routing": {"weights": [{"version": 1, "weight": 100}]}}))
+        .send()
+        .await
+        .assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+
+    // A routed version cannot be deleted; an unrouted one can, and its number is not reused.
+    app.delete(&format!("{base}/versions/2"))
+        .token(&owner.token)
+        .send()
+        .await
+        .assert_problem(StatusCode::CONFLICT, "version_in_use");
+    let events = app.get(&format!("{aliases}/live/events")).token(&owner.token).send().await;
+    let items = events.body["items"].as_array().unwrap();
+    assert_eq!(items.len(), 2, "{}", events.text);
+    assert_eq!(items[0]["from_routing"], Value::Null);
+    assert_eq!(items[0]["to_routing"]["weights"][0]["weight"], 100);
+    assert_eq!(items[1]["from_routing"]["weights"][0]["weight"], 100);
+    assert_eq!(items[1]["to_routing"]["weights"][0]["weight"], 90);
+    assert_eq!(items[1]["actor_id"], owner.id.to_string());
+    assert_eq!(items[1]["source"], "api");
+
+    let now = app.get(&format!("{aliases}/live")).token(&owner.token).send().await;
+    let etag = now.headers["etag"].to_str().unwrap().to_owned();
+    app.req(Method::PUT, &format!("{aliases}/live"))
+        .token(&owner.token)
+        .header("if-match", &etag)
+        .json(json!({"routing": {"weights": [{"version": 1, "weight": 100}]}}))
+        .send()
+        .await;
+    assert_eq!(
+        app.delete(&format!("{base}/versions/2")).token(&owner.token).send().await.status,
+        StatusCode::NO_CONTENT
+    );
+    let v3 = publish(&app, &owner, "api").await;
+    assert_eq!(v3.body["number"], 3, "numbers are never reused");
+    let list = app.get(&format!("{base}/versions")).token(&owner.token).send().await;
+    let numbers: Vec<i64> =
+        list.body["items"].as_array().unwrap().iter().map(|v| v["number"].as_i64().unwrap()).collect();
+    assert_eq!(numbers, [1, 3]);
+
+    // Deleting the alias is an event too, and the history stays.
+    assert_eq!(app.delete(&format!("{aliases}/live")).token(&owner.token).send().await.status, StatusCode::NO_CONTENT);
+    let events = app.get(&format!("{aliases}/live/events")).token(&owner.token).send().await;
+    let items = events.body["items"].as_array().unwrap();
+    assert_eq!(items.len(), 4);
+    assert_eq!(items[3]["to_routing"], Value::Null);
+
+    // Switching back to an earlier package of the function.
+    let first_id = first.body["package"]["id"].as_str().unwrap();
+    let back =
+        app.patch(&base).token(&owner.token).header("if-match", "*").json(json!({"package_id": first_id})).send().await;
+    assert_eq!(back.body["package"]["sha256"], sha.as_str(), "{}", back.text);
+    let packages = app.get(&format!("{base}/packages")).token(&owner.token).send().await;
+    assert_eq!(packages.body["items"].as_array().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn versions_are_immutable_in_the_database() {
+    let app = spawn_app().await;
+    let owner = app.sign_up("owner@example.com", "acme").await;
+    create_function(&app, &owner, json!({"name": "api", "runtime": "wasm"})).await;
+    upload(&app, &owner, "api", "application/wasm", wasm_module(1)).await;
+    publish(&app, &owner, "api").await;
+    let mut tx = nimbus_api::db::begin(&app.state.pool, &nimbus_api::db::Scope::tenant(owner.tenant, Some(owner.id)))
+        .await
+        .unwrap();
+    let err = sqlx::query("UPDATE versions SET description = 'rewritten'").execute(&mut *tx).await.unwrap_err();
+    assert!(err.to_string().contains("permission denied"), "{err}");
+}
+
+#[tokio::test]
+async fn publishing_needs_code() {
+    let app = spawn_app().await;
+    let owner = app.sign_up("owner@example.com", "acme").await;
+    create_function(&app, &owner, json!({"name": "api", "runtime": "wasm"})).await;
+    publish(&app, &owner, "api").await.assert_problem(StatusCode::CONFLICT, "no_code");
+}
+
+#[tokio::test]
+async fn invalid_packages_are_refused_naming_the_problem_and_leave_nothing() {
+    let app = spawn_app().await;
+    let owner = app.sign_up("owner@example.com", "acme").await;
+    create_function(&app, &owner, json!({"name": "api", "runtime": "wasm"})).await;
+    let no_start = wat::parse_str(r#"(module (import "env" "f" (func)) (func (export "main")))"#).unwrap();
+    let res = upload(&app, &owner, "api", "application/wasm", no_start).await;
+    res.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "invalid_package");
+    let rules: Vec<(&str, &str)> = res.body["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["field"].as_str().unwrap(), e["rule"].as_str().unwrap()))
+        .collect();
+    assert_eq!(rules, [("package.imports[0]", "wasi_preview1_only"), ("package.exports", "start_required")]);
+    upload(&app, &owner, "api", "application/wasm", b"garbage".to_vec())
+        .await
+        .assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "invalid_package");
+    // The media type must fit the runtime.
+    upload(&app, &owner, "api", "application/zip", wasm_module(1))
+        .await
+        .assert_problem(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type");
+
+    // Process packages must hold their entry.
+    create_function(&app, &owner, json!({"name": "native", "runtime": "process", "entry": "bin/handler"})).await;
+    let res = upload(&app, &owner, "native", "application/gzip", tarball("bin/other")).await;
+    res.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "invalid_package");
+    assert_eq!(res.body["errors"][0]["rule"], "entry_missing");
+
+    assert_eq!(files_under(&app.package_dir), 0, "nothing stored, no spool file left");
+    assert_eq!(count(&app, "packages").await, 0);
+    let fun = app.get(&format!("{}/api", functions_path(owner.tenant))).token(&owner.token).send().await;
+    assert_eq!(fun.body["package"], Value::Null);
+
+    let ok = upload(&app, &owner, "native", "application/gzip", tarball("bin/handler")).await;
+    assert_eq!(ok.status, StatusCode::CREATED, "{}", ok.text);
+    assert_eq!(ok.body["package"]["format"], "tar.gz");
+}
+
+#[tokio::test]
+async fn oversize_packages_get_413_and_leave_nothing() {
+    let app = spawn_app_with(&["--max-package-bytes=2048"]).await;
+    let owner = app.sign_up("owner@example.com", "acme").await;
+    create_function(&app, &owner, json!({"name": "api", "runtime": "wasm"})).await;
+    // Declared too large: refused before reading.
+    upload(&app, &owner, "api", "application/wasm", vec![0u8; 4096])
+        .await
+        .assert_problem(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
+    // Streamed without a length: refused once the limit is passed.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = (0..8).map(|_| Ok(vec![0u8; 1024])).collect();
+    let res = app
+        .req(Method::PUT, &format!("{}/api/code", functions_path(owner.tenant)))
+        .token(&owner.token)
+        .raw("application/wasm", Body::from_stream(futures_util::stream::iter(chunks)))
+        .send()
+        .await;
+    res.assert_problem(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
+    assert_eq!(files_under(&app.package_dir), 0);
+    assert_eq!(count(&app, "packages").await, 0);
+}
+
+#[tokio::test]
+async fn functions_versions_aliases_and_packages_of_another_tenant_are_out_of_reach() {
+    let app = spawn_app().await;
+    let a = app.sign_up("a@example.com", "tenant-a").await;
+    let b = app.sign_up("b@example.com", "tenant-b").await;
+    create_function(&app, &a, json!({"name": "api", "runtime": "wasm"})).await;
+    let up = upload(&app, &a, "api", "application/wasm", wasm_module(1)).await;
+    let a_package = up.body["package"]["id"].as_str().unwrap().to_owned();
+    publish(&app, &a, "api").await;
+    app.post(&format!("{}/api/aliases", functions_path(a.tenant)))
+        .token(&a.token)
+        .json(json!({"name": "live", "routing": {"weights": [{"version": 1, "weight": 100}]}}))
+        .send()
+        .await;
+
+    // B, with its own token, on A's paths.
+    let base = format!("{}/api", functions_path(a.tenant));
+    for path in [
+        base.clone(),
+        format!("{base}/versions"),
+        format!("{base}/versions/1"),
+        format!("{base}/aliases/live"),
+        format!("{base}/aliases/live/events"),
+        format!("{base}/packages"),
+        format!("{base}/packages/{a_package}"),
+    ] {
+        app.get(&path).token(&b.token).send().await.assert_problem(StatusCode::NOT_FOUND, "not_found");
+    }
+    app.delete(&format!("{base}/versions/1"))
+        .token(&b.token)
+        .send()
+        .await
+        .assert_problem(StatusCode::NOT_FOUND, "not_found");
+    let res = app
+        .req(Method::PUT, &format!("{base}/code"))
+        .token(&b.token)
+        .raw("application/wasm", wasm_module(3))
+        .send()
+        .await;
+    res.assert_problem(StatusCode::NOT_FOUND, "not_found");
+
+    // B uploads the very same bytes: a package of its own, never A's.
+    create_function(&app, &b, json!({"name": "api", "runtime": "wasm"})).await;
+    let mine = upload(&app, &b, "api", "application/wasm", wasm_module(1)).await;
+    assert_eq!(mine.body["deduplicated"], true);
+    assert_ne!(mine.body["package"]["id"], a_package.as_str());
+    // And cannot point its function at A's package, though the SHA-256 is the same.
+    app.patch(&format!("{}/api", functions_path(b.tenant)))
+        .token(&b.token)
+        .header("if-match", "*")
+        .json(json!({"package_id": a_package}))
+        .send()
+        .await
+        .assert_problem(StatusCode::NOT_FOUND, "not_found");
+    // Nor read it through its own function's path.
+    app.get(&format!("{}/api/packages/{a_package}", functions_path(b.tenant)))
+        .token(&b.token)
+        .send()
+        .await
+        .assert_problem(StatusCode::NOT_FOUND, "not_found");
+    // Its alias can only name its own versions (it has none).
+    app.post(&format!("{}/api/aliases", functions_path(b.tenant)))
+        .token(&b.token)
+        .json(json!({"name": "live", "routing": {"weights": [{"version": 1, "weight": 100}]}}))
+        .send()
+        .await
+        .assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+    // A's function is untouched.
+    let fun = app.get(&base).token(&a.token).send().await;
+    assert_eq!(fun.body["package"]["id"], a_package.as_str());
+}
+
+#[tokio::test]
+async fn secret_values_are_sealed_and_never_returned() {
+    let app = spawn_app().await;
+    let owner = app.sign_up("owner@example.com", "acme").await;
+    let secret = "hunter2-correct-horse";
+    let res = create_function(
+        &app,
+        &owner,
+        json!({"name": "api", "runtime": "wasm", "environment": {"DB_PASSWORD": {"value": secret, "secret": true}}}),
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::CREATED, "{}", res.text);
+    assert!(!res.text.contains(secret));
+    assert_eq!(res.body["environment"]["DB_PASSWORD"], json!({"secret": true, "set": true}));
+    let path = format!("{}/api", functions_path(owner.tenant));
+    // An update that names the secret without a value keeps it.
+    let kept = app
+        .patch(&path)
+        .token(&owner.token)
+        .header("if-match", "*")
+        .json(json!({"environment": {"DB_PASSWORD": {"secret": true}, "MODE": {"value": "prod"}}}))
+        .send()
+        .await;
+    assert_eq!(kept.body["environment"]["DB_PASSWORD"], json!({"secret": true, "set": true}), "{}", kept.text);
+    upload(&app, &owner, "api", "application/wasm", wasm_module(1)).await;
+    let v = publish(&app, &owner, "api").await;
+    let audit = app.get(&format!("/v1/tenants/{}/audit-log", owner.tenant)).token(&owner.token).send().await;
+    for text in [&kept.text, &v.text, &audit.text, &app.get(&path).token(&owner.token).send().await.text] {
+        assert!(!text.contains(secret), "secret leaked: {text}");
+    }
+    // At rest it is sealed, in the function and in the version.
+    let mut c = app.admin_conn().await;
+    let stored: Vec<String> = sqlx::query_scalar(
+        "SELECT environment::text FROM functions UNION ALL SELECT config::text FROM versions UNION ALL \
+         SELECT details::text FROM audit_log",
+    )
+    .fetch_all(&mut c)
+    .await
+    .unwrap();
+    assert!(stored.iter().any(|s| s.contains("key_id")), "{stored:?}");
+    assert!(stored.iter().all(|s| !s.contains(secret)), "{stored:?}");
+}
