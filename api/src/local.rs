@@ -12,7 +12,7 @@ use anyhow::{Context, bail};
 use crate::{
     auth::session::{self, SignUpRequest},
     auth::{RequestContext, secret},
-    config::LocalArgs,
+    config::{LocalArgs, Secret},
     names::{DisplayName, Email, Name, NewPassword},
     startup::{Application, shutdown_signal},
 };
@@ -170,7 +170,14 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
 }
 
 async fn serve(args: &LocalArgs, url: &str, app_url: Option<&str>) -> anyhow::Result<()> {
-    let app = Application::build(url, app_url, 8, args.server.clone()).await?;
+    let mut settings = args.server.clone();
+    if settings.package_dir.is_none() && settings.s3_bucket.is_none() {
+        settings.package_dir = Some(args.data_dir.join("packages"));
+    }
+    if settings.secrets_keys.is_none() {
+        settings.secrets_keys = Some(Secret::new(local_secrets_key(&args.data_dir)?));
+    }
+    let app = Application::build(url, app_url, 8, settings).await?;
     let login = first_run(&app, &args.data_dir).await?;
     let base = app.public_url().to_owned();
     println!("Nimbus is running.");
@@ -216,6 +223,19 @@ async fn first_run(app: &Application, data_dir: &Path) -> anyhow::Result<(String
         .map_err(|e| anyhow::anyhow!("creating the first admin: {e}"))?;
     write_private(&pw_file, &password)?;
     Ok((ADMIN_EMAIL.to_owned(), password))
+}
+
+/// The secrets key of the local platform, generated on first use and kept in
+/// `<data dir>/secrets-key` (mode 0600), so sealed values open again on the next run.
+fn local_secrets_key(data_dir: &Path) -> anyhow::Result<String> {
+    std::fs::create_dir_all(data_dir)?;
+    let file = data_dir.join("secrets-key");
+    if let Ok(existing) = std::fs::read_to_string(&file) {
+        return Ok(existing.trim().to_owned());
+    }
+    let spec = format!("local1:{}", crate::secrets::generate_key());
+    write_private(&file, &spec)?;
+    Ok(spec)
 }
 
 fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {

@@ -98,6 +98,18 @@ impl Running {
         }
     }
 
+    /// Sends SIGTERM, waits for the exit, and returns the status with every line the process
+    /// printed (those already seen included).
+    pub fn finish(mut self) -> anyhow::Result<(std::process::ExitStatus, Vec<String>)> {
+        let st = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status()?;
+        anyhow::ensure!(st.success(), "kill -TERM failed");
+        let status = self.child.wait()?;
+        // The reader thread ends at end of output, which closes the channel.
+        let mut all = std::mem::take(&mut self.seen);
+        all.extend(self.lines.iter());
+        Ok((status, all))
+    }
+
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(mut self) -> anyhow::Result<std::process::ExitStatus> {
         let st = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status()?;

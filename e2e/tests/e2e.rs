@@ -94,6 +94,29 @@ async fn local_run_starts_a_private_postgres_and_prints_a_working_login() {
 
     let page = sign_in_through_the_console(&base, &email, &password).await;
     assert!(page.contains("admin@nimbus.local") && page.contains("<td>default</td>"), "{page}");
+    // Code packages go to the data folder; secrets can be stored (a key was generated and kept).
+    let http = client();
+    let token = sign_in(&base, &email, &password).await;
+    let tenant = default_tenant(&base, &token).await;
+    let res = http
+        .post(format!("{base}/v1/tenants/{tenant}/functions"))
+        .bearer_auth(&token)
+        .json(&json!({"name": "hello", "runtime": "wasm", "environment": {"TOKEN": {"value": "t0ken-value", "secret": true}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201, "{:?}", res.text().await);
+    let res = http
+        .put(format!("{base}/v1/tenants/{tenant}/functions/hello/code"))
+        .bearer_auth(&token)
+        .header("content-type", "application/wasm")
+        .body(hello_wasm())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201, "{:?}", res.text().await);
+    assert_eq!(std::fs::read_dir(dir.join("packages/sha256")).unwrap().count(), 1, "stored under the data folder");
+    let key = std::fs::read_to_string(dir.join("secrets-key")).unwrap();
     assert!(run.terminate().unwrap().success());
     assert!(!dir.join("postgres/postmaster.pid").exists(), "the private PostgreSQL is stopped on exit");
 
@@ -114,5 +137,131 @@ async fn local_run_starts_a_private_postgres_and_prints_a_working_login() {
     let page = sign_in_through_the_console(&base, &email, &password).await;
     assert!(page.contains("<td>default</td>"));
     assert!(again.terminate().unwrap().success());
+    assert_eq!(std::fs::read_to_string(dir.join("secrets-key")).unwrap(), key, "the secrets key is kept");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn hello_wasm() -> Vec<u8> {
+    wat::parse_str(
+        r#"(module (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+                   (memory (export "memory") 1)
+                   (func (export "_start") (call $exit (i32.const 0))))"#,
+    )
+    .unwrap()
+}
+
+async fn sign_in(base: &str, email: &str, password: &str) -> String {
+    let res = client()
+        .post(format!("{base}/v1/auth/signin"))
+        .json(&json!({"email": email, "password": password}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let body: Value = res.json().await.unwrap();
+    body["access_token"].as_str().unwrap().to_owned()
+}
+
+async fn default_tenant(base: &str, token: &str) -> String {
+    let tenants: Value =
+        client().get(format!("{base}/v1/tenants")).bearer_auth(token).send().await.unwrap().json().await.unwrap();
+    tenants["items"][0]["id"].as_str().unwrap().to_owned()
+}
+
+/// Secret values of environment variables appear in no response and no log line, even with
+/// debug logging, across create, update, read, list, publish, the audit log and a refused request.
+#[tokio::test]
+async fn secret_values_never_appear_in_responses_or_logs() {
+    let (db, url) = fresh_database().await.unwrap();
+    let packages = std::env::temp_dir().join(format!("nimbus-e2e-pkg-{}", uuid::Uuid::now_v7().simple()));
+    let keys = "e2e:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8";
+    let env = [
+        ("DATABASE_URL", url.as_str()),
+        ("NIMBUS_LOG", "debug"),
+        ("NIMBUS_SECRETS_KEYS", keys),
+        ("NIMBUS_PACKAGE_DIR", packages.to_str().unwrap()),
+    ];
+    let mut api = Running::start(&["serve", "--listen", "127.0.0.1:0"], &env).unwrap();
+    let line = api.wait_for_line("listening on", Duration::from_secs(60)).unwrap();
+    let base = line.split("listening on ").nth(1).unwrap().trim().to_owned();
+    let http = client();
+    let res = http
+        .post(format!("{base}/v1/auth/signup"))
+        .json(&json!({"email": "s@example.com", "password": "correct horse battery", "display_name": "S", "tenant_name": "s"}))
+        .send()
+        .await
+        .unwrap();
+    let body: Value = res.json().await.unwrap();
+    let token = body["tokens"]["access_token"].as_str().unwrap().to_owned();
+    let tenant = body["tenant"]["id"].as_str().unwrap().to_owned();
+    let fns = format!("{base}/v1/tenants/{tenant}/functions");
+
+    let (first, second) = ("pa55-first-SECRET-value", "pa55-second-SECRET-value");
+    let mut bodies = Vec::new();
+    let res = http
+        .post(&fns)
+        .bearer_auth(&token)
+        .json(&json!({"name": "api", "runtime": "wasm", "environment": {"DB_PASSWORD": {"value": first, "secret": true}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    bodies.push(res.text().await.unwrap());
+    let res = http
+        .patch(format!("{fns}/api"))
+        .bearer_auth(&token)
+        .header("if-match", "*")
+        .json(&json!({"environment": {"DB_PASSWORD": {"value": second, "secret": true}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    bodies.push(res.text().await.unwrap());
+    // Refused: a reserved name carrying a secret value.
+    let res = http
+        .patch(format!("{fns}/api"))
+        .bearer_auth(&token)
+        .header("if-match", "*")
+        .json(&json!({"environment": {"NIMBUS_X": {"value": first, "secret": true}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 422);
+    bodies.push(res.text().await.unwrap());
+    let res = http
+        .put(format!("{fns}/api/code"))
+        .bearer_auth(&token)
+        .header("content-type", "application/wasm")
+        .body(hello_wasm())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    bodies.push(res.text().await.unwrap());
+    for (method, path) in [("post", "/api/versions"), ("get", "/api"), ("get", ""), ("get", "/api/versions/1")] {
+        let req = if method == "post" {
+            http.post(format!("{fns}{path}")).json(&json!({}))
+        } else {
+            http.get(format!("{fns}{path}"))
+        };
+        let res = req.bearer_auth(&token).send().await.unwrap();
+        assert!(res.status().is_success(), "{method} {path}: {}", res.status());
+        bodies.push(res.text().await.unwrap());
+    }
+    let audit = http.get(format!("{base}/v1/tenants/{tenant}/audit-log")).bearer_auth(&token).send().await.unwrap();
+    bodies.push(audit.text().await.unwrap());
+
+    let (status, lines) = api.finish().unwrap();
+    assert!(status.success());
+    assert!(lines.len() > 20 && lines.iter().any(|l| l.contains("/functions")), "debug logs were captured: {lines:?}");
+    for secret in [first, second] {
+        for b in &bodies {
+            assert!(!b.contains(secret), "a response carried the secret: {b}");
+        }
+        for l in &lines {
+            assert!(!l.contains(secret), "a log line carried the secret: {l}");
+        }
+    }
+    drop_database(&db).await;
+    let _ = std::fs::remove_dir_all(packages);
 }

@@ -22,7 +22,7 @@ use futures_util::{Stream, StreamExt};
 use tokio::io::AsyncWriteExt;
 
 pub use local::LocalStore;
-pub use s3::{PresignedPut, S3Settings, S3Store};
+pub use s3::{PresignedPut, S3Settings, S3Store, http_client};
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]

@@ -58,6 +58,16 @@ fn s3_error<E: std::error::Error + 'static>(e: E) -> StoreError {
     StoreError::S3(DisplayErrorContext(e).to_string())
 }
 
+/// The HTTP(S) client of the S3 SDK: hyper with rustls on ring (the crypto the rest of Nimbus
+/// uses already, so aws-lc is not built).
+pub fn http_client() -> aws_sdk_s3::config::SharedHttpClient {
+    aws_smithy_http_client::Builder::new()
+        .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+            aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+        ))
+        .build_https()
+}
+
 impl S3Store {
     /// A store on the configured bucket (which must exist; see [`S3Store::ensure_bucket`]).
     pub async fn open(settings: S3Settings) -> Result<Self, StoreError> {
@@ -72,17 +82,12 @@ impl S3Store {
                 })?,
             ),
         };
-        let http = aws_smithy_http_client::Builder::new()
-            .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
-                aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
-            ))
-            .build_https();
         let mut config = aws_sdk_s3::Config::builder()
             .behavior_version(BehaviorVersion::latest())
             .region(Region::new(settings.region))
             .credentials_provider(Credentials::new(id, secret, None, None, "nimbus-settings"))
             .force_path_style(settings.path_style)
-            .http_client(http);
+            .http_client(http_client());
         if let Some(endpoint) = settings.endpoint {
             config = config.endpoint_url(endpoint);
         }

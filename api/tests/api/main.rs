@@ -11,4 +11,5 @@ mod db;
 mod functions;
 mod idempotency;
 mod isolation;
+mod s3;
 mod tenants;
