@@ -90,7 +90,7 @@ mod tests {
     }
 
     async fn put(s: &LocalStore, parts: &[&[u8]], limit: u64) -> Result<(String, bool), StoreError> {
-        let spooled = crate::store::spool(s.spool_dir(), chunks(parts), limit).await?;
+        let spooled = crate::store::spool(s.spool_dir(), chunks(parts), limit, true).await?;
         let sha = spooled.sha256.clone();
         Ok((sha, s.put_spooled(spooled).await?))
     }

@@ -84,8 +84,9 @@ pub fn hex(bytes: &[u8]) -> String {
 }
 
 /// Streams `body` into a new file in `dir` while hashing it; refuses it once it passes `limit`
-/// bytes. Nothing remains in `dir` when it fails.
-pub async fn spool<S, E>(dir: &Path, mut body: S, limit: u64) -> Result<Spooled, StoreError>
+/// bytes. Nothing remains in `dir` when it fails. `durable` syncs the file to disk before
+/// returning (when the file itself becomes the stored object).
+pub async fn spool<S, E>(dir: &Path, mut body: S, limit: u64, durable: bool) -> Result<Spooled, StoreError>
 where
     S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
     E: std::fmt::Display + Send,
@@ -107,7 +108,9 @@ where
     }
     out.flush().await?;
     drop(out);
-    file.sync_all().await?;
+    if durable {
+        file.sync_all().await?;
+    }
     spooled.sha256 = hex(hasher.finish().as_ref());
     Ok(spooled)
 }
@@ -166,7 +169,9 @@ impl PackageStore {
         S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
         E: std::fmt::Display + Send,
     {
-        spool(self.spool_dir(), body, limit).await
+        // A local store renames the spool file into place: it must be on disk first. An S3
+        // store only reads it back to send it.
+        spool(self.spool_dir(), body, limit, matches!(self, PackageStore::Local(_))).await
     }
 }
 
@@ -218,16 +223,16 @@ mod tests {
     async fn spooling_hashes_counts_and_cleans_up() {
         let dir = std::env::temp_dir().join(format!("nimbus-spool-{}", uuid::Uuid::now_v7().simple()));
         std::fs::create_dir_all(&dir).unwrap();
-        let s = spool(&dir, chunks(&[b"ab", b"c"]), 3).await.unwrap();
+        let s = spool(&dir, chunks(&[b"ab", b"c"]), 3, true).await.unwrap();
         assert_eq!(s.sha256, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
         assert_eq!(s.size, 3);
         assert_eq!(std::fs::read(s.path()).unwrap(), b"abc");
         drop(s);
         assert_eq!(count_files(&dir), 0, "a dropped spool file is removed");
-        let err = spool(&dir, chunks(&[b"12345", b"678"]), 6).await.unwrap_err();
+        let err = spool(&dir, chunks(&[b"12345", b"678"]), 6, false).await.unwrap_err();
         assert!(matches!(err, StoreError::TooLarge { limit: 6 }), "{err:?}");
         let broken = futures_util::stream::iter(vec![Ok(Bytes::from_static(b"part")), Err(io::Error::other("reset"))]);
-        assert!(matches!(spool(&dir, broken, 1024).await.unwrap_err(), StoreError::Body(_)));
+        assert!(matches!(spool(&dir, broken, 1024, false).await.unwrap_err(), StoreError::Body(_)));
         assert_eq!(count_files(&dir), 0, "failed spools leave nothing");
         let _ = std::fs::remove_dir_all(dir);
     }

@@ -87,6 +87,9 @@ impl S3Store {
             .region(Region::new(settings.region))
             .credentials_provider(Credentials::new(id, secret, None, None, "nimbus-settings"))
             .force_path_style(settings.path_style)
+            // The package's SHA-256 is computed and checked by Nimbus itself; an extra CRC32
+            // trailer (aws-chunked encoding) only slows uploads down.
+            .request_checksum_calculation(aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired)
             .http_client(http_client());
         if let Some(endpoint) = settings.endpoint {
             config = config.endpoint_url(endpoint);
