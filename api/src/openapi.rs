@@ -24,6 +24,21 @@ use utoipa::{
         (name = "members", description = "Members of a tenant and their roles"),
         (name = "api-keys", description = "Machine credentials of a tenant"),
         (name = "audit", description = "Who changed what"),
+        (name = "functions", description = "Functions of a tenant. Deploying from a shell:\n\n\
+            ```sh\n\
+            FN=$API/v1/tenants/$TENANT/functions; AUTH=\"authorization: Bearer $TOKEN\"\n\
+            curl -s $FN -H \"$AUTH\" -H 'content-type: application/json' -d '{\"name\":\"thumbs\",\"runtime\":\"wasm\"}'\n\
+            curl -s -X PUT $FN/thumbs/code -H \"$AUTH\" -H 'content-type: application/wasm' --data-binary @thumbs.wasm\n\
+            curl -s $FN/thumbs/versions -H \"$AUTH\" -H 'content-type: application/json' -d '{}'\n\
+            curl -s $FN/thumbs/aliases -H \"$AUTH\" -H 'content-type: application/json' \\\n\
+            \x20 -d '{\"name\":\"live\",\"routing\":{\"weights\":[{\"version\":1,\"weight\":100}]}}'\n\
+            ETAG=$(curl -s -o /dev/null -w '%header{etag}' $FN/thumbs/aliases/live -H \"$AUTH\")\n\
+            curl -s -X PUT $FN/thumbs/aliases/live -H \"$AUTH\" -H \"if-match: $ETAG\" -H 'content-type: application/json' \\\n\
+            \x20 -d '{\"routing\":{\"weights\":[{\"version\":1,\"weight\":90},{\"version\":2,\"weight\":10}]}}'\n\
+            ```"),
+        (name = "packages", description = "Code packages: streamed uploads (`PUT .../code`) and presigned uploads to S3"),
+        (name = "versions", description = "Immutable, numbered snapshots of code and configuration"),
+        (name = "aliases", description = "Named routing over versions (weights, sticky, header rules) and its history"),
         (name = "ops", description = "Health, readiness, metrics"),
     )
 )]
