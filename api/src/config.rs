@@ -167,6 +167,10 @@ pub struct ServerArgs {
     /// [default: the system's temporary directory].
     #[arg(long, env = "NIMBUS_SPOOL_DIR")]
     pub spool_dir: Option<PathBuf>,
+    /// Longest code-package upload (`PUT .../code`, completing a presigned upload); other
+    /// requests get `--request-timeout`.
+    #[arg(long, env = "NIMBUS_UPLOAD_TIMEOUT", default_value = "10m")]
+    pub upload_timeout: HumanDuration,
     /// How long a presigned upload URL stays valid.
     #[arg(long, env = "NIMBUS_UPLOAD_URL_TTL", default_value = "15m")]
     pub upload_url_ttl: HumanDuration,

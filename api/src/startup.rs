@@ -6,8 +6,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use anyhow::Context;
 use axum::{
     Router,
-    error_handling::HandleErrorLayer,
-    extract::DefaultBodyLimit,
+    extract::{DefaultBodyLimit, State},
     http::{HeaderName, Request},
     middleware,
     response::IntoResponse,
@@ -126,7 +125,7 @@ pub fn app(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(state.settings.max_body_bytes))
         .with_state(state.clone());
     let console = nimbus_console::router(api.clone());
-    let timeout = state.settings.request_timeout.0;
+    let timeouts = Timeouts { request: state.settings.request_timeout.0, upload: state.settings.upload_timeout.0 };
     api.merge(SwaggerUi::new("/docs").url("/openapi.json", doc))
         .nest("/console", console)
         .fallback(|| async { ApiError::RouteNotFound })
@@ -149,9 +148,34 @@ pub fn app(state: AppState) -> Router {
                 .layer(CatchPanicLayer::custom(|_| {
                     ApiError::Internal(anyhow::anyhow!("handler panicked")).into_response()
                 }))
-                .layer(HandleErrorLayer::new(|_: tower::BoxError| async { ApiError::Timeout }))
-                .timeout(timeout),
+                .layer(middleware::from_fn_with_state(timeouts, enforce_timeout)),
         )
+}
+
+/// The time limits of requests: package uploads get `--upload-timeout`, everything else
+/// `--request-timeout`.
+#[derive(Clone, Copy)]
+struct Timeouts {
+    request: Duration,
+    upload: Duration,
+}
+
+/// Whether a request uploads a code package (and so gets the upload timeout).
+fn is_upload(method: &axum::http::Method, path: &str) -> bool {
+    (method == axum::http::Method::PUT && path.ends_with("/code"))
+        || (method == axum::http::Method::POST && path.contains("/uploads/") && path.ends_with("/complete"))
+}
+
+async fn enforce_timeout(
+    State(t): State<Timeouts>,
+    req: Request<axum::body::Body>,
+    next: middleware::Next,
+) -> axum::response::Response {
+    let limit = if is_upload(req.method(), req.uri().path()) { t.upload } else { t.request };
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(res) => res,
+        Err(_) => ApiError::Timeout.into_response(),
+    }
 }
 
 /// A built application: connected, migrated, bound, not yet serving.

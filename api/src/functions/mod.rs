@@ -651,8 +651,9 @@ pub async fn get_function(
         (status = 200, description = "Updated", body = Function, headers(("ETag" = String, description = "New state"))),
         (status = 404, description = "No such function or package", body = crate::error::Problem),
         (status = 412, description = "ETag is stale", body = crate::error::Problem),
-        (status = 422, description = "Invalid field", body = crate::error::Problem),
+        (status = 422, description = "Invalid field, or the package does not hold the new entry", body = crate::error::Problem),
         (status = 428, description = "If-Match missing", body = crate::error::Problem),
+        (status = 501, description = "Secret values given but no secrets keys configured", body = crate::error::Problem),
     ),
     security(("bearer" = []))
 )]
@@ -721,6 +722,13 @@ pub async fn update_function(
         }
         None => row.package_id,
     };
+    // A process function's package must hold its entry: check the pair again when either side
+    // changes (a wasm package does not depend on anything that can change).
+    if config.runtime == Runtime::Process && (config.entry != row.entry || package_id != row.package_id) {
+        if let Some(package) = package_ref(&mut tx, tenant_id, package_id).await? {
+            packages::revalidate(&state, &package, config.entry.as_deref()).await?;
+        }
+    }
     let updated: FunctionRow = sqlx::query_as(&format!(
         "UPDATE functions SET entry = $2, memory_mb = $3, timeout_ms = $4, concurrency = $5, min_scale = $6, \
          max_scale = $7, reserved_concurrency = $8, description = $9, tags = $10, environment = $11, package_id = $12, \
@@ -785,6 +793,13 @@ pub async fn delete_function(
     let (mut tx, _) = authz::begin(&state.pool, &principal, Action::DeleteFunction, tenant_id, &resource).await?;
     let row = load(&mut tx, tenant_id, name.as_str(), true).await?;
     check_if_match(&headers, &etag(row.revision), false)?;
+    // Routes first, so no foreign-key check between routes and versions depends on the order in
+    // which the cascade reaches them.
+    sqlx::query("DELETE FROM aliases WHERE tenant_id = $1 AND function_id = $2")
+        .bind(tenant_id)
+        .bind(row.id)
+        .execute(&mut *tx)
+        .await?;
     sqlx::query("DELETE FROM functions WHERE id = $1").bind(row.id).execute(&mut *tx).await?;
     audit::record_action(
         &mut tx,

@@ -32,7 +32,7 @@ use crate::{
     names::Name,
     pagination::{Page, PageParams},
     startup::AppState,
-    store::{ObjectStore, Spooled, StoreError, check_address},
+    store::{ObjectStore, S3Store, Spooled, StoreError, check_address},
 };
 
 /// A code package.
@@ -136,6 +136,18 @@ async fn check_package(spooled: &Spooled, format: Format, entry: Option<String>)
         .map_err(ApiError::InvalidPackage)
 }
 
+/// Validates a stored package again, for another entry (a process function whose entry or
+/// package changes). 422 naming the problem when it does not hold.
+pub(crate) async fn revalidate(state: &AppState, package: &super::PackageRef, entry: Option<&str>) -> ApiResult<()> {
+    let bytes =
+        state.store.get(&package.sha256).await.map_err(store_error)?.ok_or_else(|| {
+            ApiError::Internal(anyhow::anyhow!("package {} is missing from the store", package.sha256))
+        })?;
+    let chunk = futures_util::stream::iter([Ok::<_, std::io::Error>(bytes)]);
+    let spooled = crate::store::spool(state.store.spool_dir(), chunk, u64::MAX, false).await.map_err(store_error)?;
+    check_package(&spooled, package.format, entry.map(str::to_owned)).await
+}
+
 fn uploader(principal: &Principal) -> Option<Uuid> {
     match principal {
         Principal::User { user_id, .. } => Some(*user_id),
@@ -172,11 +184,12 @@ async fn record(
         check_if_match(headers, &etag(row.revision), false)?;
     }
     if let Some(upload) = completing {
-        let done =
-            sqlx::query("UPDATE package_uploads SET completed_at = now() WHERE id = $1 AND completed_at IS NULL")
-                .bind(upload)
-                .execute(&mut *tx)
-                .await?;
+        let done = sqlx::query(
+            "UPDATE package_uploads SET state = 'completed', completed_at = now() WHERE id = $1 AND state = 'completing'",
+        )
+        .bind(upload)
+        .execute(&mut *tx)
+        .await?;
         if done.rows_affected() == 0 {
             return Err(ApiError::conflict("upload_completed", "this upload was completed already"));
         }
@@ -260,6 +273,7 @@ async fn target(state: &AppState, principal: &Principal, tenant_id: Uuid, name: 
         (status = 201, description = "A new package for this function", body = UploadedPackage),
         (status = 200, description = "This function had this package already; it is current again", body = UploadedPackage),
         (status = 404, description = "No such function", body = crate::error::Problem),
+        (status = 409, description = "The function was replaced or its entry changed during the upload", body = crate::error::Problem),
         (status = 412, description = "ETag is stale", body = crate::error::Problem),
         (status = 413, description = "Larger than the package limit", body = crate::error::Problem),
         (status = 415, description = "Media type does not fit the runtime", body = crate::error::Problem),
@@ -378,8 +392,8 @@ pub async fn get_package(
     responses(
         (status = 201, description = "PUT the bytes to `url` with `headers`", body = Upload),
         (status = 404, description = "No such function", body = crate::error::Problem),
+        (status = 409, description = "Too many open uploads", body = crate::error::Problem),
         (status = 413, description = "Larger than the package limit", body = crate::error::Problem),
-        (status = 415, description = "Media type does not fit the runtime", body = crate::error::Problem),
         (status = 422, description = "Invalid field", body = crate::error::Problem),
         (status = 501, description = "The package store is not S3", body = crate::error::Problem),
     ),
@@ -412,6 +426,24 @@ pub async fn create_upload(
     }
     let id = Uuid::now_v7();
     let staging_key = format!("uploads/{tenant_id}/{id}");
+    {
+        let mut tx = crate::db::begin(&state.pool, &crate::db::Scope::tenant(tenant_id, principal.user_id())).await?;
+        let open: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM package_uploads WHERE tenant_id = $1 AND function_id = $2 \
+             AND state IN ('pending', 'completing') AND expires_at > now()",
+        )
+        .bind(tenant_id)
+        .bind(function.id)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        if open >= MAX_OPEN_UPLOADS {
+            return Err(ApiError::conflict(
+                "too_many_uploads",
+                format!("a function may have at most {MAX_OPEN_UPLOADS} open uploads; complete or let some expire"),
+            ));
+        }
+    }
     let ttl = state.settings.upload_url_ttl.0;
     let presigned = s3.presign_put(&staging_key, req.size, ttl).await.map_err(store_error)?;
     let expires_at = Utc::now() + chrono::Duration::from_std(ttl).map_err(|e| ApiError::Internal(e.into()))?;
@@ -432,7 +464,7 @@ pub async fn create_upload(
     .bind(expires_at)
     .execute(&mut *tx)
     .await
-    .map_err(|e| crate::error::on_constraint(e, [("package_uploads_function_id_fkey", ApiError::NotFound("function"))]))?;
+    .map_err(|e| crate::error::on_constraint(e, [("package_uploads_function_fkey", ApiError::NotFound("function"))]))?;
     audit::record_action(
         &mut tx,
         &ctx,
@@ -465,7 +497,85 @@ struct UploadRow {
     #[sqlx(try_from = "String")]
     format: Format,
     expires_at: DateTime<Utc>,
-    completed_at: Option<DateTime<Utc>>,
+    state: String,
+    claimed_at: Option<DateTime<Utc>>,
+}
+
+/// Most uploads a function may have open (pending or completing) at once.
+pub const MAX_OPEN_UPLOADS: i64 = 10;
+
+/// Claims an upload for completion: one completion at a time, and only once. An expired upload
+/// is marked so and its staging object deleted.
+async fn claim(
+    state: &AppState,
+    s3: &S3Store,
+    principal: &Principal,
+    tenant_id: Uuid,
+    function: &FunctionRow,
+    upload_id: Uuid,
+) -> ApiResult<UploadRow> {
+    let resource = nrn::function(tenant_id, &function.name);
+    let (mut tx, _) = authz::begin(&state.pool, principal, Action::UpdateFunctionCode, tenant_id, &resource).await?;
+    let row: Option<UploadRow> = sqlx::query_as(
+        "SELECT function_id, staging_key, sha256, size, format, expires_at, state, claimed_at FROM package_uploads \
+         WHERE tenant_id = $1 AND id = $2 FOR UPDATE",
+    )
+    .bind(tenant_id)
+    .bind(upload_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let upload = row.filter(|u| u.function_id == function.id).ok_or(ApiError::NotFound("upload"))?;
+    // A completion whose process died is taken over once the request timeout has passed.
+    let lease = chrono::Duration::from_std(state.settings.upload_timeout.0).unwrap_or(chrono::Duration::MAX);
+    match upload.state.as_str() {
+        "completed" => return Err(ApiError::conflict("upload_completed", "this upload was completed already")),
+        "refused" | "expired" => {
+            return Err(ApiError::conflict("upload_spent", "this upload was refused or expired; start a new one"));
+        }
+        "completing" if upload.claimed_at.is_some_and(|c| c + lease > Utc::now()) => {
+            return Err(ApiError::conflict("upload_in_progress", "this upload is being completed"));
+        }
+        _ => {}
+    }
+    if upload.expires_at <= Utc::now() {
+        sqlx::query("UPDATE package_uploads SET state = 'expired' WHERE id = $1")
+            .bind(upload_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        discard(s3, &upload.staging_key).await;
+        return Err(ApiError::conflict("upload_expired", "this upload expired; start a new one"));
+    }
+    sqlx::query("UPDATE package_uploads SET state = 'completing', claimed_at = now() WHERE id = $1")
+        .bind(upload_id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(upload)
+}
+
+/// Deletes a staging object, logging (not failing) when that does not work.
+async fn discard(s3: &S3Store, key: &str) {
+    if let Err(e) = s3.delete_key(key).await {
+        tracing::warn!(error = %e, key, "could not delete a staging object");
+    }
+}
+
+/// Sets an upload's state (after a claim), best effort.
+async fn set_upload_state(state: &AppState, principal: &Principal, tenant_id: Uuid, upload_id: Uuid, to: &str) {
+    let result = async {
+        let mut tx = crate::db::begin(&state.pool, &crate::db::Scope::tenant(tenant_id, principal.user_id())).await?;
+        sqlx::query("UPDATE package_uploads SET state = $2 WHERE id = $1 AND state = 'completing'")
+            .bind(upload_id)
+            .bind(to)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::warn!(error = %e, %upload_id, "could not record the state of an upload");
+    }
 }
 
 /// Complete a presigned upload: the uploaded object is read back, its size and SHA-256 checked
@@ -485,7 +595,8 @@ struct UploadRow {
         (status = 201, description = "A new package for this function", body = UploadedPackage),
         (status = 200, description = "This function had this package already; it is current again", body = UploadedPackage),
         (status = 404, description = "No such function or upload", body = crate::error::Problem),
-        (status = 409, description = "Nothing was uploaded yet, or the upload expired or completed", body = crate::error::Problem),
+        (status = 409, description = "Nothing was uploaded yet; or the upload is being completed, was completed, expired or refused; or the function changed meanwhile", body = crate::error::Problem),
+        (status = 413, description = "The uploaded object is larger than the package limit", body = crate::error::Problem),
         (status = 422, description = "Size or SHA-256 differ from the declared ones, or the package is invalid", body = crate::error::Problem),
         (status = 501, description = "The package store is not S3", body = crate::error::Problem),
     ),
@@ -504,77 +615,52 @@ pub async fn complete_upload(
             message: "presigned uploads need the S3 package store".into(),
         });
     };
-    let upload: UploadRow = {
-        let resource = nrn::function(tenant_id, name.as_str());
-        let (mut tx, _) =
-            authz::begin(&state.pool, &principal, Action::UpdateFunctionCode, tenant_id, &resource).await?;
-        let row: Option<UploadRow> = sqlx::query_as(
-            "SELECT function_id, staging_key, sha256, size, format, expires_at, completed_at FROM package_uploads \
-             WHERE tenant_id = $1 AND id = $2",
-        )
-        .bind(tenant_id)
-        .bind(upload_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        row.filter(|u| u.function_id == function.id).ok_or(ApiError::NotFound("upload"))?
-    };
-    if upload.completed_at.is_some() {
-        return Err(ApiError::conflict("upload_completed", "this upload was completed already"));
-    }
-    if upload.expires_at <= Utc::now() {
-        return Err(ApiError::conflict("upload_expired", "this upload expired; start a new one"));
-    }
+    let upload = claim(&state, s3, &principal, tenant_id, &function, upload_id).await?;
     let Some(object) = s3.stream(&upload.staging_key).await.map_err(store_error)? else {
+        // Nothing uploaded yet: give the claim back, the client may still PUT and complete.
+        set_upload_state(&state, &principal, tenant_id, upload_id, "pending").await;
         return Err(ApiError::conflict("upload_not_received", "nothing was uploaded to the presigned URL yet"));
     };
-    let limit = state.settings.max_package_bytes;
-    let spooled = state.store.spool(object, limit).await;
-    let discard = || async {
-        if let Err(e) = s3.delete_key(&upload.staging_key).await {
-            tracing::warn!(error = %e, key = %upload.staging_key, "could not delete a refused upload");
+    let result = async {
+        let spooled = state.store.spool(object, state.settings.max_package_bytes).await.map_err(store_error)?;
+        let mut mismatch = Vec::new();
+        if spooled.size != upload.size as u64 {
+            mismatch.push(FieldError::new(
+                "size",
+                "mismatch",
+                format!("{} bytes were uploaded, {} declared", spooled.size, upload.size),
+            ));
         }
-    };
-    let spooled = match spooled {
-        Ok(s) => s,
-        Err(e) => {
-            discard().await;
-            return Err(store_error(e));
+        if spooled.sha256 != upload.sha256 {
+            mismatch.push(FieldError::new("sha256", "mismatch", format!("the upload's SHA-256 is {}", spooled.sha256)));
         }
-    };
-    let mut mismatch = Vec::new();
-    if spooled.size != upload.size as u64 {
-        mismatch.push(FieldError::new(
-            "size",
-            "mismatch",
-            format!("{} bytes were uploaded, {} declared", spooled.size, upload.size),
-        ));
+        if !mismatch.is_empty() {
+            return Err(ApiError::InvalidPackage(mismatch));
+        }
+        check_package(&spooled, upload.format, function.entry.clone()).await?;
+        // The verified bytes are the spool file: store those, never the staging object, which
+        // the presigned URL can still overwrite.
+        let created = state.store.put_spooled(spooled).await.map_err(store_error)?;
+        record(
+            &state,
+            &principal,
+            &ctx,
+            tenant_id,
+            &function,
+            &upload.sha256,
+            upload.size as u64,
+            upload.format,
+            !created,
+            None,
+            Some(upload_id),
+        )
+        .await
     }
-    if spooled.sha256 != upload.sha256 {
-        mismatch.push(FieldError::new("sha256", "mismatch", format!("the upload's SHA-256 is {}", spooled.sha256)));
+    .await;
+    // Whatever happened, the staging object has served its purpose; a refused upload is spent.
+    discard(s3, &upload.staging_key).await;
+    if result.is_err() {
+        set_upload_state(&state, &principal, tenant_id, upload_id, "refused").await;
     }
-    if !mismatch.is_empty() {
-        discard().await;
-        return Err(ApiError::InvalidPackage(mismatch));
-    }
-    if let Err(e) = check_package(&spooled, upload.format, function.entry.clone()).await {
-        discard().await;
-        return Err(e);
-    }
-    drop(spooled);
-    let created = s3.promote(&upload.staging_key, &upload.sha256).await.map_err(store_error)?;
-    record(
-        &state,
-        &principal,
-        &ctx,
-        tenant_id,
-        &function,
-        &upload.sha256,
-        upload.size as u64,
-        upload.format,
-        !created,
-        None,
-        Some(upload_id),
-    )
-    .await
+    result
 }

@@ -211,43 +211,92 @@ fn validate_zip(file: std::fs::File, entry: &str) -> Result<(), Vec<FieldError>>
         if !safe_member(path) {
             return Err(invalid("package", "unsafe_path", format!("member {name:?} leaves the package directory")));
         }
+        // A link's target is in its (possibly compressed) data; links are refused outright.
+        if member.is_symlink() {
+            return Err(invalid("package", "link_not_allowed", format!("member {name:?} is a symbolic link")));
+        }
         if normalized(path) == want {
-            found = Some((member.is_file() && !member.is_symlink(), member.unix_mode()));
+            found = Some((member.is_file(), member.unix_mode()));
         }
     }
     check_entry(found, entry)
 }
 
 fn validate_tar_gz(file: std::fs::File, entry: &str) -> Result<(), Vec<FieldError>> {
+    tar_gz_within(file, entry, MAX_UNPACKED_BYTES)
+}
+
+fn tar_gz_within(file: std::fs::File, entry: &str, cap: u64) -> Result<(), Vec<FieldError>> {
     let gz = flate2::read::GzDecoder::new(std::io::BufReader::new(file));
-    let mut archive = tar::Archive::new(gz.take(MAX_UNPACKED_BYTES));
+    // One byte over the cap tells a bomb from an archive that fills it exactly.
+    let mut archive = tar::Archive::new(gz.take(cap + 1));
     let bad =
         |e: std::io::Error| invalid("package", "archive_invalid", format!("not a readable gzip tar archive: {e}"));
     let want = normalized(Path::new(entry));
-    let mut found = None;
-    for (i, member) in archive.entries().map_err(bad)?.enumerate() {
-        if i >= MAX_ARCHIVE_MEMBERS {
-            return Err(invalid(
-                "package",
-                "too_many_members",
-                format!("at most {MAX_ARCHIVE_MEMBERS} archive members"),
-            ));
+    let mut scan = || -> Result<Option<(bool, Option<u32>)>, Vec<FieldError>> {
+        let mut found = None;
+        for (i, member) in archive.entries().map_err(bad)?.enumerate() {
+            if i >= MAX_ARCHIVE_MEMBERS {
+                return Err(invalid(
+                    "package",
+                    "too_many_members",
+                    format!("at most {MAX_ARCHIVE_MEMBERS} archive members"),
+                ));
+            }
+            let member = member.map_err(bad)?;
+            let path = member.path().map_err(bad)?.into_owned();
+            if !safe_member(&path) {
+                return Err(invalid(
+                    "package",
+                    "unsafe_path",
+                    format!("member {:?} leaves the package directory", path.display()),
+                ));
+            }
+            let kind = member.header().entry_type();
+            if kind.is_symlink() || kind.is_hard_link() {
+                // A link may only point inside the package, relative to where it is.
+                let target = member.link_name().map_err(bad)?.unwrap_or_default().into_owned();
+                let base = path.parent().unwrap_or(Path::new(""));
+                if target.is_absolute() || !stays_inside(&base.join(&target)) {
+                    return Err(invalid(
+                        "package",
+                        "unsafe_path",
+                        format!("link {:?} points outside the package ({})", path.display(), target.display()),
+                    ));
+                }
+            }
+            if normalized(&path) == want {
+                found = Some((kind.is_file(), member.header().mode().ok()));
+            }
         }
-        let member = member.map_err(bad)?;
-        let path = member.path().map_err(bad)?.into_owned();
-        if !safe_member(&path) {
-            return Err(invalid(
-                "package",
-                "unsafe_path",
-                format!("member {:?} leaves the package directory", path.display()),
-            ));
-        }
-        if normalized(&path) == want {
-            let header = member.header();
-            found = Some((header.entry_type().is_file(), header.mode().ok()));
+        Ok(found)
+    };
+    let scanned = scan();
+    // Reaching the cap ends the stream early, cleanly or in the middle of a member: either way
+    // the archive is too large, and what came after the cap was never looked at.
+    if archive.into_inner().limit() == 0 {
+        return Err(invalid("package", "too_large_unpacked", format!("the archive unpacks to more than {cap} bytes")));
+    }
+    check_entry(scanned?, entry)
+}
+
+/// Whether a relative path, with `..` resolved lexically, stays inside its root.
+fn stays_inside(path: &Path) -> bool {
+    let mut depth = 0i64;
+    for c in path.components() {
+        match c {
+            Component::Normal(_) => depth += 1,
+            Component::CurDir => {}
+            Component::ParentDir => {
+                depth -= 1;
+                if depth < 0 {
+                    return false;
+                }
+            }
+            Component::RootDir | Component::Prefix(_) => return false,
         }
     }
-    check_entry(found, entry)
+    true
 }
 
 #[cfg(test)]
@@ -321,6 +370,66 @@ mod tests {
             builder.append(&header, *data).unwrap();
         }
         builder.into_inner().unwrap().finish().unwrap()
+    }
+
+    fn tar_with_link(link: &str, target: &str) -> Vec<u8> {
+        let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+        let mut header = tar::Header::new_gnu();
+        header.set_size(1);
+        header.set_mode(0o755);
+        builder.append_data(&mut header, "bin/handler", &b"x"[..]).unwrap();
+        let mut link_header = tar::Header::new_gnu();
+        link_header.set_entry_type(tar::EntryType::Symlink);
+        link_header.set_size(0);
+        builder.append_link(&mut link_header, link, target).unwrap();
+        builder.into_inner().unwrap().finish().unwrap()
+    }
+
+    #[test]
+    fn tar_links_must_stay_inside_the_package() {
+        let check = |bytes: Vec<u8>| {
+            let path = std::env::temp_dir().join(format!("nimbus-tgz-{}", uuid::Uuid::now_v7().simple()));
+            std::fs::write(&path, bytes).unwrap();
+            let r = validate(&path, Format::TarGz, Some("bin/handler"));
+            let _ = std::fs::remove_file(path);
+            r
+        };
+        assert_eq!(check(tar_with_link("lib/current", "../bin/handler")), Ok(()));
+        for target in ["/etc/passwd", "../../etc", "../.."] {
+            assert_eq!(
+                rules(check(tar_with_link("lib/x", target))),
+                vec![("package".into(), "unsafe_path".into())],
+                "{target}"
+            );
+        }
+    }
+
+    #[test]
+    fn tarballs_unpacking_beyond_the_cap_are_refused_even_when_members_fit_exactly() {
+        let bytes = tar_gz(&[("bin/handler", 0o755, &[0u8; 4096]), ("../late", 0o755, b"x")]);
+        let path = std::env::temp_dir().join(format!("nimbus-tgz-{}", uuid::Uuid::now_v7().simple()));
+        std::fs::write(&path, bytes).unwrap();
+        // The cap ends inside the first member: neither the size nor the late member slips by.
+        let r = tar_gz_within(std::fs::File::open(&path).unwrap(), "bin/handler", 4096);
+        assert_eq!(rules(r), vec![("package".into(), "too_large_unpacked".into())]);
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn zip_symlinks_are_refused() {
+        let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        let options = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+        w.add_symlink("lib", "/", options).unwrap();
+        let bytes = w.finish().unwrap().into_inner();
+        assert_eq!(rules(check_zip(&bytes, "handler")), vec![("package".into(), "link_not_allowed".into())]);
+    }
+
+    #[test]
+    fn paths_resolve_lexically() {
+        assert!(stays_inside(Path::new("a/../b")));
+        assert!(stays_inside(Path::new("a/b/../../c")));
+        assert!(!stays_inside(Path::new("a/../../c")));
+        assert!(!stays_inside(Path::new("/etc")));
     }
 
     fn check_tar(members: &[(&str, u32, &[u8])], entry: &str) -> Result<(), Vec<FieldError>> {

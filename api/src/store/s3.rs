@@ -1,7 +1,9 @@
 //! The S3 store: objects under `packages/sha256/<hex>` in one bucket of any S3-protocol server,
 //! through `aws-sdk-s3` (TLS by rustls with ring). Uploads through the API are spooled to a local
 //! directory, validated, then PUT; presigned uploads go straight to a staging key
-//! (`uploads/<tenant>/<upload id>`) and are promoted with a server-side copy once verified.
+//! (`uploads/<tenant>/<upload id>`); once read back and verified, the verified bytes (the spool
+//! file, not the staging object, which the client could still overwrite) are PUT to their
+//! content address and the staging object is deleted.
 
 use std::{
     path::{Path, PathBuf},
@@ -21,7 +23,7 @@ use futures_util::Stream;
 use super::{ObjectStore, Spooled, StoreError, check_address};
 
 /// How to reach the bucket.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct S3Settings {
     /// Endpoint URL (`http://127.0.0.1:9000`); `None` means AWS itself.
     pub endpoint: Option<String>,
@@ -35,6 +37,20 @@ pub struct S3Settings {
     pub credentials: Option<(String, String)>,
     /// Where uploads are spooled before they are validated.
     pub spool_dir: PathBuf,
+}
+
+impl std::fmt::Debug for S3Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Settings")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("bucket", &self.bucket)
+            .field("path_style", &self.path_style)
+            .field("access_key_id", &self.credentials.as_ref().map(|(id, _)| id))
+            .field("secret_access_key", &self.credentials.as_ref().map(|_| "[redacted]"))
+            .field("spool_dir", &self.spool_dir)
+            .finish()
+    }
 }
 
 /// A presigned PUT the client sends the package with.
@@ -160,28 +176,6 @@ impl S3Store {
         Ok(Some(Box::pin(stream)))
     }
 
-    /// Moves a verified staging object to its content address (a server-side copy, skipped when
-    /// the bytes are stored already) and deletes the staging object. Returns whether the bytes
-    /// were new.
-    pub async fn promote(&self, staging_key: &str, sha256: &str) -> Result<bool, StoreError> {
-        let key = Self::key_of(sha256)?;
-        let created = if self.exists(sha256).await? {
-            false
-        } else {
-            self.client
-                .copy_object()
-                .bucket(&self.bucket)
-                .copy_source(format!("{}/{staging_key}", self.bucket))
-                .key(&key)
-                .send()
-                .await
-                .map_err(s3_error)?;
-            true
-        };
-        self.delete_key(staging_key).await?;
-        Ok(created)
-    }
-
     /// Deletes an object by key (absent is fine).
     pub async fn delete_key(&self, key: &str) -> Result<(), StoreError> {
         self.client.delete_object().bucket(&self.bucket).key(key).send().await.map_err(s3_error)?;
@@ -228,5 +222,24 @@ impl ObjectStore for S3Store {
 
     async fn exists(&self, sha256: &str) -> Result<bool, StoreError> {
         self.key_exists(&Self::key_of(sha256)?).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_never_print_the_secret_key() {
+        let s = S3Settings {
+            endpoint: None,
+            region: "us-east-1".into(),
+            bucket: "b".into(),
+            path_style: false,
+            credentials: Some(("AKIDEXAMPLE".into(), "wJalrXUtnFEMI-secret".into())),
+            spool_dir: "/tmp".into(),
+        };
+        let printed = format!("{s:?}");
+        assert!(printed.contains("AKIDEXAMPLE") && !printed.contains("wJalrXUtnFEMI"), "{printed}");
     }
 }

@@ -381,8 +381,12 @@ async fn oversize_packages_get_413_and_leave_nothing() {
     let app = spawn_app_with(&["--max-package-bytes=2048"]).await;
     let owner = app.sign_up("owner@example.com", "acme").await;
     create_function(&app, &owner, json!({"name": "api", "runtime": "wasm"})).await;
-    // Declared too large: refused before reading.
-    upload(&app, &owner, "api", "application/wasm", vec![0u8; 4096])
+    // Declared too large: refused before reading (the body here would fit; the header decides).
+    app.req(Method::PUT, &format!("{}/api/code", functions_path(owner.tenant)))
+        .token(&owner.token)
+        .header("content-length", "4096")
+        .raw("application/wasm", Body::from_stream(futures_util::stream::pending::<Result<Vec<u8>, std::io::Error>>()))
+        .send()
         .await
         .assert_problem(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
     // Streamed without a length: refused once the limit is passed.
@@ -511,4 +515,107 @@ async fn secret_values_are_sealed_and_never_returned() {
     .unwrap();
     assert!(stored.iter().any(|s| s.contains("key_id")), "{stored:?}");
     assert!(stored.iter().all(|s| !s.contains(secret)), "{stored:?}");
+}
+
+#[tokio::test]
+async fn a_function_with_routed_aliases_is_deleted_with_everything_it_has() {
+    let app = spawn_app().await;
+    let owner = app.sign_up("owner@example.com", "acme").await;
+    create_function(&app, &owner, json!({"name": "api", "runtime": "wasm"})).await;
+    upload(&app, &owner, "api", "application/wasm", wasm_module(1)).await;
+    publish(&app, &owner, "api").await;
+    let base = format!("{}/api", functions_path(owner.tenant));
+    let res = app
+        .post(&format!("{base}/aliases"))
+        .token(&owner.token)
+        .json(json!({"name": "live", "routing": {"weights": [{"version": 1, "weight": 100}],
+                     "header_rules": [{"header": "x-a", "value": "1", "version": 1}]}}))
+        .send()
+        .await;
+    assert_eq!(res.status, StatusCode::CREATED, "{}", res.text);
+    let res = app.delete(&base).token(&owner.token).send().await;
+    assert_eq!(res.status, StatusCode::NO_CONTENT, "{}", res.text);
+    for table in ["functions", "versions", "aliases", "alias_routes", "packages", "routing_events"] {
+        assert_eq!(count(&app, table).await, 0, "{table} emptied");
+    }
+}
+
+#[tokio::test]
+async fn changing_a_process_functions_entry_checks_its_package_again() {
+    let app = spawn_app().await;
+    let owner = app.sign_up("owner@example.com", "acme").await;
+    create_function(&app, &owner, json!({"name": "native", "runtime": "process", "entry": "bin/handler"})).await;
+    let up = upload(&app, &owner, "native", "application/gzip", tarball("bin/handler")).await;
+    assert_eq!(up.status, StatusCode::CREATED, "{}", up.text);
+    let path = format!("{}/native", functions_path(owner.tenant));
+    let res =
+        app.patch(&path).token(&owner.token).header("if-match", "*").json(json!({"entry": "bin/other"})).send().await;
+    res.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "invalid_package");
+    assert_eq!(res.body["errors"][0]["rule"], "entry_missing");
+    let fun = app.get(&path).token(&owner.token).send().await;
+    assert_eq!(fun.body["entry"], "bin/handler", "nothing changed");
+    let ok = app
+        .patch(&path)
+        .token(&owner.token)
+        .header("if-match", "*")
+        .json(json!({"entry": "./bin/handler"}))
+        .send()
+        .await;
+    assert_eq!(ok.status, StatusCode::UNPROCESSABLE_ENTITY, "entries are plain relative paths: {}", ok.text);
+}
+
+/// Below the API: even a query that names another tenant's rows by id cannot link to them. The
+/// application role, scoped to tenant B, tries to point B's rows at A's function, alias and
+/// version; the composite foreign keys refuse every attempt.
+#[tokio::test]
+async fn rows_of_one_tenant_cannot_point_at_another_tenants_rows() {
+    let app = spawn_app().await;
+    let a = app.sign_up("a@example.com", "tenant-a").await;
+    let b = app.sign_up("b@example.com", "tenant-b").await;
+    create_function(&app, &a, json!({"name": "api", "runtime": "wasm"})).await;
+    let up = upload(&app, &a, "api", "application/wasm", wasm_module(1)).await;
+    let a_package: Uuid = up.body["package"]["id"].as_str().unwrap().parse().unwrap();
+    publish(&app, &a, "api").await;
+    let alias = app
+        .post(&format!("{}/api/aliases", functions_path(a.tenant)))
+        .token(&a.token)
+        .json(json!({"name": "live", "routing": {"weights": [{"version": 1, "weight": 100}]}}))
+        .send()
+        .await;
+    let a_alias: Uuid = alias.body["id"].as_str().unwrap().parse().unwrap();
+    let a_function: Uuid = alias.body["function_id"].as_str().unwrap().parse().unwrap();
+    let b_fn = create_function(&app, &b, json!({"name": "api", "runtime": "wasm"})).await;
+    let b_function: Uuid = b_fn.body["id"].as_str().unwrap().parse().unwrap();
+
+    let scope = nimbus_api::db::Scope::tenant(b.tenant, Some(b.id));
+    let attempts: [(&str, Vec<Uuid>); 5] = [
+        (
+            "INSERT INTO packages (id, tenant_id, function_id, sha256, size, format) VALUES ($1, $2, $3, repeat('a', 64), 1, 'wasm')",
+            vec![Uuid::now_v7(), b.tenant, a_function],
+        ),
+        (
+            "INSERT INTO versions (id, tenant_id, function_id, number, package_id, sha256, config, published_via) \
+          VALUES ($1, $2, $3, 9, $4, repeat('a', 64), '{}', 'user')",
+            vec![Uuid::now_v7(), b.tenant, b_function, a_package],
+        ),
+        (
+            "INSERT INTO aliases (id, tenant_id, function_id, name, routing) VALUES ($1, $2, $3, 'x', '{}')",
+            vec![Uuid::now_v7(), b.tenant, a_function],
+        ),
+        (
+            "INSERT INTO alias_routes (tenant_id, alias_id, function_id, version) VALUES ($1, $2, $3, 5)",
+            vec![b.tenant, a_alias, a_function],
+        ),
+        ("UPDATE functions SET package_id = $2 WHERE id = $1", vec![b_function, a_package]),
+    ];
+    for (sql, binds) in attempts {
+        let mut tx = nimbus_api::db::begin(&app.state.pool, &scope).await.unwrap();
+        let mut q = sqlx::query(sql);
+        for v in binds {
+            q = q.bind(v);
+        }
+        let err = q.execute(&mut *tx).await.expect_err(sql);
+        let msg = err.to_string();
+        assert!(msg.contains("foreign key") || msg.contains("row-level security"), "{sql}: {msg}");
+    }
 }

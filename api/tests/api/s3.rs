@@ -230,12 +230,40 @@ async fn presigned_uploads_go_straight_to_s3_and_are_verified_on_completion() {
         .await
         .assert_problem(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
     let stranger = app.sign_up("x@example.com", "other").await;
+    // The stranger has a function of the same name: the upload id still leads nowhere.
+    create_function(&app, &stranger, json!({"name": "api", "runtime": "wasm"})).await;
     let up = start_upload(&app, &owner.token, owner.tenant, &bytes, &sha).await;
     app.post(&format!("{}/api/uploads/{}/complete", functions_path(stranger.tenant), up["id"].as_str().unwrap()))
         .token(&stranger.token)
         .send()
         .await
         .assert_problem(StatusCode::NOT_FOUND, "not_found");
+    let _ = std::fs::remove_dir_all(spool);
+}
+
+#[tokio::test]
+async fn an_upload_is_completed_once_even_when_completed_twice_at_the_same_time() {
+    let moto = Moto::start().await;
+    let (app, spool) = s3_app(&moto, "packages-c").await;
+    let owner = app.sign_up("owner@example.com", "acme").await;
+    create_function(&app, &owner, json!({"name": "api", "runtime": "wasm"})).await;
+    let bytes = wasm_module(9);
+    let up = start_upload(&app, &owner.token, owner.tenant, &bytes, &sha256(&bytes)).await;
+    assert!(put_presigned(&up, bytes.clone()).await.is_success());
+    let complete = format!("{}/api/uploads/{}/complete", functions_path(owner.tenant), up["id"].as_str().unwrap());
+    let (a, b) =
+        tokio::join!(app.post(&complete).token(&owner.token).send(), app.post(&complete).token(&owner.token).send());
+    let mut statuses = [a.status.as_u16(), b.status.as_u16()];
+    statuses.sort_unstable();
+    assert_eq!(statuses, [201, 409], "{} / {}", a.text, b.text);
+    let loser = if a.status == StatusCode::CONFLICT { &a } else { &b };
+    assert!(
+        ["upload_in_progress", "upload_completed"].contains(&loser.body["code"].as_str().unwrap()),
+        "{}",
+        loser.text
+    );
+    let packages = app.get(&format!("{}/api/packages", functions_path(owner.tenant))).token(&owner.token).send().await;
+    assert_eq!(packages.body["items"].as_array().unwrap().len(), 1);
     let _ = std::fs::remove_dir_all(spool);
 }
 
