@@ -118,6 +118,8 @@ pub fn validate_wasm(bytes: &[u8]) -> Result<(), Vec<FieldError>> {
     }
     let mut errors = Vec::new();
     let mut has_start = false;
+    let mut imports_wasi = false;
+    let mut exports_memory = false;
     for payload in Parser::new(0).parse_all(bytes) {
         let payload = match payload {
             Ok(p) => p,
@@ -130,6 +132,7 @@ pub fn validate_wasm(bytes: &[u8]) -> Result<(), Vec<FieldError>> {
             Payload::ImportSection(reader) => {
                 for (i, import) in reader.into_imports().enumerate() {
                     let Ok(import) = import else { continue };
+                    imports_wasi |= import.module == WASI_P1;
                     if import.module != WASI_P1 {
                         errors.push(FieldError::new(
                             format!("package.imports[{i}]"),
@@ -152,13 +155,23 @@ pub fn validate_wasm(bytes: &[u8]) -> Result<(), Vec<FieldError>> {
                 }
             }
             Payload::ExportSection(reader) => {
-                has_start |= reader.into_iter().flatten().any(|e| e.name == "_start" && e.kind == ExternalKind::Func);
+                for export in reader.into_iter().flatten() {
+                    has_start |= export.name == "_start" && export.kind == ExternalKind::Func;
+                    exports_memory |= export.name == "memory" && export.kind == ExternalKind::Memory;
+                }
             }
             _ => {}
         }
     }
     if !has_start {
         errors.push(FieldError::new("package.exports", "start_required", "the module must export a function `_start`"));
+    }
+    if imports_wasi && !exports_memory {
+        errors.push(FieldError::new(
+            "package.exports",
+            "memory_required",
+            "a module calling WASI must export its memory as `memory`",
+        ));
     }
     if errors.is_empty() { Ok(()) } else { Err(errors) }
 }
@@ -341,6 +354,7 @@ mod tests {
                 ("package.imports[0]".into(), "wasi_preview1_only".into()),
                 ("package.imports[2]".into(), "wasi_preview1_only".into()),
                 ("package.exports".into(), "start_required".into()),
+                ("package.exports".into(), "memory_required".into()),
             ]
         );
         // `_start` exported as something other than a function does not count.

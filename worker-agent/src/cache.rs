@@ -1,0 +1,1 @@
+//! The code cache (next slice).
