@@ -106,6 +106,22 @@ pub enum Action {
     UpdateAlias,
     /// Delete an alias.
     DeleteAlias,
+    /// Read a function's logs.
+    GetFunctionLogs,
+    /// Create a join token for worker nodes (platform).
+    CreateJoinToken,
+    /// List join tokens (platform).
+    ListJoinTokens,
+    /// Revoke a join token (platform).
+    RevokeJoinToken,
+    /// List and read worker nodes (platform).
+    ListNodes,
+    /// Drain a node: no new instances (platform).
+    DrainNode,
+    /// Remove a node: its credential stops working (platform).
+    RemoveNode,
+    /// Set the versions a node keeps warm (platform).
+    PutAssignments,
 }
 
 impl Action {
@@ -135,6 +151,14 @@ impl Action {
         Action::ListAliases,
         Action::UpdateAlias,
         Action::DeleteAlias,
+        Action::GetFunctionLogs,
+        Action::CreateJoinToken,
+        Action::ListJoinTokens,
+        Action::RevokeJoinToken,
+        Action::ListNodes,
+        Action::DrainNode,
+        Action::RemoveNode,
+        Action::PutAssignments,
     ];
 
     /// The action's name, `<service>:<Verb><Noun>`.
@@ -164,6 +188,14 @@ impl Action {
             Action::ListAliases => "functions:ListAliases",
             Action::UpdateAlias => "functions:UpdateAlias",
             Action::DeleteAlias => "functions:DeleteAlias",
+            Action::GetFunctionLogs => "functions:GetFunctionLogs",
+            Action::CreateJoinToken => "nodes:CreateJoinToken",
+            Action::ListJoinTokens => "nodes:ListJoinTokens",
+            Action::RevokeJoinToken => "nodes:RevokeJoinToken",
+            Action::ListNodes => "nodes:ListNodes",
+            Action::DrainNode => "nodes:DrainNode",
+            Action::RemoveNode => "nodes:RemoveNode",
+            Action::PutAssignments => "nodes:PutAssignments",
         }
     }
 
@@ -175,7 +207,8 @@ impl Action {
             | Action::GetFunction
             | Action::ListPackages
             | Action::ListVersions
-            | Action::ListAliases => Role::Viewer,
+            | Action::ListAliases
+            | Action::GetFunctionLogs => Role::Viewer,
             Action::CreateApiKey | Action::RevokeApiKey => Role::Developer,
             Action::CreateFunction
             | Action::UpdateFunction
@@ -191,7 +224,21 @@ impl Action {
             | Action::UpdateMember
             | Action::RemoveMember
             | Action::ListAuditEvents => Role::Admin,
+            // Platform actions are not a tenant role's to grant (see `is_platform`).
+            Action::CreateJoinToken
+            | Action::ListJoinTokens
+            | Action::RevokeJoinToken
+            | Action::ListNodes
+            | Action::DrainNode
+            | Action::RemoveNode
+            | Action::PutAssignments => Role::Admin,
         }
+    }
+
+    /// Whether the action acts on the platform (nodes, join tokens) rather than in a tenant:
+    /// only platform admins may perform it, through [`authorize_platform`].
+    pub fn is_platform(self) -> bool {
+        self.name().starts_with("nodes:")
     }
 }
 
@@ -235,6 +282,18 @@ pub mod nrn {
     pub fn user(u: Uuid) -> String {
         format!("nrn:nimbus:iam::user/{u}")
     }
+    /// A function's logs.
+    pub fn logs(t: Uuid, function: &str) -> String {
+        format!("nrn:nimbus:functions:{t}:function/{function}/logs")
+    }
+    /// A worker node (a platform resource, outside any tenant), or every node with `*`.
+    pub fn node(node: impl std::fmt::Display) -> String {
+        format!("nrn:nimbus:nodes::node/{node}")
+    }
+    /// A join token, or every token with `*`.
+    pub fn join_token(token: impl std::fmt::Display) -> String {
+        format!("nrn:nimbus:nodes::join-token/{token}")
+    }
 }
 
 /// Decides whether `principal` may perform `action` on `resource` in `tenant`, and returns the
@@ -251,6 +310,9 @@ pub async fn authorize(
     tenant: Uuid,
     resource: &str,
 ) -> Result<Role, ApiError> {
+    if action.is_platform() {
+        return Err(ApiError::Forbidden { action: action.name().to_owned(), resource: resource.to_owned() });
+    }
     let role = match principal {
         Principal::User { user_id, .. } => {
             let role: Option<String> =
@@ -300,6 +362,37 @@ pub async fn begin_in(
     let mut tx = db::begin(pool, &Scope { tenant: Some(tenant), user: principal.user_id(), ..scope }).await?;
     let role = authorize(&mut tx, principal, action, tenant, resource).await?;
     Ok((tx, role))
+}
+
+/// Decides whether `principal` may perform the platform action `action` on `resource`: only a
+/// signed-in platform admin may (API keys are tenant-bound and never can). Opens and returns a
+/// transaction with the platform scope, which widens exactly the policies naming
+/// `nimbus_platform()`; a denial is 403 naming the action and the resource.
+#[tracing::instrument(skip(pool, principal), fields(action = action.name()))]
+pub async fn begin_platform(
+    pool: &db::Db,
+    principal: &Principal,
+    action: Action,
+    resource: &str,
+) -> Result<Tx, ApiError> {
+    let denied = || {
+        metrics::counter!("nimbus_authz_denied_total", "action" => action.name()).increment(1);
+        ApiError::Forbidden { action: action.name().to_owned(), resource: resource.to_owned() }
+    };
+    let Principal::User { user_id, .. } = principal else { return Err(denied()) };
+    if !action.is_platform() {
+        return Err(denied());
+    }
+    let mut tx = db::begin(pool, &Scope::user(*user_id)).await?;
+    let admin: Option<bool> = sqlx::query_scalar("SELECT is_platform_admin FROM users WHERE id = $1")
+        .bind(user_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+    if admin != Some(true) {
+        return Err(denied());
+    }
+    db::set_scope(&mut tx, &Scope::platform(Some(*user_id))).await?;
+    Ok(tx)
 }
 
 #[cfg(test)]

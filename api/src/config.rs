@@ -178,6 +178,18 @@ pub struct ServerArgs {
     /// the first seals, all open. Without keys, secret values cannot be written.
     #[arg(long, env = "NIMBUS_SECRETS_KEYS", hide_env_values = true)]
     pub secrets_keys: Option<Secret>,
+    /// A worker node that has not reported for this long is marked `lost`.
+    #[arg(long, env = "NIMBUS_NODE_HEARTBEAT_TIMEOUT", default_value = "15s")]
+    pub node_heartbeat_timeout: HumanDuration,
+    /// How often agents report (heartbeat and per-second metrics).
+    #[arg(long, env = "NIMBUS_NODE_REPORT_INTERVAL", default_value = "1s")]
+    pub node_report_interval: HumanDuration,
+    /// Lifetime of a node credential; agents renew it at half-life.
+    #[arg(long, env = "NIMBUS_NODE_CREDENTIAL_TTL", default_value = "1h")]
+    pub node_credential_ttl: HumanDuration,
+    /// How long function log lines are kept.
+    #[arg(long, env = "NIMBUS_LOG_RETENTION", default_value = "7d")]
+    pub log_retention: HumanDuration,
 }
 
 impl ServerArgs {
@@ -249,7 +261,9 @@ pub fn reject_unknown_env(vars: impl IntoIterator<Item = (String, String)>) -> R
     let unknown: Vec<String> = vars
         .into_iter()
         .map(|(k, _)| k)
-        .filter(|k| k.starts_with("NIMBUS_") && !known.iter().any(|n| n == k))
+        // `NIMBUS_AGENT_*` belong to the worker agent (which checks them itself), so one
+        // environment can configure both binaries.
+        .filter(|k| k.starts_with("NIMBUS_") && !k.starts_with("NIMBUS_AGENT_") && !known.iter().any(|n| n == k))
         .collect();
     if unknown.is_empty() {
         Ok(())

@@ -279,6 +279,11 @@ pub struct Scope {
     pub api_key_prefix: Option<String>,
     /// Hex SHA-256 of a refresh token being exchanged.
     pub refresh_token_hash: Option<String>,
+    /// The worker node an agent request acts as (after its credential was checked).
+    pub node: Option<Uuid>,
+    /// Acting for the platform: a platform admin's request (after the admin check) or a
+    /// background loop. Widens exactly the policies that name `nimbus_platform()`.
+    pub platform: bool,
 }
 
 impl Scope {
@@ -289,6 +294,14 @@ impl Scope {
     /// Acting in a tenant, optionally as a user.
     pub fn tenant(tenant: Uuid, user: Option<Uuid>) -> Self {
         Scope { tenant: Some(tenant), user, ..Scope::default() }
+    }
+    /// Acting as a worker node.
+    pub fn node(node: Uuid) -> Self {
+        Scope { node: Some(node), ..Scope::default() }
+    }
+    /// Acting for the platform, optionally as a (platform admin) user.
+    pub fn platform(user: Option<Uuid>) -> Self {
+        Scope { user, platform: true, ..Scope::default() }
     }
 }
 
@@ -328,7 +341,7 @@ fn is_plain(v: &str) -> bool {
 
 impl Scope {
     /// The settings as (name, value) pairs; an unset value is empty.
-    fn settings(&self) -> [(&'static str, String); 5] {
+    fn settings(&self) -> [(&'static str, String); 7] {
         let uuid = |u: Option<Uuid>| u.map(|u| u.hyphenated().to_string()).unwrap_or_default();
         [
             ("nimbus.tenant_id", uuid(self.tenant)),
@@ -336,6 +349,8 @@ impl Scope {
             ("nimbus.lookup_email", self.lookup_email.clone().unwrap_or_default()),
             ("nimbus.api_key_prefix", self.api_key_prefix.clone().unwrap_or_default()),
             ("nimbus.refresh_token_hash", self.refresh_token_hash.clone().unwrap_or_default()),
+            ("nimbus.node_id", uuid(self.node)),
+            ("nimbus.platform", if self.platform { "on".to_owned() } else { String::new() }),
         ]
     }
 }
@@ -343,17 +358,20 @@ impl Scope {
 /// Replaces the scope settings of an open transaction (for example once a lookup has told
 /// which user a token belongs to).
 pub async fn set_scope(tx: &mut Tx, scope: &Scope) -> Result<(), sqlx::Error> {
-    let [tenant, user, email, prefix, hash] = scope.settings().map(|(_, v)| v);
+    let [tenant, user, email, prefix, hash, node, platform] = scope.settings().map(|(_, v)| v);
     sqlx::query(
         "SELECT set_config('nimbus.tenant_id', $1, true), set_config('nimbus.user_id', $2, true), \
          set_config('nimbus.lookup_email', $3, true), set_config('nimbus.api_key_prefix', $4, true), \
-         set_config('nimbus.refresh_token_hash', $5, true)",
+         set_config('nimbus.refresh_token_hash', $5, true), set_config('nimbus.node_id', $6, true), \
+         set_config('nimbus.platform', $7, true)",
     )
     .bind(tenant)
     .bind(user)
     .bind(email)
     .bind(prefix)
     .bind(hash)
+    .bind(node)
+    .bind(platform)
     .execute(&mut **tx)
     .await?;
     Ok(())

@@ -1,5 +1,6 @@
-//! Nimbus control plane: the REST API (identity, tenants, members, API keys, audit log), and
-//! later the invocation gateway, event ingress, agent endpoints and background loops.
+//! Nimbus control plane: the REST API (identity, tenants, members, API keys, audit log,
+//! functions, nodes), the agent protocol's server side and background loops; later the
+//! invocation gateway and event ingress.
 //!
 //! Entry points: [`startup::app`] builds the router (tests drive it in-process),
 //! [`startup::Application`] binds and serves it, `src/main.rs` is the command line.
@@ -19,6 +20,7 @@ pub mod local;
 pub mod me;
 pub mod members;
 pub mod names;
+pub mod nodes;
 pub mod openapi;
 pub mod pagination;
 pub mod routing;

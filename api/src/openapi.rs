@@ -39,6 +39,8 @@ use utoipa::{
         (name = "packages", description = "Code packages: streamed uploads (`PUT .../code`) and presigned uploads to S3"),
         (name = "versions", description = "Immutable, numbered snapshots of code and configuration"),
         (name = "aliases", description = "Named routing over versions (weights, sticky, header rules) and its history"),
+        (name = "nodes", description = "Worker nodes and join tokens (platform admins)"),
+        (name = "agent", description = "The agent protocol: what worker agents call (node credentials)"),
         (name = "ops", description = "Health, readiness, metrics"),
     )
 )]
@@ -55,6 +57,15 @@ impl Modify for BearerAuth {
                 HttpBuilder::new()
                     .scheme(HttpAuthScheme::Bearer)
                     .description(Some("An access token from sign-in, or an API key (`nmb_...`)"))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "node",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("A worker node's credential (`nnc_...`) from `POST /agent/v1/join`"))
                     .build(),
             ),
         );

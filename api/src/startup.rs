@@ -30,7 +30,7 @@ use crate::{
     config::ServerArgs,
     db,
     error::ApiError,
-    functions, health, idempotency, me, members, openapi,
+    functions, health, idempotency, me, members, nodes, openapi,
     secrets::SecretBox,
     store::{LocalStore, PackageStore, S3Settings, S3Store},
     telemetry, tenants,
@@ -51,6 +51,10 @@ pub struct AppState {
     pub store: PackageStore,
     /// Keys sealing secrets at rest, when configured.
     pub secrets: Option<Arc<SecretBox>>,
+    /// Wakes agents' desired-state long-polls.
+    pub hub: nodes::Hub,
+    /// Recent metrics reported by agents, and their per-minute rollups.
+    pub stats: nodes::Stats,
 }
 
 impl AppState {
@@ -89,7 +93,16 @@ impl AppState {
                 None
             }
         };
-        Ok(AppState { pool, keys, settings: Arc::new(settings), metrics: telemetry::metrics_handle(), store, secrets })
+        Ok(AppState {
+            pool,
+            keys,
+            settings: Arc::new(settings),
+            metrics: telemetry::metrics_handle(),
+            store,
+            secrets,
+            hub: nodes::Hub::default(),
+            stats: nodes::Stats::default(),
+        })
     }
 }
 
@@ -104,6 +117,7 @@ pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(api_keys::router())
         .merge(audit::router())
         .merge(functions::router())
+        .merge(nodes::router())
         .split_for_parts()
 }
 
@@ -183,6 +197,7 @@ pub struct Application {
     listener: tokio::net::TcpListener,
     state: AppState,
     public_url: String,
+    listen_url: String,
 }
 
 impl Application {
@@ -210,7 +225,8 @@ impl Application {
         let keys = KeyRing::load(pool.clone(), public_url.clone(), settings.access_token_ttl.0).await?;
         crate::extract::set_body_limit_hint(settings.max_body_bytes);
         let state = AppState::new(pool, keys, settings).await?;
-        Ok(Application { listener, state, public_url })
+        let listen_url = app_database_url.unwrap_or(database_url).to_owned();
+        Ok(Application { listener, state, public_url, listen_url })
     }
 
     /// The bound port.
@@ -234,10 +250,19 @@ impl Application {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let maintenance = tokio::spawn(maintenance_loop(self.state.clone()));
+        let watchdog = tokio::spawn(nodes::watchdog_loop(self.state.clone()));
+        let rollups = tokio::spawn(nodes::stats::rollup_loop(self.state.stats.clone(), self.state.pool.clone()));
+        let listener = tokio::spawn(self.state.hub.clone().listen(self.listen_url.clone()));
         let app = app(self.state.clone()).into_make_service_with_connect_info::<SocketAddr>();
         tracing::info!(url = %self.public_url, "listening");
         let served = axum::serve(self.listener, app).with_graceful_shutdown(shutdown).await;
-        maintenance.abort();
+        for task in [maintenance, watchdog, rollups, listener] {
+            task.abort();
+        }
+        // What agents reported in the last minute reaches PostgreSQL before the replica exits.
+        if let Err(e) = self.state.stats.flush(&self.state.pool).await {
+            tracing::warn!(error = ?e, "writing the last metrics rollups failed");
+        }
         self.state.pool.close();
         served.context("serving HTTP")
     }
@@ -278,6 +303,7 @@ async fn maintenance_loop(state: AppState) {
             state.keys.reload().await?;
             idempotency::purge_expired(&state).await?;
             throttle::purge_expired(&state.pool, state.settings.signin_throttle_window.0).await?;
+            nodes::purge_logs(&state.pool, state.settings.log_retention.0).await?;
             Ok(())
         }
         .await;

@@ -203,6 +203,11 @@ impl KeyRing {
         }
     }
 
+    /// The issuer: this deployment's public base URL.
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
     /// Issues an access token for a user session; returns the token and its expiry.
     pub fn issue(&self, user: Uuid, session: Uuid) -> anyhow::Result<(String, DateTime<Utc>)> {
         let (kid, key) = {

@@ -9,6 +9,7 @@
 
 pub mod aliases;
 pub mod env;
+pub mod logs;
 pub mod packages;
 pub mod validate;
 pub mod versions;
@@ -255,6 +256,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .merge(packages::router())
         .merge(versions::router())
         .merge(aliases::router())
+        .merge(logs::router())
 }
 
 /// The ETag of a revision.

@@ -156,6 +156,14 @@ impl S3Store {
         })
     }
 
+    /// A URL to GET the package `sha256` from, valid for `ttl` (what agents fetch code with).
+    pub async fn presign_get(&self, sha256: &str, ttl: Duration) -> Result<String, StoreError> {
+        let key = Self::key_of(sha256)?;
+        let config = PresigningConfig::expires_in(ttl).map_err(|e| StoreError::S3(e.to_string()))?;
+        let req = self.client.get_object().bucket(&self.bucket).key(key).presigned(config).await.map_err(s3_error)?;
+        Ok(req.uri().to_owned())
+    }
+
     /// The object at `key` as a stream, if it exists.
     pub async fn stream(
         &self,

@@ -17,6 +17,8 @@ const PUBLIC: &[(&str, &str)] = &[
     ("post", "/v1/auth/signin"),
     ("post", "/v1/auth/refresh"),
     ("post", "/v1/auth/signout"),
+    // The join token travels in the body.
+    ("post", "/agent/v1/join"),
 ];
 
 #[tokio::test]
@@ -47,7 +49,10 @@ async fn every_route_is_public_by_design_or_authorized() {
                 .replace("{version}", "1")
                 .replace("{alias_name}", "live")
                 .replace("{package_id}", &uuid::Uuid::now_v7().to_string())
-                .replace("{upload_id}", &uuid::Uuid::now_v7().to_string());
+                .replace("{upload_id}", &uuid::Uuid::now_v7().to_string())
+                .replace("{node_id}", &uuid::Uuid::now_v7().to_string())
+                .replace("{token_id}", &uuid::Uuid::now_v7().to_string())
+                .replace("{sha256}", &"a".repeat(64));
             assert!(!concrete.contains('{'), "no test value for a parameter of {path}");
             let m: Method = method.to_uppercase().parse().unwrap();
             let example = op

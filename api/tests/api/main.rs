@@ -11,5 +11,6 @@ mod db;
 mod functions;
 mod idempotency;
 mod isolation;
+mod nodes;
 mod s3;
 mod tenants;

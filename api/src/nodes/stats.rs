@@ -1,0 +1,170 @@
+//! Metrics agents report: the recent seconds per version in memory (what the autoscaler reads),
+//! and per-minute rollups written to PostgreSQL (`version_metrics`).
+//!
+//! Each replica keeps what the agents that reported to it sent. Rollups are upserts that add to
+//! what other replicas wrote for the same minute, so replicas never overwrite each other. A
+//! replica that dies loses at most its unflushed minute of metrics (never usage: usage has its
+//! own idempotent path).
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{Arc, Mutex},
+};
+
+use chrono::{DateTime, DurationRound, TimeDelta, Utc};
+use nimbus_protocol::{LATENCY_BUCKETS_MS, VersionMetrics};
+use uuid::Uuid;
+
+use crate::db::{self, Scope};
+
+/// Seconds of history kept per version.
+pub const RECENT_SECONDS: usize = 120;
+/// Buckets of a latency histogram.
+pub const BUCKETS: usize = LATENCY_BUCKETS_MS.len() + 1;
+
+/// One second of one version, summed over nodes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Second {
+    /// Start of the second.
+    pub second: DateTime<Utc>,
+    /// In-flight average, summed over nodes.
+    pub concurrency: f64,
+    /// Requests.
+    pub requests: u64,
+    /// Errors.
+    pub errors: u64,
+    /// Cold starts.
+    pub cold_starts: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Rollup {
+    tenant: Uuid,
+    requests: i64,
+    errors: i64,
+    cold_starts: i64,
+    concurrency_sum: f64,
+    buckets: [i64; BUCKETS],
+}
+
+#[derive(Default)]
+struct Inner {
+    recent: HashMap<Uuid, VecDeque<Second>>,
+    pending: HashMap<(Uuid, DateTime<Utc>), Rollup>,
+}
+
+/// The metrics store of a replica.
+#[derive(Clone, Default)]
+pub struct Stats {
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl Stats {
+    /// Adds one reported second of `tenant`'s version.
+    pub fn record(&self, tenant: Uuid, m: &VersionMetrics) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let recent = inner.recent.entry(m.version_id).or_default();
+        match recent.iter_mut().rev().find(|s| s.second == m.second) {
+            Some(s) => {
+                s.concurrency += m.concurrency;
+                s.requests += m.requests;
+                s.errors += m.errors;
+                s.cold_starts += m.cold_starts;
+            }
+            None => {
+                recent.push_back(Second {
+                    second: m.second,
+                    concurrency: m.concurrency,
+                    requests: m.requests,
+                    errors: m.errors,
+                    cold_starts: m.cold_starts,
+                });
+                recent.make_contiguous().sort_by_key(|s| s.second);
+                while recent.len() > RECENT_SECONDS {
+                    recent.pop_front();
+                }
+            }
+        }
+        let minute = m.second.duration_trunc(TimeDelta::minutes(1)).unwrap_or(m.second);
+        let r = inner.pending.entry((m.version_id, minute)).or_insert_with(|| Rollup {
+            tenant,
+            requests: 0,
+            errors: 0,
+            cold_starts: 0,
+            concurrency_sum: 0.0,
+            buckets: [0; BUCKETS],
+        });
+        let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        r.requests += count(m.requests);
+        r.errors += count(m.errors);
+        r.cold_starts += count(m.cold_starts);
+        r.concurrency_sum += m.concurrency;
+        for (b, n) in r.buckets.iter_mut().zip(&m.latency_buckets) {
+            *b += count(*n);
+        }
+    }
+
+    /// The recent seconds of a version, oldest first.
+    pub fn recent(&self, version: Uuid) -> Vec<Second> {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.recent.get(&version).map(|r| r.iter().cloned().collect()).unwrap_or_default()
+    }
+
+    /// Writes the pending rollups to PostgreSQL, adding to rows other replicas wrote. On failure
+    /// the rollups are kept for the next flush. Returns the rows written.
+    pub async fn flush(&self, pool: &db::Db) -> Result<usize, sqlx::Error> {
+        let pending = std::mem::take(&mut self.inner.lock().unwrap_or_else(|p| p.into_inner()).pending);
+        if pending.is_empty() {
+            return Ok(0);
+        }
+        let result = write(pool, &pending).await;
+        if result.is_err() {
+            let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            for (k, v) in pending {
+                inner.pending.entry(k).or_insert(v);
+            }
+        }
+        result
+    }
+}
+
+async fn write(pool: &db::Db, pending: &HashMap<(Uuid, DateTime<Utc>), Rollup>) -> Result<usize, sqlx::Error> {
+    let mut tx = db::begin(pool, &Scope::platform(None)).await?;
+    for ((version, minute), r) in pending {
+        sqlx::query(
+            "INSERT INTO version_metrics (tenant_id, version_id, minute, requests, errors, cold_starts, \
+             concurrency_sum, latency_buckets) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+             ON CONFLICT (version_id, minute) DO UPDATE SET \
+               requests = version_metrics.requests + EXCLUDED.requests, \
+               errors = version_metrics.errors + EXCLUDED.errors, \
+               cold_starts = version_metrics.cold_starts + EXCLUDED.cold_starts, \
+               concurrency_sum = version_metrics.concurrency_sum + EXCLUDED.concurrency_sum, \
+               latency_buckets = ARRAY(SELECT a + b FROM unnest(version_metrics.latency_buckets, \
+                 EXCLUDED.latency_buckets) WITH ORDINALITY AS t(a, b, i) ORDER BY i)",
+        )
+        .bind(r.tenant)
+        .bind(version)
+        .bind(minute)
+        .bind(r.requests)
+        .bind(r.errors)
+        .bind(r.cold_starts)
+        .bind(r.concurrency_sum)
+        .bind(&r.buckets[..])
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(pending.len())
+}
+
+/// Flushes rollups every minute.
+pub async fn rollup_loop(stats: Stats, pool: db::Db) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+    loop {
+        tick.tick().await;
+        match stats.flush(&pool).await {
+            Ok(n) => metrics::counter!("nimbus_metrics_rollups_written_total").increment(n as u64),
+            Err(e) => tracing::warn!(error = ?e, "writing metrics rollups failed; kept for the next minute"),
+        }
+    }
+}
