@@ -1,0 +1,348 @@
+//! Runtime benchmark of the agent alone (no network, no control plane): wasm cold starts from the
+//! on-disk artifact, first starts including compilation, warm invocations at concurrency 1 and 64
+//! against plain wasmtime in the same run, and process-runtime invocations. Prints a Markdown
+//! table. Run with `cargo bench -p nimbus-worker-agent --bench runtime` (release profile).
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    sync::Barrier,
+    time::{Duration, Instant},
+};
+
+use nimbus_worker_agent::{
+    cache::CodeCache,
+    runtime::{
+        Invocation, Limits,
+        process::{Packing, ProcessPackage, ProcessRuntime, unpack},
+        wasm::{WasmEngine, WasmSettings},
+    },
+};
+use wasmtime_wasi::{WasiCtxBuilder, p1::WasiP1Ctx, p2::pipe::MemoryOutputPipe};
+
+/// The cheapest possible function: does nothing, answers an empty 200.
+const NOOP: &str = r#"(module (memory (export "memory") 1) (func (export "_start")))"#;
+
+/// A trivial function that answers: one `fd_write` of `hello\n` to stdout.
+const HELLO: &str = r#"(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "hello\n")
+  (func (export "_start")
+    (i32.store (i32.const 0) (i32.const 16))
+    (i32.store (i32.const 4) (i32.const 6))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))"#;
+
+/// A module of about `target` bytes: many functions with arithmetic, branches and loops, so the
+/// compiler has real work per byte.
+fn big_module(target: usize) -> Vec<u8> {
+    let mut body = String::new();
+    for k in 0..60 {
+        write!(
+            body,
+            "(local.set 1 (i32.add (local.get 1) (i32.mul (local.get 0) (i32.const {}))))\
+             (if (i32.gt_u (local.get 1) (i32.const {})) (then (local.set 1 (i32.xor (local.get 1) (i32.const {})))))",
+            k * 7919 + 1,
+            k * 104_729,
+            k * 31 + 5
+        )
+        .unwrap();
+    }
+    let func = format!(
+        "(func (param i32) (result i32) (local i32) (local.set 1 (i32.const 1)) \
+         (block (loop (br_if 1 (i32.eqz (local.get 0))) {body} \
+         (local.set 0 (i32.sub (local.get 0) (i32.const 1))) (br 0))) (local.get 1))"
+    );
+    let one = wat::parse_str(format!("(module {func})")).unwrap().len();
+    let count = target / one.max(1) + 1;
+    let mut text = String::from("(module (memory (export \"memory\") 1)\n");
+    for _ in 0..count {
+        text.push_str(&func);
+        text.push('\n');
+    }
+    text.push_str("(func (export \"_start\") (drop (call 0 (i32.const 3)))))");
+    wat::parse_str(text).unwrap()
+}
+
+/// Latencies of one measurement.
+struct Sample {
+    times: Vec<Duration>,
+    wall: Duration,
+}
+
+impl Sample {
+    fn of(mut times: Vec<Duration>, wall: Duration) -> Sample {
+        times.sort();
+        Sample { times, wall }
+    }
+    fn pct(&self, p: f64) -> Duration {
+        let i = ((self.times.len() as f64 * p) as usize).min(self.times.len() - 1);
+        self.times[i]
+    }
+    fn per_second(&self) -> f64 {
+        self.times.len() as f64 / self.wall.as_secs_f64()
+    }
+}
+
+/// Times `f` `n` times in a row.
+fn repeat(n: usize, mut f: impl FnMut()) -> Sample {
+    let start = Instant::now();
+    let times = (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed()
+        })
+        .collect();
+    Sample::of(times, start.elapsed())
+}
+
+/// Times `per_thread` calls of `f` on each of `threads` OS threads started together.
+fn concurrent(threads: usize, per_thread: usize, f: impl Fn() + Sync) -> Sample {
+    let barrier = Barrier::new(threads + 1);
+    let (times, wall) = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    barrier.wait();
+                    (0..per_thread)
+                        .map(|_| {
+                            let t = Instant::now();
+                            f();
+                            t.elapsed()
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        barrier.wait();
+        let start = Instant::now();
+        let times: Vec<Duration> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
+        (times, start.elapsed())
+    });
+    Sample::of(times, wall)
+}
+
+fn ms(d: Duration) -> String {
+    let ms = d.as_secs_f64() * 1e3;
+    if ms < 10.0 { format!("{ms:.3} ms") } else { format!("{ms:.0} ms") }
+}
+
+/// The Markdown table being built.
+#[derive(Default)]
+struct Table(String);
+
+impl Table {
+    fn row(&mut self, what: &str, s: &Sample, rate: bool, note: &str) {
+        let rate = if rate { format!("{:.0}", s.per_second()) } else { "—".into() };
+        writeln!(self.0, "| {what} | {} | {} | {} | {rate} | {note} |", s.times.len(), ms(s.pct(0.5)), ms(s.pct(0.99)))
+            .unwrap();
+    }
+}
+
+fn request() -> Invocation {
+    Invocation {
+        id: "0190f0e0-0000-7000-8000-0000000000b1".into(),
+        function: "bench".into(),
+        version: 1,
+        method: "GET".into(),
+        path: "/".into(),
+        headers: vec![("user-agent".into(), "bench".into())],
+        env: BTreeMap::from([("GREETING".to_owned(), "hello".to_owned())]),
+        ..Invocation::default()
+    }
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, bytes).as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A code cache in `dir` already holding `wasm` as a fetched blob (as the agent's cache would
+/// after a download); returns it and the package's SHA-256.
+fn cache_with(dir: &Path, wasm: &[u8]) -> (CodeCache, String) {
+    let sha = sha256(wasm);
+    std::fs::create_dir_all(dir.join("blobs")).unwrap();
+    std::fs::write(dir.join("blobs").join(&sha), wasm).unwrap();
+    (CodeCache::open(dir, 1 << 30).unwrap(), sha)
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap().trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cores} cores ({cpu}), {} {}", std::env::consts::OS, std::env::consts::ARCH)
+}
+
+/// Plain wasmtime: Engine, Linker with WASI preview 1, and per call a Store with a minimal WASI
+/// context (stdout to a memory pipe), `instantiate_pre`, `_start`.
+struct Plain {
+    engine: wasmtime::Engine,
+    pre: wasmtime::InstancePre<WasiP1Ctx>,
+}
+
+impl Plain {
+    fn new(config: &wasmtime::Config, wasm: &[u8]) -> Plain {
+        let engine = wasmtime::Engine::new(config).unwrap();
+        let module = wasmtime::Module::new(&engine, wasm).unwrap();
+        let mut linker = wasmtime::Linker::new(&engine);
+        wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |c: &mut WasiP1Ctx| c).unwrap();
+        let pre = linker.instantiate_pre(&module).unwrap();
+        Plain { engine, pre }
+    }
+
+    fn call(&self) {
+        let ctx = WasiCtxBuilder::new().stdout(MemoryOutputPipe::new(1 << 20)).build_p1();
+        let mut store = wasmtime::Store::new(&self.engine, ctx);
+        let instance = self.pre.instantiate(&mut store).unwrap();
+        let start = instance.get_typed_func::<(), ()>(&mut store, "_start").unwrap();
+        start.call(&mut store, ()).unwrap();
+    }
+}
+
+/// The process runtime: an echo shell script packed as a gzip tarball, run per invocation.
+fn process_invocations(scratch: &Path, n: usize) -> Sample {
+    let script = std::fs::read(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/echo.sh")).unwrap();
+    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let mut b = tar::Builder::new(gz);
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(0o755);
+    h.set_size(script.len() as u64);
+    b.append_data(&mut h, "bin/handler", &script[..]).unwrap();
+    let archive = scratch.join("echo.tar.gz");
+    std::fs::write(&archive, b.into_inner().unwrap().finish().unwrap()).unwrap();
+    let dir = scratch.join("echo");
+    unpack(&archive, Packing::TarGz, &dir).unwrap();
+    let pkg = ProcessPackage { dir, entry: "bin/handler".into() };
+    let runtime = ProcessRuntime::new(scratch.join("work")).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let mut inv = request();
+    inv.body = b"ping".to_vec();
+    rt.block_on(async {
+        let start = Instant::now();
+        let mut times = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = Instant::now();
+            let o = runtime.invoke(&pkg, &inv, &Limits::default()).await;
+            assert_eq!(o.response.status, 200);
+            times.push(t.elapsed());
+        }
+        Sample::of(times, start.elapsed())
+    })
+}
+
+fn main() {
+    let started = Instant::now();
+    let scratch = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("bench-runtime-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch).unwrap();
+    let limits = Limits::default();
+    let inv = request();
+    let engine = WasmEngine::new(&WasmSettings::default()).unwrap();
+    let mut t = Table::default();
+
+    // Cold start with the artifact cached on disk: deserialize, link, one invocation.
+    let noop = wat::parse_str(NOOP).unwrap();
+    let artifact = scratch.join("noop.cwasm");
+    std::fs::write(&artifact, engine.precompile(&noop).unwrap()).unwrap();
+    for _ in 0..50 {
+        let warm = engine.prepare(&engine.load_artifact(&artifact).unwrap()).unwrap();
+        engine.invoke(&warm, &inv, &limits);
+    }
+    let cold = repeat(2_000, || {
+        let warm = engine.prepare(&engine.load_artifact(&artifact).unwrap()).unwrap();
+        let o = engine.invoke(&warm, &inv, &limits);
+        assert_eq!(o.response.status, 200);
+    });
+    t.row("wasm cold start, artifact on disk: load + prepare + invoke (noop)", &cold, false, "target p50 < 0.5 ms");
+    let load = repeat(2_000, || {
+        engine.prepare(&engine.load_artifact(&artifact).unwrap()).unwrap();
+    });
+    t.row("↳ of which load (deserialize) + prepare (link)", &load, false, "");
+    let warm_noop = engine.prepare(&engine.load_artifact(&artifact).unwrap()).unwrap();
+    let run = repeat(2_000, || {
+        engine.invoke(&warm_noop, &inv, &limits);
+    });
+    t.row("↳ of which instantiate + run (warm invocation)", &run, false, "");
+
+    // First start: compiled now, through the code cache (precompile, write, fsync, rename, load),
+    // then prepare and one invocation.
+    for (label, wasm, runs) in [("small (noop)", noop.clone(), 5), ("large", big_module(5 << 20), 3)] {
+        let dir = scratch.join(format!("cache-{}", wasm.len()));
+        let (cache, sha) = cache_with(&dir, &wasm);
+        let mut artifact_bytes = 0;
+        let first = repeat(runs, || {
+            for f in std::fs::read_dir(dir.join("artifacts")).unwrap() {
+                std::fs::remove_file(f.unwrap().path()).unwrap();
+            }
+            let (module, compiled_now) = cache.wasm_module(&engine, &sha).unwrap();
+            assert!(compiled_now);
+            let o = engine.invoke(&engine.prepare(&module).unwrap(), &inv, &limits);
+            assert_eq!(o.response.status, 200);
+            artifact_bytes = cache.size() - wasm.len() as u64;
+        });
+        let note = format!("{:.2} MB wasm → {:.2} MB artifact", wasm.len() as f64 / 1e6, artifact_bytes as f64 / 1e6);
+        t.row(&format!("wasm first start incl. compilation, {label}"), &first, false, &note);
+    }
+
+    // Warm invocations: Nimbus's WasmEngine::invoke against plain wasmtime, same module.
+    let hello = wat::parse_str(HELLO).unwrap();
+    let warm = engine.prepare(&engine.compile(&hello).unwrap()).unwrap();
+    assert_eq!(engine.invoke(&warm, &inv, &limits).response.body, b"hello\n");
+    let nimbus = || {
+        engine.invoke(&warm, &inv, &limits);
+    };
+    let default_plain = Plain::new(&wasmtime::Config::new(), &hello);
+    let mut pooling = wasmtime::Config::new();
+    pooling.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(
+        wasmtime::PoolingAllocationConfig::default(),
+    ));
+    let pooled_plain = Plain::new(&pooling, &hello);
+    for f in [&nimbus as &(dyn Fn() + Sync), &|| default_plain.call(), &|| pooled_plain.call()] {
+        repeat(2_000, f);
+    }
+    let mut ratios = String::new();
+    for (concurrency, per_thread) in [(1, 20_000), (64, 400)] {
+        let measure = |f: &(dyn Fn() + Sync)| {
+            if concurrency == 1 { repeat(per_thread, f) } else { concurrent(concurrency, per_thread, f) }
+        };
+        let n = measure(&nimbus);
+        let d = measure(&|| default_plain.call());
+        let p = measure(&|| pooled_plain.call());
+        t.row(&format!("wasm warm invocation, Nimbus `WasmEngine::invoke`, concurrency {concurrency}"), &n, true, "");
+        t.row(&format!("↳ plain wasmtime, default config, concurrency {concurrency}"), &d, true, "baseline");
+        t.row(&format!("↳ plain wasmtime, pooling allocator, concurrency {concurrency}"), &p, true, "baseline");
+        writeln!(
+            ratios,
+            "- concurrency {concurrency}: Nimbus / plain (default) p50 {:.2}×, throughput {:.2}×; \
+             Nimbus / plain (pooling) p50 {:.2}×, throughput {:.2}×",
+            n.pct(0.5).as_secs_f64() / d.pct(0.5).as_secs_f64(),
+            n.per_second() / d.per_second(),
+            n.pct(0.5).as_secs_f64() / p.pct(0.5).as_secs_f64(),
+            n.per_second() / p.per_second(),
+        )
+        .unwrap();
+    }
+
+    // The process runtime: fork, exec of a shell script, pipes, scratch directory, group kill.
+    let process = process_invocations(&scratch, 300);
+    t.row(
+        "process invocation (echo shell script, `ProcessRuntime::invoke`)",
+        &process,
+        true,
+        "cold every time, by design",
+    );
+
+    println!("## Runtime benchmark (`cargo bench -p nimbus-worker-agent --bench runtime`)\n");
+    println!("Machine: {}. Engine: pooling = {}.\n", machine(), engine.pooled());
+    println!("| measurement | runs | p50 | p99 | per second | notes |");
+    println!("|---|---|---|---|---|---|");
+    print!("{}", t.0);
+    println!("\nRatios (below 1× p50 or above 1× throughput: Nimbus is faster):\n\n{ratios}");
+    println!("Total bench time {:.1} s.", started.elapsed().as_secs_f64());
+    let _ = std::fs::remove_dir_all(&scratch);
+}

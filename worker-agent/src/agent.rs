@@ -1,0 +1,232 @@
+//! The agent's lifecycle: open the data directory, bind the listener, get an identity (renew the
+//! stored one or join), then run the listener, the credential renewal, reconciliation, reports
+//! and usage shipping until told to stop; then drain: refuse new invocations, let running ones
+//! finish (bounded by the drain timeout), ship all usage (bounded too), leave, and return.
+//!
+//! Printed on standard output for supervisors and tests: `listening on http://<addr>` once the
+//! listener is bound, and `joined as node <uuid>` once the node has its identity.
+
+use std::{
+    future::Future,
+    os::unix::fs::DirBuilderExt as _,
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicI64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use tokio::{sync::watch, task::JoinHandle};
+
+use crate::{
+    cache::CodeCache,
+    client::{ControlPlane, NodeInfo},
+    config::Settings,
+    identity,
+    invoke::Invoker,
+    listener::{InvokeAuth, Listener, router},
+    reconcile::{Reconciler, poll},
+    registry::Registry,
+    report::Reporter,
+    runtime::{
+        process::ProcessRuntime,
+        wasm::{WasmEngine, WasmSettings},
+    },
+    shipper::Shipper,
+    spool::Spool,
+    stats::Stats,
+};
+
+/// Report interval when neither the settings nor the control plane name one.
+const DEFAULT_REPORT_INTERVAL: Duration = Duration::from_secs(1);
+/// Longest the final `leave` call may take.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where the node's state lives inside its data directory.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    /// `identity.json`: node id, credential, invoke secret.
+    pub identity: PathBuf,
+    /// `cache/`: the code cache.
+    pub cache: PathBuf,
+    /// `usage/`: the usage spool.
+    pub usage: PathBuf,
+    /// `scratch/`: working directories of process invocations.
+    pub scratch: PathBuf,
+}
+
+impl Paths {
+    /// The layout under `data_dir`.
+    pub fn new(data_dir: &Path) -> Paths {
+        Paths {
+            identity: identity::path(data_dir),
+            cache: data_dir.join("cache"),
+            usage: data_dir.join("usage"),
+            scratch: data_dir.join("scratch"),
+        }
+    }
+}
+
+/// Runs the agent until `shutdown` resolves, then drains and returns. An error means the node
+/// could not start (settings, data directory, a refused join); once running it never gives up.
+pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let name = settings.validate().map_err(anyhow::Error::msg)?;
+    let base = settings.control_plane();
+    let paths = Paths::new(&settings.data_dir);
+    if !settings.data_dir.exists() {
+        // It holds the node's credentials and the functions' logs: the agent's user only.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&settings.data_dir)
+            .with_context(|| format!("creating the data directory {}", settings.data_dir.display()))?;
+    }
+    // Scratch directories of invocations a killed agent left behind are of no use to anyone.
+    let _ = std::fs::remove_dir_all(&paths.scratch);
+
+    let engine = Arc::new(WasmEngine::new(&WasmSettings {
+        instance_slots: settings.wasm_pool_slots,
+        max_memory_mb: settings.wasm_max_memory_mb,
+        pooling: settings.wasm_pooling,
+    })?);
+    let cache = Arc::new(CodeCache::open(&paths.cache, settings.cache_budget_bytes)?);
+    let spool = Arc::new(Spool::open(&paths.usage, settings.usage_batch_size)?);
+    let process = ProcessRuntime::new(&paths.scratch)?;
+    let registry = Registry::new();
+    let stats = Arc::new(Stats::new());
+
+    let tcp = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("binding the invocation listener to {}", settings.listen))?;
+    let bound = tcp.local_addr()?;
+    let invoke_url = settings.invoke_url(bound);
+    println!("listening on http://{bound}");
+    tracing::info!(%bound, %invoke_url, pooled = engine.pooled(), "invocation listener bound");
+
+    let node = NodeInfo { name, zone: settings.zone.clone(), capacity: settings.capacity(), invoke_url };
+    let client = Arc::new(ControlPlane::new(base, settings.join_token.clone(), node, paths.identity.clone())?);
+    tokio::pin!(shutdown);
+    let identity = tokio::select! {
+        identity = client.establish() => identity.context("the node could not join the control plane")?,
+        () = &mut shutdown => {
+            tracing::info!("stopped before the node had joined");
+            spool.close();
+            return Ok(());
+        }
+    };
+    println!("joined as node {}", identity.node_id);
+    tracing::info!(node_id = %identity.node_id, expires_at = %identity.expires_at, "joined the control plane");
+
+    let auth = Arc::new(InvokeAuth::default());
+    auth.set(&identity.invoke_secret);
+    let report_interval = settings
+        .report_interval
+        .map(|d| d.0)
+        .or_else(|| (identity.report_interval_ms > 0).then(|| Duration::from_millis(identity.report_interval_ms)))
+        .unwrap_or(DEFAULT_REPORT_INTERVAL)
+        .max(Duration::from_millis(100));
+
+    let draining = Arc::new(AtomicBool::new(false));
+    let invoker = Arc::new(Invoker::new(registry.clone(), stats.clone(), engine.clone(), process, spool.clone()));
+    let app = router(Arc::new(Listener {
+        invoker,
+        auth: auth.clone(),
+        draining: draining.clone(),
+        max_body_bytes: settings.max_body_bytes,
+    }));
+    let (stop_serving, serving_stopped) = watch::channel(false);
+    let server = tokio::spawn(async move {
+        let mut stopped = serving_stopped;
+        let graceful = async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        };
+        if let Err(e) = axum::serve(tcp, app).with_graceful_shutdown(graceful).await {
+            tracing::error!(error = %e, "the invocation listener failed");
+        }
+    });
+
+    let reconciled = Arc::new(AtomicI64::new(0));
+    let (latest, desired) = watch::channel(None);
+    let shipper = Shipper::new(spool.clone(), client.clone());
+    let reporter = Arc::new(Reporter {
+        client: client.clone(),
+        registry: registry.clone(),
+        stats,
+        reconciled: reconciled.clone(),
+    });
+    let reconciler = Reconciler::new(client.clone(), cache, engine, registry.clone(), settings.max_queued, reconciled);
+    let tasks: Vec<JoinHandle<()>> = vec![
+        tokio::spawn(follow_invoke_secret(client.clone(), auth)),
+        tokio::spawn({
+            let client = client.clone();
+            async move { client.keep_renewed().await }
+        }),
+        tokio::spawn(poll(client.clone(), latest)),
+        tokio::spawn(reconciler.run(desired)),
+        tokio::spawn(reporter.clone().run(report_interval)),
+        // Segments an earlier run left are sealed already, so the first round ships them.
+        tokio::spawn(shipper.clone().run(settings.usage_flush_interval.0)),
+    ];
+
+    shutdown.await;
+    tracing::info!(in_flight = registry.in_flight(), "draining");
+    let deadline = Instant::now() + settings.drain_timeout.0;
+    draining.store(true, Ordering::Relaxed);
+    let _ = stop_serving.send(true);
+    let mut server = server;
+    let finish = async {
+        // The server ends once every connection is answered; invocations whose caller went
+        // away run on their own tasks and are counted by the registry.
+        let _ = (&mut server).await;
+        wait_idle(&registry).await;
+    };
+    if tokio::time::timeout_at(deadline.into(), finish).await.is_err() {
+        tracing::warn!(in_flight = registry.in_flight(), "invocations still running at the drain timeout");
+    }
+    server.abort();
+    for task in &tasks {
+        task.abort();
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+
+    let ship_deadline = Instant::now() + settings.drain_timeout.0;
+    match tokio::time::timeout_at(ship_deadline.into(), shipper.ship_all()).await {
+        Ok(Ok(())) => tracing::info!("all usage shipped"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "usage not shipped; it stays spooled for the next run"),
+        Err(_) => tracing::warn!("shipping usage timed out; it stays spooled for the next run"),
+    }
+    spool.close();
+    match tokio::time::timeout(LEAVE_TIMEOUT, reporter.last()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "the last report failed"),
+        Err(_) => tracing::warn!("the last report timed out"),
+    }
+    match tokio::time::timeout(LEAVE_TIMEOUT, client.leave()).await {
+        Ok(Ok(())) => tracing::info!("left the control plane"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "leaving the control plane failed"),
+        Err(_) => tracing::warn!("leaving the control plane timed out"),
+    }
+    Ok(())
+}
+
+/// Waits until no invocation runs.
+async fn wait_idle(registry: &Registry) {
+    while registry.in_flight() > 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Keeps the listener's secret that of the latest join.
+async fn follow_invoke_secret(client: Arc<ControlPlane>, auth: Arc<InvokeAuth>) {
+    let mut changes = client.subscribe();
+    while changes.changed().await.is_ok() {
+        let secret = changes.borrow_and_update().as_ref().map(|i| i.invoke_secret.clone());
+        if let Some(secret) = secret {
+            auth.set(&secret);
+        }
+    }
+}

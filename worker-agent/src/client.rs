@@ -1,0 +1,334 @@
+//! The agent's side of the agent protocol (`nimbus_protocol`): join, renew, desired state,
+//! reports, usage, leave. It owns the node's identity: a 401 on any call re-joins once with the
+//! join token and repeats the call, and every new credential is written to the identity file and
+//! published to the rest of the agent (the listener needs the invoke secret of the last join).
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use chrono::Utc;
+use nimbus_protocol::{Capacity, Credential, DesiredState, JoinRequest, JoinResponse, Report, UsageAck, UsageBatch};
+use reqwest::{Method, StatusCode};
+use tokio::sync::{Mutex, watch};
+
+use crate::{
+    backoff::Backoff,
+    config::Secret,
+    identity::{self, Identity},
+};
+
+/// Longest ordinary call (the desired-state long poll gets its wait on top).
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How a call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The control plane refused the node's credential (after one re-join).
+    #[error("the control plane refused the node credential")]
+    Unauthorized,
+    /// No join token to join with.
+    #[error("the node has no valid identity and no join token (--join-token / NIMBUS_AGENT_JOIN_TOKEN)")]
+    NoJoinToken,
+    /// The control plane answered with an error status.
+    #[error("the control plane answered {status}: {body}")]
+    Status {
+        /// The status.
+        status: u16,
+        /// The start of the body.
+        body: String,
+    },
+    /// The control plane could not be reached, or the answer did not arrive.
+    #[error("the control plane is unreachable: {0}")]
+    Transport(String),
+    /// The answer was not the expected document.
+    #[error("the control plane sent an unreadable answer: {0}")]
+    Decode(String),
+}
+
+impl CallError {
+    /// Whether trying again later can help (it cannot for a refused join).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            CallError::Transport(_) | CallError::Decode(_) => true,
+            CallError::Status { status, .. } => *status >= 500 || *status == 429 || *status == 408,
+            CallError::Unauthorized | CallError::NoJoinToken => false,
+        }
+    }
+}
+
+/// What a join says about the node, besides the token.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    /// Its name.
+    pub name: String,
+    /// Its zone.
+    pub zone: String,
+    /// What it offers.
+    pub capacity: Capacity,
+    /// Where the gateway reaches it.
+    pub invoke_url: String,
+}
+
+/// A connection to the control plane on behalf of one node.
+pub struct ControlPlane {
+    base: String,
+    http: reqwest::Client,
+    token: Option<Secret>,
+    node: NodeInfo,
+    identity_file: PathBuf,
+    identity: watch::Sender<Option<Arc<Identity>>>,
+    /// Serializes joins and renewals, so that concurrent 401s re-join once.
+    rejoin: Mutex<()>,
+}
+
+impl ControlPlane {
+    /// A client of the control plane at `base` (no trailing slash) for `node`, keeping its
+    /// identity in `identity_file`.
+    pub fn new(base: String, token: Option<Secret>, node: NodeInfo, identity_file: PathBuf) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .user_agent(concat!("nimbus-worker-agent/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        let (identity, _) = watch::channel(None);
+        Ok(ControlPlane { base, http, token, node, identity_file, identity, rejoin: Mutex::new(()) })
+    }
+
+    /// The HTTP client (shared with the code cache's downloads).
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// The control plane's base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// The current identity, once the node has one.
+    pub fn identity(&self) -> Option<Arc<Identity>> {
+        self.identity.borrow().clone()
+    }
+
+    /// Changes of the identity (joins and renewals).
+    pub fn subscribe(&self) -> watch::Receiver<Option<Arc<Identity>>> {
+        self.identity.subscribe()
+    }
+
+    /// The credential to send with a package download: only to the control plane itself, never
+    /// to a presigned object-store URL.
+    pub fn credential_for(&self, url: &str) -> Option<String> {
+        let ours = url.strip_prefix(self.base.as_str()).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'));
+        if ours { self.identity().map(|i| i.credential.clone()) } else { None }
+    }
+
+    /// Gets the node an identity at startup: renews the stored one, or joins when there is none,
+    /// it belongs to another control plane, or it is refused. Transient failures are retried
+    /// until they pass; a refusal is returned.
+    pub async fn establish(&self) -> Result<Arc<Identity>, CallError> {
+        let stored = identity::load(&self.identity_file).filter(|i| i.control_plane_url == self.base);
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        if let Some(stored) = stored {
+            self.publish(Arc::new(stored.clone()));
+            loop {
+                match self.renew_once(&stored).await {
+                    Ok(identity) => return Ok(identity),
+                    Err(CallError::Unauthorized) => break,
+                    Err(e) if e.is_transient() => {
+                        tracing::warn!(error = %e, "renewing the node credential failed; retrying");
+                        tokio::time::sleep(backoff.next_delay()).await;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            tracing::info!("the stored node credential was refused; joining again");
+        }
+        backoff.reset();
+        loop {
+            match self.join().await {
+                Ok(identity) => return Ok(identity),
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(error = %e, "joining the control plane failed; retrying");
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Renews the credential whenever half of its remaining lifetime has passed, forever.
+    pub async fn keep_renewed(&self) {
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+        loop {
+            let Some(current) = self.identity() else { return };
+            let remaining = (current.expires_at - Utc::now()).to_std().unwrap_or_default();
+            tokio::time::sleep(remaining / 2).await;
+            loop {
+                let Some(current) = self.identity() else { return };
+                let result = match self.renew_once(&current).await {
+                    Err(CallError::Unauthorized) => self.rejoin(&current).await,
+                    other => other.map(|_| ()),
+                };
+                match result {
+                    Ok(()) => {
+                        backoff.reset();
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "renewing the node credential failed; retrying");
+                        tokio::time::sleep(backoff.next_delay()).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// `GET /agent/v1/desired-state?after=R&wait=S`.
+    pub async fn desired_state(&self, after: i64, wait: Duration) -> Result<DesiredState, CallError> {
+        let path = format!("/agent/v1/desired-state?after={after}&wait={}", wait.as_secs());
+        let response = self.authed(Method::GET, &path, None, CALL_TIMEOUT + wait).await?;
+        decode(response).await
+    }
+
+    /// `POST /agent/v1/reports`.
+    pub async fn report(&self, report: &Report) -> Result<(), CallError> {
+        let body = serde_json::to_vec(report).map_err(|e| CallError::Decode(e.to_string()))?;
+        self.authed(Method::POST, "/agent/v1/reports", Some(body), CALL_TIMEOUT).await.map(drop)
+    }
+
+    /// `POST /agent/v1/usage`.
+    pub async fn usage(&self, batch: &UsageBatch) -> Result<UsageAck, CallError> {
+        let body = serde_json::to_vec(batch).map_err(|e| CallError::Decode(e.to_string()))?;
+        decode(self.authed(Method::POST, "/agent/v1/usage", Some(body), CALL_TIMEOUT).await?).await
+    }
+
+    /// `POST /agent/v1/leave`.
+    pub async fn leave(&self) -> Result<(), CallError> {
+        self.authed(Method::POST, "/agent/v1/leave", None, CALL_TIMEOUT).await.map(drop)
+    }
+
+    /// Sends an authenticated call; on 401 re-joins once and sends it again.
+    async fn authed(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<reqwest::Response, CallError> {
+        let mut rejoined = false;
+        loop {
+            let Some(identity) = self.identity() else { return Err(CallError::Unauthorized) };
+            let mut request = self
+                .http
+                .request(method.clone(), format!("{}{path}", self.base))
+                .bearer_auth(&identity.credential)
+                .timeout(timeout);
+            if let Some(body) = &body {
+                request = request.header(reqwest::header::CONTENT_TYPE, "application/json").body(body.clone());
+            }
+            let response = request.send().await.map_err(transport)?;
+            if response.status() != StatusCode::UNAUTHORIZED {
+                return check(response).await;
+            }
+            if rejoined {
+                return Err(CallError::Unauthorized);
+            }
+            rejoined = true;
+            self.rejoin(&identity).await?;
+        }
+    }
+
+    /// Joins again unless someone else already replaced the credential `refused`.
+    async fn rejoin(&self, refused: &Identity) -> Result<(), CallError> {
+        let _one_at_a_time = self.rejoin.lock().await;
+        if self.identity().is_some_and(|now| now.credential != refused.credential) {
+            return Ok(());
+        }
+        tracing::warn!(node_id = %refused.node_id, "the control plane refused the node credential; joining again");
+        self.join_locked().await.map(drop)
+    }
+
+    async fn join(&self) -> Result<Arc<Identity>, CallError> {
+        let _one_at_a_time = self.rejoin.lock().await;
+        self.join_locked().await
+    }
+
+    /// `POST /agent/v1/join`; the caller holds `rejoin`.
+    async fn join_locked(&self) -> Result<Arc<Identity>, CallError> {
+        let Some(token) = &self.token else { return Err(CallError::NoJoinToken) };
+        let request = JoinRequest {
+            token: token.expose().to_owned(),
+            name: self.node.name.clone(),
+            zone: self.node.zone.clone(),
+            capacity: self.node.capacity,
+            invoke_url: self.node.invoke_url.clone(),
+        };
+        let response = self
+            .http
+            .post(format!("{}/agent/v1/join", self.base))
+            .json(&request)
+            .timeout(CALL_TIMEOUT)
+            .send()
+            .await
+            .map_err(transport)?;
+        // A refused join token is a 401 too, but re-joining cannot help it.
+        let joined: JoinResponse = decode(check(response).await.map_err(|e| match e {
+            CallError::Unauthorized => CallError::Status { status: 401, body: "the join token was refused".into() },
+            other => other,
+        })?)
+        .await?;
+        let identity = Arc::new(Identity::from_join(&self.base, joined));
+        self.persist(&identity);
+        self.publish(identity.clone());
+        Ok(identity)
+    }
+
+    /// `POST /agent/v1/renew` with `current`'s credential.
+    async fn renew_once(&self, current: &Identity) -> Result<Arc<Identity>, CallError> {
+        let _one_at_a_time = self.rejoin.lock().await;
+        let response = self
+            .http
+            .post(format!("{}/agent/v1/renew", self.base))
+            .bearer_auth(&current.credential)
+            .timeout(CALL_TIMEOUT)
+            .send()
+            .await
+            .map_err(transport)?;
+        let credential: Credential = decode(check(response).await?).await?;
+        let identity = Arc::new(current.renewed(credential));
+        self.persist(&identity);
+        self.publish(identity.clone());
+        tracing::debug!(expires_at = %identity.expires_at, "renewed the node credential");
+        Ok(identity)
+    }
+
+    fn persist(&self, identity: &Identity) {
+        // The credential works without the file; losing it only means a re-join after a restart.
+        if let Err(e) = identity::save(&self.identity_file, identity) {
+            tracing::error!(error = format!("{e:#}"), "cannot write the node identity");
+        }
+    }
+
+    fn publish(&self, identity: Arc<Identity>) {
+        self.identity.send_replace(Some(identity));
+    }
+}
+
+fn transport(e: reqwest::Error) -> CallError {
+    CallError::Transport(format!("{e}"))
+}
+
+/// Passes a 2xx answer through; turns anything else into its error.
+async fn check(response: reqwest::Response) -> Result<reqwest::Response, CallError> {
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    if status == StatusCode::UNAUTHORIZED {
+        return Err(CallError::Unauthorized);
+    }
+    let body = response.text().await.unwrap_or_default();
+    Err(CallError::Status { status: status.as_u16(), body: body.chars().take(500).collect() })
+}
+
+async fn decode<T: serde::de::DeserializeOwned>(response: reqwest::Response) -> Result<T, CallError> {
+    let bytes = response.bytes().await.map_err(transport)?;
+    serde_json::from_slice(&bytes).map_err(|e| CallError::Decode(e.to_string()))
+}

@@ -1,0 +1,343 @@
+//! The agent's settings: every one a flag with a `NIMBUS_AGENT_*` environment fallback and a
+//! documented default. The agent reads only `NIMBUS_AGENT_*` variables and rejects unknown ones,
+//! so a typo is an error; other `NIMBUS_*` variables belong to the control plane and are ignored.
+
+use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
+
+use clap::{CommandFactory, Parser, ValueEnum};
+use nimbus_protocol::{Capacity, MAX_NODE_NAME};
+
+/// Prefix of every environment variable the agent reads.
+pub const ENV_PREFIX: &str = "NIMBUS_AGENT_";
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Settings of `nimbus-worker-agent`.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "nimbus-worker-agent", version, about = "Nimbus worker-node agent")]
+pub struct Settings {
+    /// Base URL of the control plane (`http://host:port`; this build has no TLS client).
+    #[arg(long, env = "NIMBUS_AGENT_CONTROL_PLANE_URL", default_value = "http://127.0.0.1:8080")]
+    pub control_plane_url: String,
+    /// Join token a platform admin created; needed only when the data directory holds no
+    /// identity yet (or the control plane refuses it).
+    #[arg(long, env = "NIMBUS_AGENT_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: Option<Secret>,
+    /// Name of this node, a DNS label unique in the fleet [default: the host name, made a DNS
+    /// label].
+    #[arg(long, env = "NIMBUS_AGENT_NAME")]
+    pub name: Option<String>,
+    /// Zone this node is in (a DNS label).
+    #[arg(long, env = "NIMBUS_AGENT_ZONE", default_value = "local")]
+    pub zone: String,
+    /// Memory offered to functions, MiB.
+    #[arg(long, env = "NIMBUS_AGENT_MEMORY_MB", default_value_t = 4096)]
+    pub memory_mb: u64,
+    /// CPU offered to functions, thousandths of a core [default: 1000 × the CPUs of the host].
+    #[arg(long, env = "NIMBUS_AGENT_CPU_MILLIS")]
+    pub cpu_millis: Option<u32>,
+    /// Instances that can be warm at once.
+    #[arg(long, env = "NIMBUS_AGENT_INSTANCE_SLOTS", default_value_t = 256)]
+    pub instance_slots: u32,
+    /// Directory of the node's state: identity, code cache, usage spool, process scratch space.
+    #[arg(long, env = "NIMBUS_AGENT_DATA_DIR", default_value = ".nimbus-agent")]
+    pub data_dir: PathBuf,
+    /// Address of the invocation listener (port 0 picks a free port).
+    #[arg(long, env = "NIMBUS_AGENT_LISTEN", default_value = "127.0.0.1:9090")]
+    pub listen: SocketAddr,
+    /// URL the gateway reaches the invocation listener at [default: `http://<bound listen
+    /// address>`].
+    #[arg(long, env = "NIMBUS_AGENT_INVOKE_URL")]
+    pub invoke_url: Option<String>,
+    /// Disk the code cache may use (packages, compiled modules, unpacked archives), bytes.
+    #[arg(long, env = "NIMBUS_AGENT_CACHE_BUDGET_BYTES", default_value_t = 4 << 30)]
+    pub cache_budget_bytes: u64,
+    /// Take wasm instances from the pooling allocator (falls back to on-demand allocation when
+    /// the host cannot reserve the pool).
+    #[arg(long, env = "NIMBUS_AGENT_WASM_POOLING", default_value_t = true, action = clap::ArgAction::Set)]
+    pub wasm_pooling: bool,
+    /// wasm instances that can exist at once (pool slots; every running invocation holds one).
+    #[arg(long, env = "NIMBUS_AGENT_WASM_POOL_SLOTS", default_value_t = 256)]
+    pub wasm_pool_slots: u32,
+    /// Largest memory a wasm function may have, MiB (the size of a pool slot).
+    #[arg(long, env = "NIMBUS_AGENT_WASM_MAX_MEMORY_MB", default_value_t = 1024)]
+    pub wasm_max_memory_mb: u64,
+    /// How often usage records are shipped to the control plane.
+    #[arg(long, env = "NIMBUS_AGENT_USAGE_FLUSH_INTERVAL", default_value = "1s")]
+    pub usage_flush_interval: HumanDuration,
+    /// Usage records that trigger a shipment before the flush interval is up.
+    #[arg(long, env = "NIMBUS_AGENT_USAGE_BATCH_SIZE", default_value_t = 1000)]
+    pub usage_batch_size: usize,
+    /// How often the agent reports [default: what the control plane says at join, else 1s].
+    #[arg(long, env = "NIMBUS_AGENT_REPORT_INTERVAL")]
+    pub report_interval: Option<HumanDuration>,
+    /// Invocations of one version that may wait for a free slot; more are refused with 429.
+    #[arg(long, env = "NIMBUS_AGENT_MAX_QUEUED", default_value_t = 64)]
+    pub max_queued: usize,
+    /// Largest invocation request body, bytes (more is refused with 413).
+    #[arg(long, env = "NIMBUS_AGENT_MAX_BODY_BYTES", default_value_t = 6 << 20)]
+    pub max_body_bytes: usize,
+    /// How long a shutdown waits for running invocations, and then for usage to be shipped.
+    #[arg(long, env = "NIMBUS_AGENT_DRAIN_TIMEOUT", default_value = "30s")]
+    pub drain_timeout: HumanDuration,
+    /// Log format.
+    #[arg(long, env = "NIMBUS_AGENT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Log filter (tracing `EnvFilter` syntax).
+    #[arg(long, env = "NIMBUS_AGENT_LOG", default_value = "info")]
+    pub log: String,
+}
+
+impl Settings {
+    /// Checks what clap cannot: URLs, names, non-zero sizes. Returns the node name to use.
+    pub fn validate(&self) -> Result<String, String> {
+        if self.control_plane_url.starts_with("https://") {
+            // reqwest is built without TLS in this workspace; refusing now beats failing every call.
+            return Err("--control-plane-url: this build has no TLS support yet; use an http:// URL".into());
+        }
+        if !self.control_plane_url.starts_with("http://") {
+            return Err(format!("--control-plane-url must be an http URL, not {:?}", self.control_plane_url));
+        }
+        if let Some(url) = self.invoke_url.as_ref().filter(|u| !(u.starts_with("http://") || u.starts_with("https://")))
+        {
+            return Err(format!("--invoke-url must be an http(s) URL, not {url:?}"));
+        }
+        if !is_dns_label(&self.zone) {
+            return Err(format!("--zone must be a DNS label (a-z, 0-9, '-', at most 63), not {:?}", self.zone));
+        }
+        let name = match &self.name {
+            Some(name) if is_dns_label(name) => name.clone(),
+            Some(name) => {
+                return Err(format!("--name must be a DNS label (a-z, 0-9, '-', at most 63), not {name:?}"));
+            }
+            None => dns_label_from(&hostname()),
+        };
+        for (flag, zero) in [
+            ("--memory-mb", self.memory_mb == 0),
+            ("--instance-slots", self.instance_slots == 0),
+            ("--wasm-pool-slots", self.wasm_pool_slots == 0),
+            ("--wasm-max-memory-mb", self.wasm_max_memory_mb == 0),
+            ("--usage-batch-size", self.usage_batch_size == 0),
+            ("--max-body-bytes", self.max_body_bytes == 0),
+            ("--usage-flush-interval", self.usage_flush_interval.0.is_zero()),
+            ("--report-interval", self.report_interval.is_some_and(|d| d.0.is_zero())),
+        ] {
+            if zero {
+                return Err(format!("{flag} must be more than zero"));
+            }
+        }
+        Ok(name)
+    }
+
+    /// The control-plane URL without a trailing slash.
+    pub fn control_plane(&self) -> String {
+        self.control_plane_url.trim_end_matches('/').to_owned()
+    }
+
+    /// What the node offers.
+    pub fn capacity(&self) -> Capacity {
+        let cpus = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
+        Capacity {
+            memory_mb: self.memory_mb,
+            cpu_millis: self.cpu_millis.unwrap_or(cpus.saturating_mul(1000)),
+            instance_slots: self.instance_slots,
+        }
+    }
+
+    /// The URL the gateway uses, given the address the listener is bound to.
+    pub fn invoke_url(&self, bound: SocketAddr) -> String {
+        match &self.invoke_url {
+            Some(url) => url.trim_end_matches('/').to_owned(),
+            None => format!("http://{bound}"),
+        }
+    }
+}
+
+/// Whether `s` is a DNS label: 1 to 63 of `a-z`, `0-9`, `-`, not starting or ending with `-`.
+pub fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_NODE_NAME
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// The closest DNS label to a host name: lower case, the first label only, other characters
+/// replaced by `-`, cut to 63; `node` when nothing is left.
+pub fn dns_label_from(host: &str) -> String {
+    let first = host.trim().split('.').next().unwrap_or_default();
+    let mapped: String = first
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .take(MAX_NODE_NAME)
+        .collect();
+    let label = mapped.trim_matches('-');
+    if label.is_empty() { "node".to_owned() } else { label.to_owned() }
+}
+
+/// The host name, as the kernel knows it.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .unwrap_or_default()
+}
+
+/// A secret setting: never printed by `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The secret value itself; only pass it to what needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+impl FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+/// A duration written as a number and a unit: `500ms`, `30s`, `15m`, `24h`, `30d`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl FromStr for HumanDuration {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let split =
+            s.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| format!("`{s}` has no unit (use ms, s, m, h or d)"))?;
+        let (number, unit) = s.split_at(split);
+        let n: u64 = number.parse().map_err(|_| format!("`{s}` does not start with a whole number"))?;
+        let d = match unit {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n.saturating_mul(60)),
+            "h" => Duration::from_secs(n.saturating_mul(3600)),
+            "d" => Duration::from_secs(n.saturating_mul(86_400)),
+            other => return Err(format!("unknown unit `{other}` (use ms, s, m, h or d)")),
+        };
+        Ok(Self(d))
+    }
+}
+
+/// Rejects `NIMBUS_AGENT_*` environment variables that no setting reads, so a typo is an error
+/// rather than a silently ignored setting.
+pub fn reject_unknown_env(vars: impl IntoIterator<Item = (String, String)>) -> Result<(), String> {
+    let known = known_env_names();
+    let unknown: Vec<String> = vars
+        .into_iter()
+        .map(|(k, _)| k)
+        .filter(|k| k.starts_with(ENV_PREFIX) && !known.iter().any(|n| n == k))
+        .collect();
+    if unknown.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "unknown setting(s) in the environment: {}; known settings are: {}",
+            unknown.join(", "),
+            known.join(", ")
+        ))
+    }
+}
+
+/// Every environment variable a flag reads.
+pub fn known_env_names() -> Vec<String> {
+    let mut out: Vec<String> = Settings::command()
+        .get_arguments()
+        .filter_map(|a| a.get_env().map(|e| e.to_string_lossy().into_owned()))
+        .collect();
+    out.sort();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_parse_with_defaults_and_are_well_formed() {
+        Settings::command().debug_assert();
+        let s = Settings::parse_from(["nimbus-worker-agent", "--zone", "eu-1", "--name", "n1"]);
+        assert_eq!(s.zone, "eu-1");
+        assert_eq!(s.control_plane_url, "http://127.0.0.1:8080");
+        assert_eq!(s.listen, "127.0.0.1:9090".parse().unwrap());
+        assert_eq!(s.usage_flush_interval.0, Duration::from_secs(1));
+        assert_eq!(s.max_body_bytes, 6 << 20);
+        assert_eq!(s.validate().unwrap(), "n1");
+        assert_eq!(s.invoke_url("127.0.0.1:4000".parse().unwrap()), "http://127.0.0.1:4000");
+        assert!(known_env_names().iter().all(|n| n.starts_with(ENV_PREFIX)));
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        let check = |args: &[&str]| {
+            let mut all = vec!["nimbus-worker-agent"];
+            all.extend_from_slice(args);
+            if !args.iter().any(|a| a.starts_with("--name")) {
+                all.extend(["--name", "n1"]);
+            }
+            Settings::parse_from(all).validate().unwrap_err()
+        };
+        assert!(check(&["--control-plane-url", "ftp://x"]).contains("--control-plane-url"));
+        assert!(check(&["--control-plane-url", "https://x"]).contains("TLS"));
+        assert!(check(&["--zone", "EU_1"]).contains("--zone"));
+        assert!(check(&["--name=-bad"]).contains("--name"));
+        assert!(check(&["--usage-batch-size", "0"]).contains("--usage-batch-size"));
+        assert!(check(&["--report-interval", "0s"]).contains("--report-interval"));
+    }
+
+    #[test]
+    fn host_names_become_dns_labels() {
+        assert_eq!(dns_label_from("Worker_01.example.com\n"), "worker-01");
+        assert_eq!(dns_label_from("---"), "node");
+        assert_eq!(dns_label_from(""), "node");
+        assert_eq!(dns_label_from(&"a".repeat(100)).len(), 63);
+        assert!(is_dns_label(&dns_label_from("ÄÖ-host")));
+    }
+
+    #[test]
+    fn unknown_agent_env_is_rejected_and_the_rest_ignored() {
+        let env = |k: &str| (k.to_owned(), "x".to_owned());
+        assert!(reject_unknown_env([env("NIMBUS_AGENT_ZONE"), env("NIMBUS_LISTEN"), env("PATH")]).is_ok());
+        let err = reject_unknown_env([env("NIMBUS_AGENT_ZOEN")]).unwrap_err();
+        assert!(err.contains("NIMBUS_AGENT_ZOEN"), "{err}");
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let s = Settings::parse_from(["nimbus-worker-agent", "--join-token", "njt_hunter2"]);
+        assert!(!format!("{s:?}").contains("hunter2"));
+        assert_eq!(s.join_token.unwrap().expose(), "njt_hunter2");
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        let check = |s: &str, d: Duration| assert_eq!(s.parse::<HumanDuration>().unwrap().0, d);
+        check("500ms", Duration::from_millis(500));
+        check("30s", Duration::from_secs(30));
+        check("2m", Duration::from_secs(120));
+        assert!("15".parse::<HumanDuration>().is_err());
+        assert!("15y".parse::<HumanDuration>().is_err());
+    }
+}
