@@ -72,6 +72,10 @@ pub struct LocalArgs {
     /// Working folder for the private PostgreSQL and other local state.
     #[arg(long, env = "NIMBUS_DATA_DIR", default_value = ".nimbus")]
     pub data_dir: PathBuf,
+    /// Worker agents to start beside the API (`nimbus-worker-agent`, found next to this binary),
+    /// each with its data in `<data-dir>/agent-<n>`.
+    #[arg(long, env = "NIMBUS_LOCAL_AGENTS", default_value_t = 1)]
+    pub agents: u32,
     /// Server settings.
     #[command(flatten)]
     pub server: ServerArgs,

@@ -180,12 +180,81 @@ async fn serve(args: &LocalArgs, url: &str, app_url: Option<&str>) -> anyhow::Re
     let app = Application::build(url, app_url, 8, settings).await?;
     let login = first_run(&app, &args.data_dir).await?;
     let base = app.public_url().to_owned();
+    let agents = start_agents(&app, &args.data_dir, args.agents).await?;
     println!("Nimbus is running.");
     println!("  console:  {base}/console");
     println!("  API docs: {base}/docs");
     println!("  login:    {} / {}", login.0, login.1);
+    for (name, _) in &agents {
+        println!("  agent:    {name} (nimbus-worker-agent, joining)");
+    }
     println!("Press Ctrl-C to stop.");
-    app.run_until(shutdown_signal()).await
+    // Agents drain while the API still serves: they ship their usage and leave first.
+    app.run_until(async move {
+        shutdown_signal().await;
+        stop_agents(agents).await;
+    })
+    .await
+}
+
+/// Starts `count` worker agents beside the API, each joining with a fresh single-use join token
+/// (valid for ten minutes) and keeping its identity and code cache in `<data dir>/agent-<n>`.
+async fn start_agents(
+    app: &Application,
+    data_dir: &Path,
+    count: u32,
+) -> anyhow::Result<Vec<(String, tokio::process::Child)>> {
+    if count == 0 {
+        return Ok(Vec::new());
+    }
+    let binary = std::env::current_exe()?.with_file_name("nimbus-worker-agent");
+    if !binary.is_file() {
+        eprintln!(
+            "no agent started: {} is missing (build it with `cargo build -p nimbus-worker-agent`, which `./dev run` does)",
+            binary.display()
+        );
+        return Ok(Vec::new());
+    }
+    let mut agents = Vec::new();
+    for n in 1..=count {
+        let name = format!("local-{n}");
+        let mut tx = crate::db::begin(&app.state().pool, &crate::db::Scope::platform(None)).await?;
+        let expires = chrono::Utc::now() + chrono::Duration::minutes(10);
+        let (_, token) =
+            crate::nodes::tokens::issue(&mut tx, &format!("local agent {name}"), None, Some(expires), Some(1)).await?;
+        tx.commit().await?;
+        let child = tokio::process::Command::new(&binary)
+            .env("NIMBUS_AGENT_CONTROL_PLANE_URL", app.public_url())
+            .env("NIMBUS_AGENT_JOIN_TOKEN", token)
+            .env("NIMBUS_AGENT_NAME", &name)
+            .env("NIMBUS_AGENT_ZONE", "local")
+            .env("NIMBUS_AGENT_DATA_DIR", data_dir.join(format!("agent-{n}")))
+            .env("NIMBUS_AGENT_LISTEN", "127.0.0.1:0")
+            .env("NIMBUS_AGENT_LOG", "warn")
+            // The agent prints its listen address and node id; its log (stderr) stays visible.
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        agents.push((name, child));
+    }
+    Ok(agents)
+}
+
+/// Asks each agent to drain (SIGTERM) and waits for it, killing it after its drain time.
+async fn stop_agents(agents: Vec<(String, tokio::process::Child)>) {
+    for (name, mut child) in agents {
+        if let Some(pid) = child.id() {
+            let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+        }
+        match tokio::time::timeout(std::time::Duration::from_secs(40), child.wait()).await {
+            Ok(_) => {}
+            Err(_) => {
+                eprintln!("agent {name} did not drain in time; killing it");
+                let _ = child.kill().await;
+            }
+        }
+    }
 }
 
 /// Creates the first admin user and tenant if there is no user yet; returns the login, whose

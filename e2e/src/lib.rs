@@ -21,6 +21,15 @@ pub fn api_binary() -> PathBuf {
     bin
 }
 
+/// The `nimbus-worker-agent` binary built next to the test executable.
+pub fn agent_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(|p| p.parent()).expect("target/<profile>/deps");
+    let bin = dir.join("nimbus-worker-agent");
+    assert!(bin.is_file(), "{} is missing: build the workspace first (cargo build --workspace)", bin.display());
+    bin
+}
+
 /// The privileged URL of the machine's PostgreSQL used by tests.
 pub fn admin_url() -> String {
     std::env::var("NIMBUS_TEST_DATABASE_URL")
@@ -57,8 +66,23 @@ pub struct Running {
 impl Running {
     /// Starts `nimbus-api` with `args` and `env` (and no inherited `DATABASE_URL`/`NIMBUS_*`).
     pub fn start(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Self> {
-        let mut cmd = Command::new(api_binary());
-        cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        Self::start_binary(&api_binary(), args, env, false)
+    }
+
+    /// Starts the worker agent; its standard error (its log) is read as lines too.
+    pub fn start_agent(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        Self::start_binary(&agent_binary(), args, env, true)
+    }
+
+    /// Starts `bin`; with `read_stderr` its standard error is read line by line as well.
+    pub fn start_binary(
+        bin: &std::path::Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        read_stderr: bool,
+    ) -> anyhow::Result<Self> {
+        let mut cmd = Command::new(bin);
+        cmd.args(args).stdout(Stdio::piped()).stderr(if read_stderr { Stdio::piped() } else { Stdio::inherit() });
         for (k, _) in std::env::vars() {
             if k == "DATABASE_URL" || k.starts_with("NIMBUS_") {
                 cmd.env_remove(k);
@@ -68,9 +92,19 @@ impl Running {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().context("starting nimbus-api")?;
+        let mut child = cmd.spawn().with_context(|| format!("starting {}", bin.display()))?;
         let stdout = child.stdout.take().context("stdout")?;
         let (tx, lines) = mpsc::channel();
+        if let Some(stderr) = child.stderr.take() {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if tx.send(line).is_err() {
@@ -79,6 +113,19 @@ impl Running {
             }
         });
         Ok(Running { child, lines, seen: Vec::new() })
+    }
+
+    /// Kills the process with SIGKILL (no chance to clean up) and waits for it.
+    pub fn kill9(mut self) -> anyhow::Result<()> {
+        let st = Command::new("kill").arg("-KILL").arg(self.child.id().to_string()).status()?;
+        anyhow::ensure!(st.success(), "kill -KILL failed");
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Waits for a line containing `needle` (or the process to end, or `timeout`).

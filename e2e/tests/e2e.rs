@@ -94,6 +94,7 @@ async fn local_run_starts_a_private_postgres_and_prints_a_working_login() {
 
     let page = sign_in_through_the_console(&base, &email, &password).await;
     assert!(page.contains("admin@nimbus.local") && page.contains("<td>default</td>"), "{page}");
+    run.wait_for_line("agent:    local-1", Duration::from_secs(10)).unwrap();
     // Code packages go to the data folder; secrets can be stored (a key was generated and kept).
     let http = client();
     let token = sign_in(&base, &email, &password).await;
@@ -116,6 +117,20 @@ async fn local_run_starts_a_private_postgres_and_prints_a_working_login() {
         .unwrap();
     assert_eq!(res.status(), 201, "{:?}", res.text().await);
     assert_eq!(std::fs::read_dir(dir.join("packages/sha256")).unwrap().count(), 1, "stored under the data folder");
+    // The one local agent joins: the first admin is a platform admin and sees it ready.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let nodes: Value =
+            http.get(format!("{base}/v1/nodes")).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
+        if nodes["items"]
+            .as_array()
+            .is_some_and(|n| n.len() == 1 && n[0]["name"] == "local-1" && n[0]["state"] == "ready")
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the local agent never joined: {nodes}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let key = std::fs::read_to_string(dir.join("secrets-key")).unwrap();
     assert!(run.terminate().unwrap().success());
     assert!(!dir.join("postgres/postmaster.pid").exists(), "the private PostgreSQL is stopped on exit");

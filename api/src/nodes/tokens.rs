@@ -13,6 +13,7 @@ use crate::{
     audit::{self, Entry},
     auth::{Principal, RequestContext, secret},
     authz::{self, Action, nrn},
+    db::Tx,
     error::{ApiError, ApiResult, FieldError},
     extract::{self, Path, Query},
     idempotency::ContainsSecret,
@@ -126,22 +127,8 @@ pub async fn create_join_token(
             format!("at most {MAX_ACTIVE_TOKENS} join tokens can be active; revoke some first"),
         ));
     }
-    let id = Uuid::now_v7();
-    let prefix = format!("{TOKEN_PREFIX}{}", secret::hex(&secret::random_bytes::<6>()));
-    let full = format!("{prefix}_{}", secret::random_token());
-    let token: JoinToken = sqlx::query_as(&format!(
-        "INSERT INTO join_tokens (id, name, prefix, token_hash, created_by, expires_at, max_uses) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {COLUMNS}"
-    ))
-    .bind(id)
-    .bind(req.name.as_str())
-    .bind(&prefix)
-    .bind(secret::sha256(full.as_bytes()))
-    .bind(principal.user_id())
-    .bind(req.expires_at)
-    .bind(req.max_uses)
-    .fetch_one(&mut *tx)
-    .await?;
+    let (token, full) = issue(&mut tx, req.name.as_str(), principal.user_id(), req.expires_at, req.max_uses).await?;
+    let (id, prefix) = (token.id, token.prefix.clone());
     audit::record(
         &mut tx,
         &ctx,
@@ -157,6 +144,33 @@ pub async fn create_join_token(
     .await?;
     tx.commit().await?;
     Ok((StatusCode::CREATED, Extension(ContainsSecret), Json(CreatedJoinToken { token, secret: full })))
+}
+
+/// Stores a new join token; returns it and its secret (the only time the secret exists).
+pub async fn issue(
+    tx: &mut Tx,
+    name: &str,
+    created_by: Option<Uuid>,
+    expires_at: Option<DateTime<Utc>>,
+    max_uses: Option<i32>,
+) -> Result<(JoinToken, String), sqlx::Error> {
+    let id = Uuid::now_v7();
+    let prefix = format!("{TOKEN_PREFIX}{}", secret::hex(&secret::random_bytes::<6>()));
+    let full = format!("{prefix}_{}", secret::random_token());
+    let token: JoinToken = sqlx::query_as(&format!(
+        "INSERT INTO join_tokens (id, name, prefix, token_hash, created_by, expires_at, max_uses) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {COLUMNS}"
+    ))
+    .bind(id)
+    .bind(name)
+    .bind(&prefix)
+    .bind(secret::sha256(full.as_bytes()))
+    .bind(created_by)
+    .bind(expires_at)
+    .bind(max_uses)
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok((token, full))
 }
 
 /// List join tokens (platform admins), revoked and expired ones included.

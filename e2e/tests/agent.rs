@@ -1,0 +1,364 @@
+//! The real control plane and the real worker agent together: join, reconcile, both runtimes,
+//! code verification, usage and logs, graceful leave, heartbeat loss, and usage that survives a
+//! `kill -9` of the agent and arrives exactly once.
+
+use std::{collections::BTreeSet, path::Path, time::Duration};
+
+use nimbus_e2e::{Running, client, drop_database, fresh_database};
+use serde_json::{Value, json};
+use sqlx::Connection;
+use uuid::Uuid;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A WASI command answering through the CGI contract and writing one log line.
+fn hello_wasm() -> Vec<u8> {
+    let out = "Status: 200 OK\nContent-Type: text/plain\nX-Runtime: wasm\n\nhello from wasm\n";
+    let log = "a log line from wasm\n";
+    wat::parse_str(format!(
+        r#"(module
+             (import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
+             (memory (export "memory") 1)
+             (data (i32.const 64) "{}")
+             (data (i32.const 512) "{}")
+             (func (export "_start")
+               (i32.store (i32.const 0) (i32.const 64))
+               (i32.store (i32.const 4) (i32.const {}))
+               (drop (call $w (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 32)))
+               (i32.store (i32.const 8) (i32.const 512))
+               (i32.store (i32.const 12) (i32.const {}))
+               (drop (call $w (i32.const 2) (i32.const 8) (i32.const 1) (i32.const 32)))))"#,
+        out.replace('\n', "\\0a"),
+        log.replace('\n', "\\0a"),
+        out.len(),
+        log.len()
+    ))
+    .unwrap()
+}
+
+/// A gzip tarball holding one executable shell script `handler.sh`.
+fn hello_process() -> Vec<u8> {
+    let script = b"#!/bin/sh\nread -r body\necho 'Content-Type: text/plain'\necho\necho \"hello from process $NIMBUS_FUNCTION: $body\"\necho 'a log line from process' >&2\n";
+    let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+    let mut header = tar::Header::new_gnu();
+    header.set_size(script.len() as u64);
+    header.set_mode(0o755);
+    builder.append_data(&mut header, "handler.sh", &script[..]).unwrap();
+    builder.into_inner().unwrap().finish().unwrap()
+}
+
+struct Platform {
+    api: Running,
+    base: String,
+    db: String,
+    url: String,
+    token: String,
+    tenant: String,
+    packages: std::path::PathBuf,
+    http: reqwest::Client,
+}
+
+impl Platform {
+    async fn start() -> Platform {
+        let (db, url) = fresh_database().await.unwrap();
+        let packages = std::env::temp_dir().join(format!("nimbus-e2e-packages-{}", Uuid::now_v7().simple()));
+        let secrets = format!("e2e:{}", "A".repeat(43));
+        let api = Running::start(
+            &["serve", "--listen", "127.0.0.1:0"],
+            &[
+                ("DATABASE_URL", &url),
+                ("NIMBUS_PACKAGE_DIR", packages.to_str().unwrap()),
+                ("NIMBUS_SECRETS_KEYS", &secrets),
+                ("NIMBUS_NODE_HEARTBEAT_TIMEOUT", "3s"),
+            ],
+        )
+        .unwrap();
+        let mut api = api;
+        let line = api.wait_for_line("listening on", WAIT).unwrap();
+        let base = line.trim_start_matches("listening on ").trim().to_owned();
+        let http = client();
+        let res: Value = http
+            .post(format!("{base}/v1/auth/signup"))
+            .json(&json!({"email": "ops@example.com", "password": "correct horse battery", "display_name": "Ops", "tenant_name": "acme"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let token = res["tokens"]["access_token"].as_str().unwrap().to_owned();
+        let tenant = res["tenant"]["id"].as_str().unwrap().to_owned();
+        let mut c = sqlx::PgConnection::connect(&url).await.unwrap();
+        sqlx::query("UPDATE users SET is_platform_admin = true").execute(&mut c).await.unwrap();
+        Platform { api, base, db, url, token, tenant, packages, http }
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut req = self.http.request(method, format!("{}{path}", self.base)).bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let res = req.send().await.unwrap();
+        let status = res.status().as_u16();
+        (status, res.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Creates, uploads and publishes a function; returns its version id and package SHA-256.
+    async fn deploy(&self, name: &str, runtime: &str, content_type: &str, code: Vec<u8>) -> (String, String) {
+        let fns = format!("/v1/tenants/{}/functions", self.tenant);
+        let mut spec = json!({"name": name, "runtime": runtime, "timeout_ms": 5000});
+        if runtime == "process" {
+            spec["entry"] = json!("handler.sh");
+        }
+        let (s, b) = self.call(reqwest::Method::POST, &fns, Some(spec)).await;
+        assert_eq!(s, 201, "{b}");
+        let res = self
+            .http
+            .put(format!("{}{fns}/{name}/code", self.base))
+            .bearer_auth(&self.token)
+            .header("content-type", content_type)
+            .body(code)
+            .send()
+            .await
+            .unwrap();
+        assert!(res.status().is_success(), "{:?}", res.text().await);
+        let (s, v) = self.call(reqwest::Method::POST, &format!("{fns}/{name}/versions"), Some(json!({}))).await;
+        assert_eq!(s, 201, "{v}");
+        (v["id"].as_str().unwrap().to_owned(), v["package"]["sha256"].as_str().unwrap().to_owned())
+    }
+
+    async fn join_token(&self) -> String {
+        let (s, b) = self.call(reqwest::Method::POST, "/v1/join-tokens", Some(json!({"name": "e2e"}))).await;
+        assert_eq!(s, 201, "{b}");
+        b["secret"].as_str().unwrap().to_owned()
+    }
+
+    async fn assign(&self, node: &str, functions: &[&str]) {
+        let assignments: Vec<Value> = functions
+            .iter()
+            .map(|f| json!({"tenant_id": self.tenant, "function": f, "version": 1, "instances": 1}))
+            .collect();
+        let (s, b) = self
+            .call(
+                reqwest::Method::PUT,
+                &format!("/v1/nodes/{node}/assignments"),
+                Some(json!({"assignments": assignments})),
+            )
+            .await;
+        assert_eq!(s, 200, "{b}");
+    }
+
+    /// Waits until the node, as the control plane sees it, satisfies `ok`.
+    async fn wait_node(&self, node: &str, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let (_, n) = self.call(reqwest::Method::GET, &format!("/v1/nodes/{node}"), None).await;
+            if ok(&n) {
+                return n;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the node never got {what}: {n}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn usage_ids(&self) -> BTreeSet<Uuid> {
+        let mut c = sqlx::PgConnection::connect(&self.url).await.unwrap();
+        sqlx::query_scalar::<_, Uuid>("SELECT invocation_id FROM usage_records")
+            .fetch_all(&mut c)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect()
+    }
+
+    /// Waits until the usage table holds exactly `want` (and nothing else).
+    async fn wait_usage(&self, want: &BTreeSet<Uuid>) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let have = self.usage_ids().await;
+            if &have == want {
+                return;
+            }
+            assert!(have.is_subset(want), "usage that no invocation produced: {:?}", have.difference(want));
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "usage never arrived: have {}, want {}",
+                have.len(),
+                want.len()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn invoke_secret(&self, node: &str) -> String {
+        let mut c = sqlx::PgConnection::connect(&self.url).await.unwrap();
+        sqlx::query_scalar("SELECT invoke_secret FROM nodes WHERE id = $1::uuid")
+            .bind(node)
+            .fetch_one(&mut c)
+            .await
+            .unwrap()
+    }
+}
+
+struct Agent {
+    run: Running,
+    url: String,
+    node: String,
+}
+
+fn start_agent(p: &Platform, token: &str, data: &Path, flush: &str) -> Agent {
+    let mut run = Running::start_agent(
+        &[],
+        &[
+            ("NIMBUS_AGENT_CONTROL_PLANE_URL", &p.base),
+            ("NIMBUS_AGENT_JOIN_TOKEN", token),
+            ("NIMBUS_AGENT_NAME", "worker-1"),
+            ("NIMBUS_AGENT_ZONE", "zone-a"),
+            ("NIMBUS_AGENT_DATA_DIR", data.to_str().unwrap()),
+            ("NIMBUS_AGENT_LISTEN", "127.0.0.1:0"),
+            ("NIMBUS_AGENT_USAGE_FLUSH_INTERVAL", flush),
+            ("NIMBUS_AGENT_WASM_POOL_SLOTS", "16"),
+            ("NIMBUS_AGENT_LOG", "warn"),
+        ],
+    )
+    .unwrap();
+    let url = run.wait_for_line("listening on", WAIT).unwrap().trim_start_matches("listening on ").trim().to_owned();
+    let node =
+        run.wait_for_line("joined as node", WAIT).unwrap().trim_start_matches("joined as node ").trim().to_owned();
+    Agent { run, url, node }
+}
+
+async fn invoke(
+    p: &Platform,
+    agent: &Agent,
+    secret: &str,
+    version: &str,
+    body: &str,
+) -> (u16, String, Option<Uuid>, String) {
+    let res = p
+        .http
+        .post(format!("{}/invoke/{version}/greet", agent.url))
+        .bearer_auth(secret)
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap();
+    let status = res.status().as_u16();
+    let id = res.headers().get("x-nimbus-invocation-id").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+    let cold = res.headers().get("x-nimbus-cold-start").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    (status, res.text().await.unwrap(), id, cold)
+}
+
+fn versions_ready(n: &Value, want: &[&str]) -> bool {
+    let vs = n["versions"].as_array().cloned().unwrap_or_default();
+    vs.len() == want.len() && want.iter().all(|w| vs.iter().any(|v| v["version_id"] == *w && v["state"] == "ready"))
+}
+
+#[tokio::test]
+async fn an_agent_runs_both_runtimes_reconciles_verifies_code_and_ships_usage_exactly_once_across_kill_9() {
+    let p = Platform::start().await;
+    let (wasm, _) = p.deploy("hello-wasm", "wasm", "application/wasm", hello_wasm()).await;
+    let (process, _) = p.deploy("hello-sh", "process", "application/gzip", hello_process()).await;
+    let token = p.join_token().await;
+    let data = std::env::temp_dir().join(format!("nimbus-e2e-agent-{}", Uuid::now_v7().simple()));
+
+    // Join, then reconcile to two warm versions.
+    let agent = start_agent(&p, &token, &data, "200ms");
+    p.assign(&agent.node, &["hello-wasm", "hello-sh"]).await;
+    let n = p.wait_node(&agent.node, "both versions ready", |n| versions_ready(n, &[&wasm, &process])).await;
+    assert_eq!(
+        (n["state"].as_str(), n["zone"].as_str(), n["name"].as_str()),
+        (Some("ready"), Some("zone-a"), Some("worker-1"))
+    );
+    let secret = p.invoke_secret(&agent.node).await;
+
+    // Only the control plane's secret opens the listener.
+    let (status, _, _, _) = invoke(&p, &agent, "wrong", &wasm, "x").await;
+    assert_eq!(status, 401);
+    let mut expected = BTreeSet::new();
+    for i in 0..3 {
+        let (status, body, id, cold) = invoke(&p, &agent, &secret, &wasm, "ping").await;
+        assert_eq!((status, body.as_str()), (200, "hello from wasm\n"), "invocation {i}");
+        assert_eq!(cold, "false", "the version was warm");
+        expected.insert(id.expect("an invocation id"));
+    }
+    for _ in 0..2 {
+        let (status, body, id, _) = invoke(&p, &agent, &secret, &process, "from e2e").await;
+        assert_eq!((status, body.as_str()), (200, "hello from process hello-sh: from e2e\n"));
+        expected.insert(id.unwrap());
+    }
+    p.wait_usage(&expected).await;
+    let (_, logs) =
+        p.call(reqwest::Method::GET, &format!("/v1/tenants/{}/functions/hello-wasm/logs", p.tenant), None).await;
+    let lines: Vec<&str> = logs["items"].as_array().unwrap().iter().map(|l| l["line"].as_str().unwrap()).collect();
+    assert_eq!(lines, ["a log line from wasm"; 3], "{logs}");
+
+    // Reconcile removes what is no longer desired.
+    p.assign(&agent.node, &["hello-sh"]).await;
+    p.wait_node(&agent.node, "only the process version", |n| versions_ready(n, &[&process])).await;
+    let (status, body, _, _) = invoke(&p, &agent, &secret, &wasm, "x").await;
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("version_not_assigned"), "{body}");
+
+    // A package whose bytes do not match its SHA-256 is refused, and the refusal is reported.
+    let (broken, sha) = p
+        .deploy(
+            "broken",
+            "wasm",
+            "application/wasm",
+            wat::parse_str(r#"(module (memory (export "memory") 1) (func (export "_start")))"#).unwrap(),
+        )
+        .await;
+    let blob = p.packages.join("sha256").join(&sha[..2]).join(&sha);
+    let mut bytes = std::fs::read(&blob).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&blob, bytes).unwrap();
+    p.assign(&agent.node, &["hello-sh", "broken"]).await;
+    let n = p
+        .wait_node(&agent.node, "the broken version refused", |n| {
+            n["versions"]
+                .as_array()
+                .is_some_and(|vs| vs.iter().any(|v| v["version_id"] == broken.as_str() && v["state"] == "failed"))
+        })
+        .await;
+    let failed = n["versions"].as_array().unwrap().iter().find(|v| v["version_id"] == broken.as_str()).unwrap().clone();
+    assert!(failed["error"].as_str().unwrap().contains("sha256 mismatch"), "{failed}");
+    let (status, _, _, _) = invoke(&p, &agent, &secret, &broken, "x").await;
+    assert_ne!(status, 200, "a refused package never runs");
+
+    // SIGTERM drains and leaves.
+    let (status, _) = agent.run.finish().unwrap();
+    assert!(status.success(), "a drained agent exits 0: {status:?}");
+    p.wait_node(&agent.node, "state left", |n| n["state"] == "left").await;
+
+    // Usage held only in the spool survives kill -9 and arrives exactly once after a restart.
+    let agent = start_agent(&p, &token, &data, "1h");
+    p.assign(&agent.node, &["hello-sh"]).await;
+    p.wait_node(&agent.node, "the process version", |n| versions_ready(n, &[&process])).await;
+    let secret = p.invoke_secret(&agent.node).await;
+    let mut held = BTreeSet::new();
+    for _ in 0..4 {
+        let (status, _, id, _) = invoke(&p, &agent, &secret, &process, "held").await;
+        assert_eq!(status, 200);
+        held.insert(id.unwrap());
+    }
+    assert!(p.usage_ids().await.is_disjoint(&held), "with an hour's flush interval nothing has shipped yet");
+    let node = agent.node.clone();
+    agent.run.kill9().unwrap();
+    // Missed heartbeats mark it lost.
+    p.wait_node(&node, "state lost", |n| n["state"] == "lost").await;
+    let agent = start_agent(&p, &token, &data, "200ms");
+    assert_eq!(agent.node, node, "the restarted agent keeps its identity");
+    expected.extend(held);
+    p.wait_usage(&expected).await;
+    p.wait_node(&node, "ready again", |n| n["state"] == "ready").await;
+
+    let (status, _) = agent.run.finish().unwrap();
+    assert!(status.success());
+    assert_eq!(p.usage_ids().await, expected, "nothing was billed twice");
+    let _ = std::fs::remove_dir_all(&data);
+    let _ = std::fs::remove_dir_all(&p.packages);
+    p.api.terminate().unwrap();
+    drop_database(&p.db).await;
+}
