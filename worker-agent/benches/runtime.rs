@@ -1,7 +1,9 @@
-//! Runtime benchmark of the agent alone (no network, no control plane): wasm cold starts from the
-//! on-disk artifact, first starts including compilation, warm invocations at concurrency 1 and 64
-//! against plain wasmtime in the same run, and process-runtime invocations. Prints a Markdown
-//! table. Run with `cargo bench -p nimbus-worker-agent --bench runtime` (release profile).
+//! Runtime benchmark of the agent alone (no control plane): wasm cold starts from the on-disk
+//! artifact, first starts including compilation, warm invocations at concurrency 1 and 64 —
+//! in-process and through the agent's HTTP invocation listener (driven by `wrk` on the same
+//! machine) — against plain wasmtime in the same run, and process-runtime invocations. Prints a
+//! Markdown table. Run with `cargo bench -p nimbus-worker-agent --bench runtime` (release
+//! profile; Debian's `wrk` for the listener rows).
 
 use std::{
     collections::BTreeMap,
@@ -204,6 +206,143 @@ impl Plain {
     }
 }
 
+/// One `wrk` run against the listener: requests per second, p50 and p99.
+struct WrkRun {
+    rps: f64,
+    p50: String,
+    p99: String,
+    /// Cores the agent's side (this process) used during the run.
+    agent_cores: f64,
+}
+
+/// CPU seconds this process has used (user + system), from `/proc/self/stat` (clock ticks of
+/// 10 ms, plenty over a 5 s run).
+fn own_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Parses a `wrk --latency` duration (`812.00us`, `1.23ms`, `2.01s`) into milliseconds text.
+fn wrk_ms(text: &str) -> String {
+    let (number, factor) = if let Some(n) = text.strip_suffix("us") {
+        (n, 1e-3)
+    } else if let Some(n) = text.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = text.strip_suffix('s') {
+        (n, 1e3)
+    } else {
+        (text, 1.0)
+    };
+    let ms = number.parse::<f64>().unwrap_or(f64::NAN) * factor;
+    if ms < 10.0 { format!("{ms:.3} ms") } else { format!("{ms:.0} ms") }
+}
+
+/// Serves the `hello` module warm through the real invocation listener (invoke-secret check,
+/// limiter, usage spool written before each response, per-second stats), and drives it with
+/// `wrk` at each concurrency. `None` when `wrk` is not installed.
+fn http_listener(scratch: &Path, hello: &[u8], concurrencies: &[usize]) -> Option<Vec<(usize, WrkRun)>> {
+    use std::sync::{Arc, atomic::AtomicBool};
+
+    use nimbus_protocol::{Assignment, PackageFormat, PackageRef, Runtime};
+    use nimbus_worker_agent::{
+        invoke::Invoker,
+        listener::{InvokeAuth, Listener, router},
+        registry::{Code, Loader, Registry, Version},
+        spool::Spool,
+        stats::Stats,
+    };
+
+    if std::process::Command::new("wrk").arg("--version").output().is_err() {
+        return None;
+    }
+    const SECRET: &str = "bench-secret";
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let engine = Arc::new(WasmEngine::new(&WasmSettings::default()).unwrap());
+    let registry = Registry::new();
+    let spool = Arc::new(Spool::open(&scratch.join("usage"), 1000).unwrap());
+    let invoker = Arc::new(Invoker::new(
+        registry.clone(),
+        Arc::new(Stats::new()),
+        engine.clone(),
+        ProcessRuntime::new(scratch.join("http-scratch")).unwrap(),
+        spool,
+    ));
+    let module = engine.compile(hello).unwrap();
+    let prepared = engine.clone();
+    let loader: Loader = Arc::new(move || Ok(Code::Wasm(prepared.prepare(&module)?)));
+    let version_id = uuid::Uuid::now_v7();
+    let assignment = Assignment {
+        version_id,
+        tenant_id: uuid::Uuid::now_v7(),
+        function_id: uuid::Uuid::now_v7(),
+        function: "bench".into(),
+        version: 1,
+        runtime: Runtime::Wasm,
+        entry: None,
+        package: PackageRef { sha256: "0".repeat(64), size: 1, format: PackageFormat::Wasm, url: String::new() },
+        memory_mb: 128,
+        timeout_ms: 10_000,
+        concurrency: 1000,
+        instances: 1,
+        env: BTreeMap::new(),
+    };
+    registry.insert(Version::new(assignment, loader.clone(), Some(loader().unwrap()), 1000));
+    let auth = Arc::new(InvokeAuth::default());
+    auth.set(SECRET);
+    let app = router(Arc::new(Listener {
+        invoker,
+        auth,
+        draining: Arc::new(AtomicBool::new(false)),
+        max_body_bytes: 6 << 20,
+    }));
+    let tcp = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let url = format!("http://{}/invoke/{version_id}", tcp.local_addr().unwrap());
+    rt.spawn(async move { axum::serve(tcp, app).await });
+    let script = scratch.join("post.lua");
+    std::fs::write(
+        &script,
+        format!(
+            "wrk.method = \"POST\"\nwrk.body = \"ping\"\nwrk.headers[\"Authorization\"] = \"Bearer {SECRET}\"\n"
+        ),
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    for &c in concurrencies {
+        let threads = c.min(2).to_string();
+        let conns = c.to_string();
+        let run = |secs: &str| {
+            std::process::Command::new("wrk")
+                .args(["-t", &threads, "-c", &conns, "-d", secs, "--latency", "-s"])
+                .arg(&script)
+                .arg(&url)
+                .output()
+                .unwrap()
+        };
+        run("1s"); // warm-up
+        let (cpu_before, wall) = (own_cpu_seconds(), Instant::now());
+        let text = String::from_utf8_lossy(&run("5s").stdout).into_owned();
+        let agent_cores = (own_cpu_seconds() - cpu_before) / wall.elapsed().as_secs_f64();
+        assert!(!text.contains("Non-2xx"), "the listener refused requests: {text}");
+        let field = |prefix: &str| {
+            text.lines()
+                .map(str::trim)
+                .find(|l| l.starts_with(prefix))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .unwrap_or("?")
+                .to_owned()
+        };
+        let rps = field("Requests/sec:").parse().unwrap_or(0.0);
+        out.push((c, WrkRun { rps, p50: wrk_ms(&field("50%")), p99: wrk_ms(&field("99%")), agent_cores }));
+    }
+    drop(rt);
+    Some(out)
+}
+
 /// The process runtime: an echo shell script packed as a gzip tarball, run per invocation.
 fn process_invocations(scratch: &Path, n: usize) -> Sample {
     let script = std::fs::read(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/echo.sh")).unwrap();
@@ -306,6 +445,7 @@ fn main() {
         repeat(2_000, f);
     }
     let mut ratios = String::new();
+    let mut pooled_rates = Vec::new();
     for (concurrency, per_thread) in [(1, 20_000), (64, 400)] {
         let measure = |f: &(dyn Fn() + Sync)| {
             if concurrency == 1 { repeat(per_thread, f) } else { concurrent(concurrency, per_thread, f) }
@@ -313,6 +453,7 @@ fn main() {
         let n = measure(&nimbus);
         let d = measure(&|| default_plain.call());
         let p = measure(&|| pooled_plain.call());
+        pooled_rates.push((concurrency, p.per_second()));
         t.row(&format!("wasm warm invocation, Nimbus `WasmEngine::invoke`, concurrency {concurrency}"), &n, true, "");
         t.row(&format!("↳ plain wasmtime, default config, concurrency {concurrency}"), &d, true, "baseline");
         t.row(&format!("↳ plain wasmtime, pooling allocator, concurrency {concurrency}"), &p, true, "baseline");
@@ -326,6 +467,30 @@ fn main() {
             n.per_second() / p.per_second(),
         )
         .unwrap();
+    }
+
+    // The same module through the agent's HTTP invocation listener, against the in-process
+    // plain-wasmtime (pooling) figures of this run.
+    match http_listener(&scratch, &hello, &[1, 64]) {
+        Some(runs) => {
+            for (c, r) in runs {
+                writeln!(
+                    t.0,
+                    "| wasm warm invocation through the agent's HTTP listener (wrk), concurrency {c} | 5 s | {} | {} | {:.0} | wrk on the same 2 cores; the agent used {:.2} cores = {:.0} inv/s per agent core |",
+                    r.p50, r.p99, r.rps, r.agent_cores, r.rps / r.agent_cores.max(0.01)
+                )
+                .unwrap();
+                if let Some((_, plain)) = pooled_rates.iter().find(|(pc, _)| *pc == c) {
+                    writeln!(
+                        ratios,
+                        "- concurrency {c}: HTTP listener / plain wasmtime in-process (pooling) throughput {:.2}×",
+                        r.rps / plain
+                    )
+                    .unwrap();
+                }
+            }
+        }
+        None => println!("(wrk is not installed: the HTTP listener rows are skipped; apt-get install wrk)"),
     }
 
     // The process runtime: fork, exec of a shell script, pipes, scratch directory, group kill.
