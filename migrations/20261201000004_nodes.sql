@@ -38,8 +38,13 @@ CREATE TABLE nodes (
     instance_slots          integer NOT NULL,
     invoke_url              text NOT NULL,
     invoke_secret           text NOT NULL,
+    -- Liveness and membership: ready (reporting), lost (silent past the heartbeat timeout),
+    -- left (stopped gracefully; its credential still renews), removed (by an admin).
     state                   text NOT NULL
-        CONSTRAINT nodes_state_check CHECK (state IN ('ready', 'draining', 'lost', 'left', 'removed')),
+        CONSTRAINT nodes_state_check CHECK (state IN ('ready', 'lost', 'left', 'removed')),
+    -- An admin's drain, kept apart from liveness so that a node that goes lost and comes back,
+    -- or restarts, stays drained.
+    draining                boolean NOT NULL DEFAULT false,
     -- The current credential and, for a minute after a renewal, the one before it (so a renewal
     -- whose answer was lost does not lock the agent out).
     credential_hash         bytea CONSTRAINT nodes_credential_hash_key UNIQUE,
@@ -58,7 +63,7 @@ CREATE TABLE nodes (
     state_changed_at        timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX nodes_previous_credential_idx ON nodes (previous_credential_hash) WHERE previous_credential_hash IS NOT NULL;
-CREATE INDEX nodes_heartbeat_idx ON nodes (last_heartbeat_at) WHERE state IN ('ready', 'draining');
+CREATE INDEX nodes_heartbeat_idx ON nodes (last_heartbeat_at) WHERE state = 'ready';
 
 -- Desired state: the versions each node keeps (instances = warm instances; 0 = code cached only).
 CREATE TABLE assignments (

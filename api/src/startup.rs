@@ -185,7 +185,15 @@ async fn enforce_timeout(
     req: Request<axum::body::Body>,
     next: middleware::Next,
 ) -> axum::response::Response {
-    let limit = if is_upload(req.method(), req.uri().path()) { t.upload } else { t.request };
+    let limit = if is_upload(req.method(), req.uri().path()) {
+        t.upload
+    } else if req.uri().path() == "/agent/v1/desired-state" {
+        // The long-poll bounds itself (at most `MAX_WAIT_SECONDS`); it must not be cut shorter
+        // by a request timeout below that.
+        t.request.max(Duration::from_secs(nimbus_protocol::MAX_WAIT_SECONDS + 10))
+    } else {
+        t.request
+    };
     match tokio::time::timeout(limit, next.run(req)).await {
         Ok(res) => res,
         Err(_) => ApiError::Timeout.into_response(),

@@ -334,6 +334,7 @@ async fn an_agent_runs_both_runtimes_reconciles_verifies_code_and_ships_usage_ex
 
     // Usage held only in the spool survives kill -9 and arrives exactly once after a restart.
     let agent = start_agent(&p, &token, &data, "1h");
+    p.wait_node(&agent.node, "ready after the restart", |n| n["state"] == "ready").await;
     p.assign(&agent.node, &["hello-sh"]).await;
     p.wait_node(&agent.node, "the process version", |n| versions_ready(n, &[&process])).await;
     let secret = p.invoke_secret(&agent.node).await;

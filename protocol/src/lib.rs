@@ -70,8 +70,9 @@ pub struct Capacity {
 pub struct JoinRequest {
     /// The join token a platform admin created.
     pub token: String,
-    /// The node's name (a DNS label, unique). Joining again with a known name takes that node
-    /// over (new credential, same id).
+    /// The node's name (a DNS label, unique). Joining again under the name of a node that left,
+    /// went silent or was removed takes that node over (new credential, same id); the name of a
+    /// node that is reporting is refused (409 `node_name_taken`).
     pub name: String,
     /// Its zone (a DNS label).
     pub zone: String,
@@ -139,8 +140,9 @@ pub struct PackageRef {
     pub size: u64,
     /// How it is packed.
     pub format: PackageFormat,
-    /// A short-lived URL to fetch it from: presigned S3, or the control plane's
-    /// `/agent/v1/code/{sha256}` (send the node credential there, and only there).
+    /// Where to fetch it: an absolute, short-lived presigned S3 URL (send no credential), or a
+    /// path starting with `/` (`/agent/v1/code/{sha256}`) to resolve against the control-plane
+    /// URL and fetch with the node credential.
     pub url: String,
 }
 
@@ -184,7 +186,7 @@ pub struct DesiredState {
     pub node_id: Uuid,
     /// Grows with every change of the node's assignments or state.
     pub revision: i64,
-    /// A draining node takes no new instances; it keeps serving what it has.
+    /// A draining node takes no new assignments; it keeps serving what it has.
     pub draining: bool,
     /// What to serve.
     pub assignments: Vec<Assignment>,

@@ -61,8 +61,10 @@ pub struct Node {
     pub name: String,
     /// Zone.
     pub zone: String,
-    /// `ready`, `draining`, `lost`, `left` or `removed`.
+    /// `ready`, `lost`, `left` or `removed`.
     pub state: String,
+    /// Drained by an admin: takes no new assignments, keeps serving what it has.
+    pub draining: bool,
     /// Capacity.
     pub capacity: NodeCapacity,
     /// Where the gateway reaches it.
@@ -91,6 +93,7 @@ struct NodeRow {
     name: String,
     zone: String,
     state: String,
+    draining: bool,
     memory_mb: i64,
     cpu_millis: i32,
     instance_slots: i32,
@@ -126,6 +129,7 @@ impl From<NodeRow> for Node {
             name: r.name,
             zone: r.zone,
             state: r.state,
+            draining: r.draining,
             capacity: NodeCapacity {
                 memory_mb: r.memory_mb,
                 cpu_millis: r.cpu_millis,
@@ -144,7 +148,7 @@ impl From<NodeRow> for Node {
     }
 }
 
-const NODE_COLUMNS: &str = "id, name, zone, state, memory_mb, cpu_millis, instance_slots, invoke_url, in_flight, \
+const NODE_COLUMNS: &str = "id, name, zone, state, draining, memory_mb, cpu_millis, instance_slots, invoke_url, in_flight, \
     versions, revision, reported_revision, last_heartbeat_at, joined_at, state_changed_at";
 
 /// One version a node should keep.
@@ -301,7 +305,7 @@ async fn audit_node(
         (status = 200, description = "The draining node", body = Node),
         (status = 403, description = "Not a platform admin", body = crate::error::Problem),
         (status = 404, description = "No such node", body = crate::error::Problem),
-        (status = 409, description = "The node left or was removed", body = crate::error::Problem),
+        (status = 409, description = "The node was removed", body = crate::error::Problem),
     ),
     security(("bearer" = []))
 )]
@@ -313,20 +317,19 @@ pub async fn drain_node(
 ) -> ApiResult<Json<Node>> {
     let mut tx = authz::begin_platform(&state.pool, &principal, Action::DrainNode, &nrn::node(node_id)).await?;
     let node = load_node(&mut tx, node_id, true).await?;
-    match node.state.as_str() {
-        "draining" => {
-            tx.commit().await?;
-            return Ok(Json(node.into()));
-        }
-        "left" | "removed" => return Err(ApiError::conflict("node_gone", format!("the node is {}", node.state))),
-        _ => {}
+    if node.draining {
+        tx.commit().await?;
+        return Ok(Json(node.into()));
     }
-    sqlx::query("UPDATE nodes SET state = 'draining', state_changed_at = now(), revision = revision + 1 WHERE id = $1")
+    if node.state == "removed" {
+        return Err(ApiError::conflict("node_gone", "the node was removed"));
+    }
+    sqlx::query("UPDATE nodes SET draining = true, revision = revision + 1 WHERE id = $1")
         .bind(node_id)
         .execute(&mut *tx)
         .await?;
     sqlx::query("SELECT pg_notify('nimbus_desired_state', $1)").bind(node_id.to_string()).execute(&mut *tx).await?;
-    audit_node(&mut tx, &ctx, &principal, Action::DrainNode, node_id, json!({ "from": node.state })).await?;
+    audit_node(&mut tx, &ctx, &principal, Action::DrainNode, node_id, json!({ "state": node.state })).await?;
     let row = load_node(&mut tx, node_id, false).await?;
     tx.commit().await?;
     state.hub.notify(node_id);
@@ -457,11 +460,9 @@ pub async fn put_assignments(
     }
     let mut tx = authz::begin_platform(&state.pool, &principal, Action::PutAssignments, &nrn::node(node_id)).await?;
     let node = load_node(&mut tx, node_id, true).await?;
-    if !req.assignments.is_empty() && node.state != "ready" && node.state != "lost" {
-        return Err(ApiError::conflict(
-            "node_not_schedulable",
-            format!("the node is {}; it takes no assignments", node.state),
-        ));
+    if !req.assignments.is_empty() && (node.draining || node.state == "left" || node.state == "removed") {
+        let why = if node.draining { "draining".to_owned() } else { node.state.clone() };
+        return Err(ApiError::conflict("node_not_schedulable", format!("the node is {why}; it takes no assignments")));
     }
     // Resolve every (tenant, function, version) in that tenant's scope: the platform scope does
     // not see tenants' functions.

@@ -32,7 +32,7 @@ use crate::{
     idempotency::ContainsSecret,
     names::Name,
     startup::AppState,
-    store::{ObjectStore, check_address},
+    store::{PackageStore, check_address},
 };
 
 /// Largest agent request body (usage batches of 5,000 records with their log lines).
@@ -50,15 +50,17 @@ type TokenRow = (Uuid, Option<chrono::DateTime<Utc>>, Option<chrono::DateTime<Ut
 
 /// Routes of the agent protocol.
 pub fn router() -> OpenApiRouter<AppState> {
+    // Only usage batches get the large body limit; everything else (the anonymous join
+    // included) keeps the API's.
+    let usage = OpenApiRouter::new().routes(routes!(ingest_usage)).layer(DefaultBodyLimit::max(AGENT_BODY_LIMIT));
     OpenApiRouter::new()
         .routes(routes!(join))
         .routes(routes!(renew))
         .routes(routes!(desired_state))
         .routes(routes!(report))
-        .routes(routes!(ingest_usage))
         .routes(routes!(download_code))
         .routes(routes!(leave))
-        .layer(DefaultBodyLimit::max(AGENT_BODY_LIMIT))
+        .merge(usage)
 }
 
 fn validate_join(req: &JoinRequest) -> Result<(), ApiError> {
@@ -105,6 +107,7 @@ fn validate_join(req: &JoinRequest) -> Result<(), ApiError> {
     responses(
         (status = 201, description = "Joined: `nimbus_protocol::JoinResponse`", body = Object),
         (status = 401, description = "Unknown, revoked, expired or used-up join token", body = crate::error::Problem),
+        (status = 409, description = "A live node has this name", body = crate::error::Problem),
         (status = 422, description = "Invalid field", body = crate::error::Problem),
     )
 )]
@@ -138,6 +141,24 @@ pub async fn join(
     if let Some(why) = refused {
         metrics::counter!("nimbus_node_joins_total", "outcome" => "refused").increment(1);
         return Err(ApiError::Unauthenticated(why));
+    }
+    // A name belongs to one live node: a join under the name of a node that is reporting is
+    // refused, so one join token cannot take a running node's place (and its traffic and
+    // secrets). A node that left, went silent or was removed can be taken over by a new join.
+    let live: Option<bool> = sqlx::query_scalar(
+        "SELECT state = 'ready' AND last_heartbeat_at > now() - make_interval(secs => $2) FROM nodes \
+         WHERE name = $1 FOR UPDATE",
+    )
+    .bind(&req.name)
+    .bind(state.settings.node_heartbeat_timeout.0.as_secs_f64())
+    .fetch_optional(&mut *tx)
+    .await?;
+    if live == Some(true) {
+        metrics::counter!("nimbus_node_joins_total", "outcome" => "name_taken").increment(1);
+        return Err(ApiError::conflict(
+            "node_name_taken",
+            format!("a live node is named {}; choose another name, or stop that node first", req.name),
+        ));
     }
     let (credential, credential_hash, expires) = new_credential(state.settings.node_credential_ttl.0);
     let invoke_secret = secret::random_token();
@@ -319,8 +340,8 @@ pub async fn report(
     let mut tx = db::begin(&state.pool, &node.scope()).await?;
     sqlx::query(
         "UPDATE nodes SET last_heartbeat_at = now(), in_flight = $2, versions = $3, reported_revision = $4, \
-         state = CASE WHEN state = 'lost' THEN 'ready' ELSE state END, \
-         state_changed_at = CASE WHEN state = 'lost' THEN now() ELSE state_changed_at END \
+         state = CASE WHEN state IN ('lost', 'left') THEN 'ready' ELSE state END, \
+         state_changed_at = CASE WHEN state IN ('lost', 'left') THEN now() ELSE state_changed_at END \
          WHERE id = $1",
     )
     .bind(node.node_id)
@@ -406,13 +427,45 @@ pub async fn download_code(
     if !assigned {
         return Err(ApiError::NotFound("package"));
     }
-    let bytes = state.store.get(&sha256).await.map_err(|e| anyhow::anyhow!(e))?.ok_or(ApiError::NotFound("package"))?;
     metrics::counter!("nimbus_code_downloads_total").increment(1);
-    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], Body::from(bytes)).into_response())
+    // Streamed from the store, never held whole in memory: many nodes fetching large packages
+    // at once must not exhaust the API.
+    let body = match &state.store {
+        PackageStore::Local(local) => {
+            let file = match tokio::fs::File::open(local.path_of(&sha256).map_err(|e| anyhow::anyhow!(e))?).await {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(ApiError::NotFound("package")),
+                Err(e) => return Err(ApiError::Internal(e.into())),
+            };
+            let len = file.metadata().await.map_err(|e| ApiError::Internal(e.into()))?.len();
+            let chunks = futures_util::stream::unfold(file, |mut file| async move {
+                use tokio::io::AsyncReadExt;
+                let mut buf = vec![0u8; 256 * 1024];
+                match file.read(&mut buf).await {
+                    Ok(0) => None,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        Some((Ok::<_, std::io::Error>(axum::body::Bytes::from(buf)), file))
+                    }
+                    Err(e) => Some((Err(e), file)),
+                }
+            });
+            return Ok((
+                [(header::CONTENT_TYPE, "application/octet-stream".to_owned()), (header::CONTENT_LENGTH, len.to_string())],
+                Body::from_stream(chunks),
+            )
+                .into_response());
+        }
+        PackageStore::S3(s3) => {
+            let stream = s3.stream_package(&sha256).await.map_err(|e| anyhow::anyhow!(e))?.ok_or(ApiError::NotFound("package"))?;
+            Body::from_stream(stream)
+        }
+    };
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response())
 }
 
-/// Leave the platform (graceful shutdown): the node's assignments are dropped and its credential
-/// stops working.
+/// Leave the platform (graceful shutdown): the node's assignments are dropped and it is `left`
+/// until it reports again; its credential keeps working so that a restarted agent can renew it.
 #[utoipa::path(
     post,
     path = "/agent/v1/leave",
@@ -427,10 +480,9 @@ pub async fn leave(State(state): State<AppState>, ctx: RequestContext, node: Nod
     let mut tx =
         db::begin(&state.pool, &Scope { node: Some(node.node_id), platform: true, ..Scope::default() }).await?;
     sqlx::query("DELETE FROM assignments WHERE node_id = $1").bind(node.node_id).execute(&mut *tx).await?;
-    sqlx::query(
-        "UPDATE nodes SET state = 'left', state_changed_at = now(), credential_hash = NULL, \
-         previous_credential_hash = NULL, previous_valid_until = NULL, revision = revision + 1 WHERE id = $1",
-    )
+    // The credential stays: a restarted agent renews it and reports, which makes the node ready
+    // again, without needing a join token.
+    sqlx::query("UPDATE nodes SET state = 'left', state_changed_at = now(), revision = revision + 1 WHERE id = $1")
     .bind(node.node_id)
     .execute(&mut *tx)
     .await?;

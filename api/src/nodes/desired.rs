@@ -135,7 +135,7 @@ pub async fn build(state: &AppState, node: Uuid) -> Result<DesiredState, ApiErro
     let mut tx = db::begin(&state.pool, &db::Scope::node(node)).await?;
     // The revision first: a change landing between the two reads then shows up as a newer
     // revision later, never as content the document's revision claims to cover but lacks.
-    let (revision, node_state): (i64, String) = sqlx::query_as("SELECT revision, state FROM nodes WHERE id = $1")
+    let (revision, draining): (i64, bool) = sqlx::query_as("SELECT revision, draining FROM nodes WHERE id = $1")
         .bind(node)
         .fetch_optional(&mut *tx)
         .await?
@@ -156,7 +156,17 @@ pub async fn build(state: &AppState, node: Uuid) -> Result<DesiredState, ApiErro
     let mut assignments = Vec::with_capacity(rows.len());
     for r in rows {
         let config = r.config.0;
-        let env = env::reveal(state.secrets.as_deref(), r.tenant_id, r.function_id, &config.environment)?;
+        // A secret that cannot be opened (its key left the key set) keeps that one version off
+        // the node; every other version of every tenant still reconciles.
+        let env = match env::reveal(state.secrets.as_deref(), r.tenant_id, r.function_id, &config.environment) {
+            Ok(env) => env,
+            Err(e) => {
+                metrics::counter!("nimbus_desired_state_skipped_total").increment(1);
+                tracing::error!(version_id = %r.version_id, tenant_id = %r.tenant_id, error = %e,
+                    "a secret of this version cannot be opened; it is left out of the node's desired state");
+                continue;
+            }
+        };
         let format = match r.format.as_str() {
             "wasm" => PackageFormat::Wasm,
             "zip" => PackageFormat::Zip,
@@ -188,14 +198,16 @@ pub async fn build(state: &AppState, node: Uuid) -> Result<DesiredState, ApiErro
         });
     }
     metrics::counter!("nimbus_desired_state_served_total").increment(1);
-    Ok(DesiredState { node_id: node, revision, draining: node_state == "draining", assignments })
+    Ok(DesiredState { node_id: node, revision, draining, assignments })
 }
 
-/// Where a node fetches a package: a presigned S3 URL, or the control plane's own download
-/// endpoint (authenticated with the node credential) for the local store.
+/// Where a node fetches a package: a presigned S3 URL (absolute), or for the local store the
+/// control plane's own download endpoint as a path (`/agent/v1/code/<sha256>`), which the agent
+/// resolves against the control-plane URL it knows and authenticates with its credential — so
+/// the control plane's idea of its public URL never has to match the agent's.
 async fn code_url(state: &AppState, sha256: &str) -> Result<String, ApiError> {
     match &state.store {
         PackageStore::S3(s3) => Ok(s3.presign_get(sha256, CODE_URL_TTL).await.map_err(|e| anyhow::anyhow!(e))?),
-        PackageStore::Local(_) => Ok(format!("{}/agent/v1/code/{sha256}", state.keys.issuer())),
+        PackageStore::Local(_) => Ok(format!("/agent/v1/code/{sha256}")),
     }
 }

@@ -87,24 +87,26 @@ impl FromRequestParts<AppState> for NodeAuth {
         let hash = secret::sha256(token.as_bytes());
         // Nodes are platform rows without tenant data: no scope is needed to find one.
         let mut tx = db::begin(&state.pool, &Scope::default()).await?;
-        let row: Option<(Uuid, String, bool, Option<DateTime<Utc>>)> = sqlx::query_as(
-            "SELECT id, state, credential_hash = $1, credential_expires_at FROM nodes \
+        let row: Option<(Uuid, String, bool, bool, Option<DateTime<Utc>>)> = sqlx::query_as(
+            "SELECT id, state, draining, credential_hash = $1, credential_expires_at FROM nodes \
              WHERE credential_hash = $1 OR (previous_credential_hash = $1 AND previous_valid_until > now())",
         )
         .bind(&hash)
         .fetch_optional(&mut *tx)
         .await?;
         tx.commit().await?;
-        let Some((node_id, node_state, current, expires)) = row else {
+        let Some((node_id, node_state, draining, current, expires)) = row else {
             return Err(ApiError::Unauthenticated("invalid node credential"));
         };
-        if matches!(node_state.as_str(), "removed" | "left") {
+        // A node that left keeps its credential (a restarted agent renews it); only an admin's
+        // removal ends it.
+        if node_state == "removed" {
             return Err(ApiError::Unauthenticated("this node was removed; join again"));
         }
         if current && expires.is_none_or(|e| e <= Utc::now()) {
             return Err(ApiError::Unauthenticated("node credential expired; join again"));
         }
-        let auth = NodeAuth { node_id, draining: node_state == "draining" };
+        let auth = NodeAuth { node_id, draining };
         parts.extensions.insert(auth);
         Ok(auth)
     }
@@ -116,7 +118,7 @@ pub async fn mark_lost(pool: &db::Db, timeout: Duration) -> Result<Vec<Uuid>, sq
     let mut tx = db::begin(pool, &Scope::platform(None)).await?;
     let lost: Vec<Uuid> = sqlx::query_scalar(
         "UPDATE nodes SET state = 'lost', state_changed_at = now(), revision = revision + 1 \
-         WHERE state IN ('ready', 'draining') AND last_heartbeat_at < now() - make_interval(secs => $1) RETURNING id",
+         WHERE state = 'ready' AND last_heartbeat_at < now() - make_interval(secs => $1) RETURNING id",
     )
     .bind(timeout.as_secs_f64())
     .fetch_all(&mut *tx)

@@ -47,6 +47,22 @@ struct Rollup {
     buckets: [i64; BUCKETS],
 }
 
+/// Largest count one rollup row takes in a minute; far above any real traffic, far below what
+/// overflows `bigint` when replicas add to the row.
+const MAX_COUNT: i64 = 1 << 48;
+
+impl Rollup {
+    fn add(&mut self, requests: i64, errors: i64, cold_starts: i64, concurrency: f64, buckets: impl Iterator<Item = i64>) {
+        self.requests = self.requests.saturating_add(requests).min(MAX_COUNT);
+        self.errors = self.errors.saturating_add(errors).min(MAX_COUNT);
+        self.cold_starts = self.cold_starts.saturating_add(cold_starts).min(MAX_COUNT);
+        self.concurrency_sum += concurrency;
+        for (b, n) in self.buckets.iter_mut().zip(buckets) {
+            *b = b.saturating_add(n).min(MAX_COUNT);
+        }
+    }
+}
+
 #[derive(Default)]
 struct Inner {
     recent: HashMap<Uuid, VecDeque<Second>>,
@@ -67,9 +83,9 @@ impl Stats {
         match recent.iter_mut().rev().find(|s| s.second == m.second) {
             Some(s) => {
                 s.concurrency += m.concurrency;
-                s.requests += m.requests;
-                s.errors += m.errors;
-                s.cold_starts += m.cold_starts;
+                s.requests = s.requests.saturating_add(m.requests);
+                s.errors = s.errors.saturating_add(m.errors);
+                s.cold_starts = s.cold_starts.saturating_add(m.cold_starts);
             }
             None => {
                 recent.push_back(Second {
@@ -94,14 +110,10 @@ impl Stats {
             concurrency_sum: 0.0,
             buckets: [0; BUCKETS],
         });
-        let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-        r.requests += count(m.requests);
-        r.errors += count(m.errors);
-        r.cold_starts += count(m.cold_starts);
-        r.concurrency_sum += m.concurrency;
-        for (b, n) in r.buckets.iter_mut().zip(&m.latency_buckets) {
-            *b += count(*n);
-        }
+        // Counts are a node's word: saturate rather than overflow (a value that overflows
+        // `bigint` in the upsert would fail every later flush of this replica).
+        let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX).min(MAX_COUNT);
+        r.add(count(m.requests), count(m.errors), count(m.cold_starts), m.concurrency, m.latency_buckets.iter().map(|n| count(*n)));
     }
 
     /// The recent seconds of a version, oldest first.
@@ -120,8 +132,14 @@ impl Stats {
         let result = write(pool, &pending).await;
         if result.is_err() {
             let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            // Merge with what arrived meanwhile: nothing counted twice, nothing dropped.
             for (k, v) in pending {
-                inner.pending.entry(k).or_insert(v);
+                match inner.pending.get_mut(&k) {
+                    Some(r) => r.add(v.requests, v.errors, v.cold_starts, v.concurrency_sum, v.buckets.into_iter()),
+                    None => {
+                        inner.pending.insert(k, v);
+                    }
+                }
             }
         }
         result

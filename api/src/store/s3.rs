@@ -164,6 +164,14 @@ impl S3Store {
         Ok(req.uri().to_owned())
     }
 
+    /// The package `sha256` as a stream, if it is stored.
+    pub async fn stream_package(
+        &self,
+        sha256: &str,
+    ) -> Result<Option<impl Stream<Item = Result<Bytes, StoreError>> + Send + Unpin + use<>>, StoreError> {
+        self.stream(&Self::key_of(sha256)?).await
+    }
+
     /// The object at `key` as a stream, if it exists.
     pub async fn stream(
         &self,

@@ -250,7 +250,7 @@ async fn desired_state_carries_assignments_wakes_long_polls_and_shows_a_node_onl
     assert_eq!(a["env"]["MODE"], "prod");
     let url = a["package"]["url"].as_str().unwrap();
     let sha = a["package"]["sha256"].as_str().unwrap();
-    assert_eq!(url, format!("http://nimbus.test/agent/v1/code/{sha}"));
+    assert_eq!(url, format!("/agent/v1/code/{sha}"), "local-store code URLs are relative to the control plane");
 
     // The code downloads with the node credential and hashes to what the document says.
     let code = app.get(&format!("/agent/v1/code/{sha}")).token(&node.credential).send().await;
@@ -299,7 +299,7 @@ async fn desired_state_carries_assignments_wakes_long_polls_and_shows_a_node_onl
     assert!(doc.body["revision"].as_i64().unwrap() > before);
     // A draining node takes no assignments.
     let drained = app.post(&format!("/v1/nodes/{}/drain", node.id)).token(&admin.token).send().await;
-    assert_eq!(drained.body["state"], "draining", "{}", drained.text);
+    assert_eq!((drained.body["state"].as_str(), drained.body["draining"].as_bool()), (Some("ready"), Some(true)), "{}", drained.text);
     assign(
         &app,
         &admin,
@@ -310,6 +310,79 @@ async fn desired_state_carries_assignments_wakes_long_polls_and_shows_a_node_onl
     .assert_problem(StatusCode::CONFLICT, "node_not_schedulable");
     let doc = app.get("/agent/v1/desired-state").token(&node.credential).send().await;
     assert_eq!(doc.body["draining"], true);
+    // A drain outlives the node going silent and coming back.
+    let mut c = app.admin_conn().await;
+    sqlx::query("UPDATE nodes SET last_heartbeat_at = now() - interval '1 minute'").execute(&mut c).await.unwrap();
+    assert_eq!(nodes::mark_lost(&app.state.pool, Duration::from_secs(15)).await.unwrap(), vec![node.id]);
+    app.post("/agent/v1/reports").token(&node.credential).json(empty_report()).send().await;
+    let back = app.get(&format!("/v1/nodes/{}", node.id)).token(&admin.token).send().await;
+    assert_eq!((back.body["state"].as_str(), back.body["draining"].as_bool()), (Some("ready"), Some(true)), "{}", back.text);
+}
+
+#[tokio::test]
+async fn a_version_whose_secret_cannot_be_opened_is_left_out_and_the_rest_still_reconciles() {
+    let app = spawn_app().await;
+    let admin = platform_admin(&app).await;
+    let owner = app.sign_up("owner@example.com", "acme").await;
+    let broken = deployed_with(&app, &owner, "broken", 7).await;
+    let fine = deployed_with(&app, &owner, "fine", 8).await;
+    let (_, token) = join_token(&app, &admin, json!({"name": "t"})).await;
+    let node = join(&app, &token, "w1").await;
+    let res = assign(
+        &app,
+        &admin,
+        node.id,
+        json!({"assignments": [{"tenant_id": owner.tenant, "function": "broken", "version": 1, "instances": 1},
+                               {"tenant_id": owner.tenant, "function": "fine", "version": 1, "instances": 1}]}),
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.text);
+    let mut c = app.admin_conn().await;
+    sqlx::query("UPDATE versions SET config = jsonb_set(config, '{environment,TOKEN,secret,key_id}', '\"gone\"') WHERE id = $1")
+        .bind(broken)
+        .execute(&mut c)
+        .await
+        .unwrap();
+    let doc = app.get("/agent/v1/desired-state").token(&node.credential).send().await;
+    assert_eq!(doc.status, StatusCode::OK, "{}", doc.text);
+    let ids: Vec<&str> = doc.body["assignments"].as_array().unwrap().iter().map(|a| a["version_id"].as_str().unwrap()).collect();
+    assert_eq!(ids, vec![fine.to_string()]);
+}
+
+#[tokio::test]
+async fn a_live_nodes_name_cannot_be_taken_over_and_a_node_that_left_renews_without_a_token() {
+    let app = spawn_app().await;
+    let admin = platform_admin(&app).await;
+    let (_, token) = join_token(&app, &admin, json!({"name": "t"})).await;
+    let node = join(&app, &token, "w1").await;
+    app.post("/agent/v1/join")
+        .json(join_body(&token, "w1"))
+        .send()
+        .await
+        .assert_problem(StatusCode::CONFLICT, "node_name_taken");
+    // The anonymous join takes only the API's body limit, not the usage batches' 32 MiB.
+    let mut big = join_body(&token, "w9");
+    big["zone"] = json!("z".repeat(2 << 20));
+    app.post("/agent/v1/join").json(big).send().await.assert_problem(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
+
+    // Leaving keeps the credential: the restarted agent renews and reports, and is ready again.
+    let left = app.post("/agent/v1/leave").token(&node.credential).send().await;
+    assert_eq!(left.status, StatusCode::NO_CONTENT, "{}", left.text);
+    let shown = app.get(&format!("/v1/nodes/{}", node.id)).token(&admin.token).send().await;
+    assert_eq!(shown.body["state"], "left");
+    assert_eq!(app.post("/agent/v1/renew").token(&node.credential).send().await.status, StatusCode::OK);
+    let res = app.post("/agent/v1/reports").token(&node.credential).json(empty_report()).send().await;
+    assert_eq!(res.status, StatusCode::NO_CONTENT);
+    let shown = app.get(&format!("/v1/nodes/{}", node.id)).token(&admin.token).send().await;
+    assert_eq!(shown.body["state"], "ready");
+
+    // A silent node's name can be taken over: same id, new credential.
+    let mut c = app.admin_conn().await;
+    sqlx::query("UPDATE nodes SET last_heartbeat_at = now() - interval '1 minute'").execute(&mut c).await.unwrap();
+    let again = join(&app, &token, "w1").await;
+    assert_eq!(again.id, node.id);
+    assert_ne!(again.credential, node.credential);
+    app.post("/agent/v1/reports").token(&node.credential).json(empty_report()).send().await.assert_problem(StatusCode::UNAUTHORIZED, "unauthenticated");
 }
 
 fn record(invocation: Uuid, owner: &User, function: Uuid, version: Uuid) -> Value {
