@@ -146,8 +146,9 @@ pub struct PackageRef {
     pub url: String,
 }
 
-/// One version the node should serve.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One version the node should serve. Its `Debug` names the environment's variables but never
+/// prints their values (secrets are opened in it).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Assignment {
     /// The version's id (what invocations address).
@@ -176,6 +177,26 @@ pub struct Assignment {
     pub instances: u32,
     /// The function's environment, secrets opened (the channel is the node's authenticated one).
     pub env: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for Assignment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Assignment")
+            .field("version_id", &self.version_id)
+            .field("tenant_id", &self.tenant_id)
+            .field("function_id", &self.function_id)
+            .field("function", &self.function)
+            .field("version", &self.version)
+            .field("runtime", &self.runtime)
+            .field("entry", &self.entry)
+            .field("package", &self.package)
+            .field("memory_mb", &self.memory_mb)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("concurrency", &self.concurrency)
+            .field("instances", &self.instances)
+            .field("env", &self.env.keys().collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 /// The whole truth of what a node should run; level-triggered: each document replaces the last.
@@ -376,6 +397,27 @@ mod tests {
         assert_eq!(billed_ms(1000), 1);
         assert_eq!(billed_ms(1001), 2);
         assert_eq!(billed_ms(2_500_000), 2500);
+    }
+
+    #[test]
+    fn an_assignments_debug_never_prints_environment_values() {
+        let a = Assignment {
+            version_id: Uuid::nil(),
+            tenant_id: Uuid::nil(),
+            function_id: Uuid::nil(),
+            function: "f".into(),
+            version: 1,
+            runtime: Runtime::Wasm,
+            entry: None,
+            package: PackageRef { sha256: "0".repeat(64), size: 1, format: PackageFormat::Wasm, url: "/x".into() },
+            memory_mb: 128,
+            timeout_ms: 1000,
+            concurrency: 1,
+            instances: 1,
+            env: BTreeMap::from([("TOKEN".to_owned(), "hunter2-secret".to_owned())]),
+        };
+        let shown = format!("{a:?}");
+        assert!(shown.contains("TOKEN") && !shown.contains("hunter2"), "{shown}");
     }
 
     #[test]
