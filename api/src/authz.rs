@@ -108,6 +108,8 @@ pub enum Action {
     DeleteAlias,
     /// Read a function's logs.
     GetFunctionLogs,
+    /// Invoke a function through the gateway.
+    InvokeFunction,
     /// Create a join token for worker nodes (platform).
     CreateJoinToken,
     /// List join tokens (platform).
@@ -152,6 +154,7 @@ impl Action {
         Action::UpdateAlias,
         Action::DeleteAlias,
         Action::GetFunctionLogs,
+        Action::InvokeFunction,
         Action::CreateJoinToken,
         Action::ListJoinTokens,
         Action::RevokeJoinToken,
@@ -189,6 +192,7 @@ impl Action {
             Action::UpdateAlias => "functions:UpdateAlias",
             Action::DeleteAlias => "functions:DeleteAlias",
             Action::GetFunctionLogs => "functions:GetFunctionLogs",
+            Action::InvokeFunction => "functions:InvokeFunction",
             Action::CreateJoinToken => "nodes:CreateJoinToken",
             Action::ListJoinTokens => "nodes:ListJoinTokens",
             Action::RevokeJoinToken => "nodes:RevokeJoinToken",
@@ -218,7 +222,8 @@ impl Action {
             | Action::DeleteVersion
             | Action::CreateAlias
             | Action::UpdateAlias
-            | Action::DeleteAlias => Role::Developer,
+            | Action::DeleteAlias
+            | Action::InvokeFunction => Role::Developer,
             Action::UpdateTenant
             | Action::AddMember
             | Action::UpdateMember

@@ -284,6 +284,8 @@ pub struct Scope {
     /// Acting for the platform: a platform admin's request (after the admin check) or a
     /// background loop. Widens exactly the policies that name `nimbus_platform()`.
     pub platform: bool,
+    /// The gateway's routing-table loader: read-only access to what routing needs.
+    pub gateway: bool,
 }
 
 impl Scope {
@@ -341,7 +343,7 @@ fn is_plain(v: &str) -> bool {
 
 impl Scope {
     /// The settings as (name, value) pairs; an unset value is empty.
-    fn settings(&self) -> [(&'static str, String); 7] {
+    fn settings(&self) -> [(&'static str, String); 8] {
         let uuid = |u: Option<Uuid>| u.map(|u| u.hyphenated().to_string()).unwrap_or_default();
         [
             ("nimbus.tenant_id", uuid(self.tenant)),
@@ -351,6 +353,7 @@ impl Scope {
             ("nimbus.refresh_token_hash", self.refresh_token_hash.clone().unwrap_or_default()),
             ("nimbus.node_id", uuid(self.node)),
             ("nimbus.platform", if self.platform { "on".to_owned() } else { String::new() }),
+            ("nimbus.gateway", if self.gateway { "on".to_owned() } else { String::new() }),
         ]
     }
 }
@@ -358,12 +361,12 @@ impl Scope {
 /// Replaces the scope settings of an open transaction (for example once a lookup has told
 /// which user a token belongs to).
 pub async fn set_scope(tx: &mut Tx, scope: &Scope) -> Result<(), sqlx::Error> {
-    let [tenant, user, email, prefix, hash, node, platform] = scope.settings().map(|(_, v)| v);
+    let [tenant, user, email, prefix, hash, node, platform, gateway] = scope.settings().map(|(_, v)| v);
     sqlx::query(
         "SELECT set_config('nimbus.tenant_id', $1, true), set_config('nimbus.user_id', $2, true), \
          set_config('nimbus.lookup_email', $3, true), set_config('nimbus.api_key_prefix', $4, true), \
          set_config('nimbus.refresh_token_hash', $5, true), set_config('nimbus.node_id', $6, true), \
-         set_config('nimbus.platform', $7, true)",
+         set_config('nimbus.platform', $7, true), set_config('nimbus.gateway', $8, true)",
     )
     .bind(tenant)
     .bind(user)
@@ -372,6 +375,7 @@ pub async fn set_scope(tx: &mut Tx, scope: &Scope) -> Result<(), sqlx::Error> {
     .bind(hash)
     .bind(node)
     .bind(platform)
+    .bind(gateway)
     .execute(&mut **tx)
     .await?;
     Ok(())

@@ -14,6 +14,7 @@ pub mod db;
 pub mod error;
 pub mod extract;
 pub mod functions;
+pub mod gateway;
 pub mod health;
 pub mod idempotency;
 pub mod local;

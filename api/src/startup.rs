@@ -30,7 +30,7 @@ use crate::{
     config::ServerArgs,
     db,
     error::ApiError,
-    functions, health, idempotency, me, members, nodes, openapi,
+    functions, gateway, health, idempotency, me, members, nodes, openapi,
     secrets::SecretBox,
     store::{LocalStore, PackageStore, S3Settings, S3Store},
     telemetry, tenants,
@@ -55,6 +55,10 @@ pub struct AppState {
     pub hub: nodes::Hub,
     /// Recent metrics reported by agents, and their per-minute rollups.
     pub stats: nodes::Stats,
+    /// The gateway's in-memory routing table.
+    pub routes: gateway::Routes,
+    /// The gateway's HTTP client to agents (pooled connections).
+    pub http: reqwest::Client,
 }
 
 impl AppState {
@@ -102,6 +106,12 @@ impl AppState {
             secrets,
             hub: nodes::Hub::default(),
             stats: nodes::Stats::default(),
+            routes: gateway::Routes::default(),
+            http: reqwest::Client::builder()
+                .pool_max_idle_per_host(256)
+                .connect_timeout(Duration::from_secs(2))
+                .build()
+                .context("building the gateway's HTTP client")?,
         })
     }
 }
@@ -139,9 +149,11 @@ pub fn app(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(state.settings.max_body_bytes))
         .with_state(state.clone());
     let console = nimbus_console::router(api.clone());
+    let gateway = gateway::router().with_state(state.clone());
     let timeouts = Timeouts { request: state.settings.request_timeout.0, upload: state.settings.upload_timeout.0 };
     api.merge(SwaggerUi::new("/docs").url("/openapi.json", doc))
         .nest("/console", console)
+        .merge(gateway)
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         // The console's forms get the same body limit as the API.
@@ -187,6 +199,9 @@ async fn enforce_timeout(
 ) -> axum::response::Response {
     let limit = if is_upload(req.method(), req.uri().path()) {
         t.upload
+    } else if req.uri().path().starts_with("/fn/") {
+        // Invocations are bounded by their function's own timeout (in the gateway).
+        Duration::from_secs(24 * 3600)
     } else if req.uri().path() == "/agent/v1/desired-state" {
         // The long-poll bounds itself (at most `MAX_WAIT_SECONDS`); it must not be cut shorter
         // by a request timeout below that.
@@ -261,10 +276,12 @@ impl Application {
         let watchdog = tokio::spawn(nodes::watchdog_loop(self.state.clone()));
         let rollups = tokio::spawn(nodes::stats::rollup_loop(self.state.stats.clone(), self.state.pool.clone()));
         let listener = tokio::spawn(self.state.hub.clone().listen(self.listen_url.clone()));
+        let routes =
+            tokio::spawn(self.state.routes.clone().refresh_loop(self.state.pool.clone(), self.listen_url.clone()));
         let app = app(self.state.clone()).into_make_service_with_connect_info::<SocketAddr>();
         tracing::info!(url = %self.public_url, "listening");
         let served = axum::serve(self.listener, app).with_graceful_shutdown(shutdown).await;
-        for task in [maintenance, watchdog, rollups, listener] {
+        for task in [maintenance, watchdog, rollups, listener, routes] {
             task.abort();
         }
         // What agents reported in the last minute reaches PostgreSQL before the replica exits.

@@ -48,6 +48,10 @@ pub(crate) fn new_credential(ttl: Duration) -> (String, Vec<u8>, DateTime<Utc>) 
     (token, hash, expires)
 }
 
+/// A node found by its credential: id, state, draining, whether the credential is the current
+/// one, its expiry.
+type CredentialRow = (Uuid, String, bool, bool, Option<DateTime<Utc>>);
+
 /// An authenticated agent: the node its credential belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NodeAuth {
@@ -87,7 +91,7 @@ impl FromRequestParts<AppState> for NodeAuth {
         let hash = secret::sha256(token.as_bytes());
         // Nodes are platform rows without tenant data: no scope is needed to find one.
         let mut tx = db::begin(&state.pool, &Scope::default()).await?;
-        let row: Option<(Uuid, String, bool, bool, Option<DateTime<Utc>>)> = sqlx::query_as(
+        let row: Option<CredentialRow> = sqlx::query_as(
             "SELECT id, state, draining, credential_hash = $1, credential_expires_at FROM nodes \
              WHERE credential_hash = $1 OR (previous_credential_hash = $1 AND previous_valid_until > now())",
         )

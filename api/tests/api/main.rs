@@ -9,6 +9,7 @@ mod authz_routes;
 mod conventions;
 mod db;
 mod functions;
+mod gateway;
 mod idempotency;
 mod isolation;
 mod nodes;

@@ -1,0 +1,225 @@
+//! The invocation gateway: `ANY /fn/{tenant}/{function}[:{alias-or-version}]/{path...}`.
+//!
+//! Per request: authenticate (access token or API key), authorize `functions:InvokeFunction`
+//! through the one authorization function, resolve the alias (default `live`) to a version with
+//! the routing decision of [`crate::routing`], pick the node with the fewest outstanding requests
+//! among those with a ready instance (ties toward the caller's zone, `x-nimbus-zone`), and
+//! forward to the agent's listener with the node's invoke secret, streaming the request and the
+//! response bodies. Routing reads only the in-memory [`table::Routes`].
+//!
+//! Answers of its own are problem+json: 404 for an unknown tenant, function, alias or version;
+//! 503 `no_capacity` (with `Retry-After`) when no node has the version ready; 502
+//! `agent_unreachable` when the node cannot be reached (the node is then skipped for a few
+//! seconds); 504 `function_timeout` when the agent does not answer within the version's timeout
+//! plus a margin. Responses carry `x-nimbus-version` and the agent's `x-nimbus-invocation-id` and
+//! `x-nimbus-cold-start`.
+
+pub mod table;
+
+use std::{sync::atomic::Ordering, time::Duration};
+
+use axum::{
+    Router,
+    body::Body,
+    extract::{Path, Request, State},
+    http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::any,
+};
+use nimbus_protocol::{HEADER_COLD_START, HEADER_INVOCATION_ID};
+use uuid::Uuid;
+
+use crate::{
+    auth,
+    authz::{self, Action, nrn},
+    error::ApiError,
+    startup::AppState,
+};
+
+pub use table::Routes;
+
+/// The alias a request without a qualifier goes to.
+pub const DEFAULT_ALIAS: &str = "live";
+/// How much longer than the function's timeout the gateway waits for the agent.
+pub const TIMEOUT_MARGIN: Duration = Duration::from_secs(5);
+/// Response header: the version that served the request.
+pub const HEADER_VERSION: &str = "x-nimbus-version";
+/// Request header: a caller's sticky key (for sticky aliases); else the principal is the key.
+pub const HEADER_STICKY_KEY: &str = "x-nimbus-sticky-key";
+/// Request header: the caller's zone, to prefer a node there.
+pub const HEADER_ZONE: &str = "x-nimbus-zone";
+
+/// The gateway's routes (mounted outside the REST API's OpenAPI document: any method, any path).
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/fn/{tenant}/{target}", any(invoke))
+        .route("/fn/{tenant}/{target}/", any(invoke))
+        .route("/fn/{tenant}/{target}/{*path}", any(invoke))
+}
+
+/// Headers about one connection (RFC 9110 §7.6.1), and the caller's credential: never forwarded.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "authorization",
+];
+
+fn problem(status: StatusCode, code: &'static str, detail: String) -> Response {
+    let body = serde_json::json!({
+        "type": format!("https://nimbus.dev/problems/{}", code.replace('_', "-")),
+        "title": status.canonical_reason().unwrap_or("Error"),
+        "status": status.as_u16(),
+        "code": code,
+        "detail": detail,
+    });
+    let mut res = (status, body.to_string()).into_response();
+    res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(crate::error::PROBLEM_JSON));
+    res
+}
+
+/// `{function}[:{qualifier}]`.
+fn split_target(target: &str) -> (&str, Option<&str>) {
+    match target.split_once(':') {
+        Some((f, q)) => (f, Some(q)),
+        None => (target, None),
+    }
+}
+
+async fn invoke(State(state): State<AppState>, Path(params): Path<Vec<(String, String)>>, req: Request) -> Response {
+    let started = std::time::Instant::now();
+    let response = match route(&state, &params, req).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    };
+    let status = response.status().as_u16();
+    let class = match status {
+        200..=299 => "2xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    metrics::counter!("nimbus_gateway_requests_total", "status" => class).increment(1);
+    metrics::histogram!("nimbus_gateway_request_duration_seconds").record(started.elapsed().as_secs_f64());
+    response
+}
+
+async fn route(state: &AppState, params: &[(String, String)], req: Request) -> Result<Response, ApiError> {
+    let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    let (tenant_name, target) = (get("tenant").unwrap_or(""), get("target").unwrap_or(""));
+    let path = get("path").map(|p| format!("/{p}")).unwrap_or_default();
+    let (function_name, qualifier) = split_target(target);
+
+    // Authentication first: nothing about a tenant's functions is told to a stranger.
+    let principal = auth::authenticate(state, req.headers()).await?;
+    let table = state.routes.table();
+    let tenant = *table.tenants.get(tenant_name).ok_or(ApiError::NotFound("tenant"))?;
+    let resource = nrn::function(tenant, function_name);
+    let (tx, _) = authz::begin(&state.pool, &principal, Action::InvokeFunction, tenant, &resource).await?;
+    tx.commit().await?;
+    let function = table.functions.get(&(tenant, function_name.to_owned())).ok_or(ApiError::NotFound("function"))?;
+
+    let invocation_id = Uuid::now_v7();
+    let version = match qualifier.unwrap_or(DEFAULT_ALIAS) {
+        q if q.bytes().all(|b| b.is_ascii_digit()) && !q.is_empty() => {
+            let n: u32 = q.parse().map_err(|_| ApiError::NotFound("version"))?;
+            function.versions.get(&n).ok_or(ApiError::NotFound("version"))?
+        }
+        alias => {
+            let routing = function.aliases.get(alias).ok_or(ApiError::NotFound("alias"))?;
+            let headers = req.headers();
+            let sticky = routing
+                .sticky
+                .then(|| headers.get(HEADER_STICKY_KEY).map(|v| v.as_bytes().to_vec()))
+                .flatten()
+                .unwrap_or_else(|| {
+                    if routing.sticky {
+                        principal.actor().1.as_bytes().to_vec()
+                    } else {
+                        invocation_id.as_bytes().to_vec()
+                    }
+                });
+            let decision = routing.decide(&sticky, |name| headers.get(name).and_then(|v| v.to_str().ok()));
+            function.versions.get(&decision.version).ok_or(ApiError::NotFound("version"))?
+        }
+    };
+
+    let zone = req.headers().get(HEADER_ZONE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let Some(target) = table.pick(version.id, zone.as_deref(), state.routes.now_ms()) else {
+        metrics::counter!("nimbus_gateway_no_capacity_total").increment(1);
+        let mut res = problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_capacity",
+            format!("no node has version {} of {function_name} ready; try again shortly", version.number),
+        );
+        res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return Ok(res);
+    };
+
+    let (parts, body) = req.into_parts();
+    let query = parts.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+    let url = format!("{}/invoke/{}{path}{query}", target.invoke_url, version.id);
+    let mut headers = HeaderMap::new();
+    for (name, value) in &parts.headers {
+        if !HOP_BY_HOP.contains(&name.as_str()) && !name.as_str().starts_with("x-nimbus-") {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    headers.insert(
+        header::AUTHORIZATION,
+        HeaderValue::from_str(&format!("Bearer {}", target.invoke_secret)).map_err(|e| anyhow::anyhow!(e))?,
+    );
+    headers.insert(
+        HeaderName::from_static(HEADER_INVOCATION_ID),
+        HeaderValue::from_str(&invocation_id.to_string()).map_err(|e| anyhow::anyhow!(e))?,
+    );
+    if let Some(id) = parts.headers.get("x-request-id") {
+        headers.insert(HeaderName::from_static("x-request-id"), id.clone());
+    }
+
+    target.outstanding.fetch_add(1, Ordering::Relaxed);
+    let sent = state
+        .http
+        .request(parts.method.clone(), &url)
+        .headers(headers)
+        .timeout(version.timeout + TIMEOUT_MARGIN)
+        .body(reqwest::Body::wrap_stream(body.into_data_stream()))
+        .send()
+        .await;
+    target.outstanding.fetch_sub(1, Ordering::Relaxed);
+    let upstream = match sent {
+        Ok(r) => r,
+        Err(e) if e.is_timeout() => {
+            return Ok(problem(
+                StatusCode::GATEWAY_TIMEOUT,
+                "function_timeout",
+                format!("the function did not answer within {} ms", (version.timeout + TIMEOUT_MARGIN).as_millis()),
+            ));
+        }
+        Err(e) => {
+            target.failed_at.store(state.routes.now_ms().max(1), Ordering::Relaxed);
+            metrics::counter!("nimbus_gateway_agent_failures_total").increment(1);
+            tracing::warn!(node = %target.node_id, error = %e, "the agent could not be reached");
+            return Ok(problem(
+                StatusCode::BAD_GATEWAY,
+                "agent_unreachable",
+                "the node running the function could not be reached".to_owned(),
+            ));
+        }
+    };
+    let mut res = Response::builder().status(upstream.status());
+    for (name, value) in upstream.headers() {
+        if !HOP_BY_HOP.contains(&name.as_str()) && name != header::CONTENT_LENGTH {
+            res = res.header(name, value);
+        }
+    }
+    res = res.header(HEADER_VERSION, version.number.to_string());
+    if !upstream.headers().contains_key(HEADER_COLD_START) {
+        res = res.header(HEADER_COLD_START, "false");
+    }
+    Ok(res.body(Body::from_stream(upstream.bytes_stream())).map_err(|e| anyhow::anyhow!(e))?)
+}

@@ -1,0 +1,260 @@
+//! The gateway's routing table: tenants by name, functions with their versions and aliases, and
+//! the nodes with a ready instance of each version — held in memory, so that an invocation reads
+//! no database to find its way.
+//!
+//! The table is rebuilt as a whole from PostgreSQL (the `nimbus.gateway` read scope) when a
+//! `nimbus_routing` notification says something changed (triggers on tenants, functions,
+//! versions, aliases and nodes; node reports notify only when their set of ready versions
+//! changes), debounced, and every [`FULL_RELOAD`] besides, so a lost notification only delays a
+//! change. Per-node counters of outstanding requests live outside the table and survive reloads.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicU32, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use nimbus_protocol::{InstanceState, VersionStatus};
+use uuid::Uuid;
+
+use crate::{
+    db::{self, Scope},
+    functions::versions::StoredConfig,
+    routing::RoutingConfig,
+};
+
+/// The channel routing changes are announced on.
+pub const CHANNEL: &str = "nimbus_routing";
+/// The table is rebuilt at least this often.
+pub const FULL_RELOAD: Duration = Duration::from_secs(30);
+/// Notifications arriving within this window cause one rebuild.
+const DEBOUNCE: Duration = Duration::from_millis(20);
+/// A node that refused a connection is skipped for this long.
+pub const FAILURE_HOLD: Duration = Duration::from_secs(5);
+
+/// A version the gateway can route to.
+#[derive(Debug, Clone)]
+pub struct VersionEntry {
+    /// Its id.
+    pub id: Uuid,
+    /// Its number.
+    pub number: u32,
+    /// Its timeout: the gateway waits this long (plus a margin) for the agent.
+    pub timeout: Duration,
+}
+
+/// A function as the gateway sees it.
+#[derive(Debug, Clone)]
+pub struct FunctionEntry {
+    /// Its id.
+    pub id: Uuid,
+    /// Its tenant.
+    pub tenant_id: Uuid,
+    /// Versions by number.
+    pub versions: HashMap<u32, VersionEntry>,
+    /// Aliases by name.
+    pub aliases: HashMap<String, RoutingConfig>,
+}
+
+/// A node serving invocations.
+#[derive(Debug)]
+pub struct Target {
+    /// The node.
+    pub node_id: Uuid,
+    /// Its zone.
+    pub zone: String,
+    /// Its invocation listener.
+    pub invoke_url: String,
+    /// The secret its listener wants.
+    pub invoke_secret: String,
+    /// Requests in flight to it, from this replica.
+    pub outstanding: Arc<AtomicU32>,
+    /// When a connection to it last failed (milliseconds since the gateway started; 0: never).
+    pub failed_at: Arc<AtomicU64>,
+}
+
+/// The whole routing table.
+#[derive(Debug, Default)]
+pub struct Table {
+    /// Tenant ids by name.
+    pub tenants: HashMap<String, Uuid>,
+    /// Functions by (tenant, name).
+    pub functions: HashMap<(Uuid, String), FunctionEntry>,
+    /// Nodes with a ready instance, by version id.
+    pub instances: HashMap<Uuid, Vec<Arc<Target>>>,
+}
+
+impl Table {
+    /// The target for `version`: the fewest outstanding requests, ties broken toward `zone`,
+    /// skipping nodes that failed within [`FAILURE_HOLD`] unless no other is left.
+    pub fn pick(&self, version: Uuid, zone: Option<&str>, now_ms: u64) -> Option<Arc<Target>> {
+        let targets = self.instances.get(&version)?;
+        let hold = FAILURE_HOLD.as_millis() as u64;
+        let healthy = |t: &&Arc<Target>| {
+            let f = t.failed_at.load(Ordering::Relaxed);
+            f == 0 || now_ms.saturating_sub(f) > hold
+        };
+        let best = |it: &mut dyn Iterator<Item = &Arc<Target>>| {
+            it.min_by_key(|t| (t.outstanding.load(Ordering::Relaxed), zone.is_some_and(|z| z != t.zone))).cloned()
+        };
+        best(&mut targets.iter().filter(healthy)).or_else(|| best(&mut targets.iter()))
+    }
+}
+
+/// A node's outstanding-request counter and last failure, shared by every table built.
+type NodeCounters = (Arc<AtomicU32>, Arc<AtomicU64>);
+
+/// The routing table of this replica and what keeps it fresh.
+#[derive(Clone)]
+pub struct Routes {
+    table: Arc<RwLock<Arc<Table>>>,
+    counters: Arc<Mutex<HashMap<Uuid, NodeCounters>>>,
+    started: Instant,
+}
+
+impl Default for Routes {
+    fn default() -> Self {
+        Routes { table: Arc::default(), counters: Arc::default(), started: Instant::now() }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct NodeRow {
+    id: Uuid,
+    zone: String,
+    invoke_url: String,
+    invoke_secret: String,
+    versions: sqlx::types::Json<Vec<VersionStatus>>,
+}
+
+impl Routes {
+    /// The current table.
+    pub fn table(&self) -> Arc<Table> {
+        self.table.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Milliseconds since this replica's gateway started (the clock of `failed_at`).
+    pub fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Rebuilds the table from PostgreSQL.
+    pub async fn reload(&self, pool: &db::Db) -> Result<(), sqlx::Error> {
+        let started = Instant::now();
+        let mut tx = db::begin(pool, &Scope { gateway: true, ..Scope::default() }).await?;
+        let tenants: Vec<(Uuid, String)> = sqlx::query_as("SELECT id, name FROM tenants").fetch_all(&mut *tx).await?;
+        let functions: Vec<(Uuid, Uuid, String)> =
+            sqlx::query_as("SELECT id, tenant_id, name FROM functions").fetch_all(&mut *tx).await?;
+        let versions: Vec<(Uuid, Uuid, i32, sqlx::types::Json<StoredConfig>)> =
+            sqlx::query_as("SELECT id, function_id, number, config FROM versions").fetch_all(&mut *tx).await?;
+        let aliases: Vec<(Uuid, String, sqlx::types::Json<RoutingConfig>)> =
+            sqlx::query_as("SELECT function_id, name, routing FROM aliases").fetch_all(&mut *tx).await?;
+        let nodes: Vec<NodeRow> =
+            sqlx::query_as("SELECT id, zone, invoke_url, invoke_secret, versions FROM nodes WHERE state = 'ready'")
+                .fetch_all(&mut *tx)
+                .await?;
+        tx.commit().await?;
+
+        let mut by_id: HashMap<Uuid, FunctionEntry> = functions
+            .iter()
+            .map(|(id, tenant_id, _)| {
+                (
+                    *id,
+                    FunctionEntry { id: *id, tenant_id: *tenant_id, versions: HashMap::new(), aliases: HashMap::new() },
+                )
+            })
+            .collect();
+        for (id, function_id, number, config) in versions {
+            if let (Some(f), Ok(number)) = (by_id.get_mut(&function_id), u32::try_from(number)) {
+                let timeout = Duration::from_millis(u64::from(config.0.timeout_ms));
+                f.versions.insert(number, VersionEntry { id, number, timeout });
+            }
+        }
+        for (function_id, name, routing) in aliases {
+            if let Some(f) = by_id.get_mut(&function_id) {
+                f.aliases.insert(name, routing.0);
+            }
+        }
+        let mut table = Table {
+            tenants: tenants.into_iter().map(|(id, name)| (name, id)).collect(),
+            functions: HashMap::with_capacity(functions.len()),
+            instances: HashMap::new(),
+        };
+        for (id, tenant_id, name) in functions {
+            if let Some(f) = by_id.remove(&id) {
+                table.functions.insert((tenant_id, name), f);
+            }
+        }
+        let mut counters = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+        counters.retain(|id, _| nodes.iter().any(|n| n.id == *id));
+        for n in nodes {
+            let (outstanding, failed_at) = counters.entry(n.id).or_default().clone();
+            let target = Arc::new(Target {
+                node_id: n.id,
+                zone: n.zone,
+                invoke_url: n.invoke_url.trim_end_matches('/').to_owned(),
+                invoke_secret: n.invoke_secret,
+                outstanding,
+                failed_at,
+            });
+            for v in n.versions.0.iter().filter(|v| v.state == InstanceState::Ready) {
+                table.instances.entry(v.version_id).or_default().push(target.clone());
+            }
+        }
+        drop(counters);
+        *self.table.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
+        metrics::histogram!("nimbus_gateway_table_reload_seconds").record(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// Keeps the table fresh: LISTENs on [`CHANNEL`] and rebuilds after each burst of
+    /// notifications, and every [`FULL_RELOAD`]; reconnects after failures.
+    pub async fn refresh_loop(self, pool: db::Db, database_url: String) {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let listener = async {
+                let mut l = sqlx::postgres::PgListener::connect(&database_url).await?;
+                l.listen(CHANNEL).await?;
+                Ok::<_, sqlx::Error>(l)
+            };
+            let mut listener = match listener.await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(error = %e, "the routing table cannot listen for changes; retrying");
+                    self.reload_logged(&pool).await;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(200);
+            // Changes made before LISTEN took effect are covered by this rebuild.
+            self.reload_logged(&pool).await;
+            loop {
+                match tokio::time::timeout(FULL_RELOAD, listener.recv()).await {
+                    Ok(Ok(_)) => {
+                        // Coalesce a burst (one transaction touching several tables).
+                        tokio::time::sleep(DEBOUNCE).await;
+                        while listener.next_buffered().is_some() {}
+                        self.reload_logged(&pool).await;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "the routing-table listener lost its connection");
+                        break;
+                    }
+                    Err(_) => self.reload_logged(&pool).await,
+                }
+            }
+        }
+    }
+
+    async fn reload_logged(&self, pool: &db::Db) {
+        if let Err(e) = self.reload(pool).await {
+            metrics::counter!("nimbus_gateway_table_reload_failures_total").increment(1);
+            tracing::warn!(error = %e, "rebuilding the routing table failed; keeping the previous one");
+        }
+    }
+}

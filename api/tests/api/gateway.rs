@@ -1,0 +1,262 @@
+//! The invocation gateway in-process, forwarding over real HTTP to a stand-in agent listener:
+//! authentication and authorization, alias weights, pins, headers in and out, no capacity, an
+//! unreachable node, and the routing table following changes through LISTEN/NOTIFY.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use axum::{
+    extract::Request,
+    http::{Method, StatusCode},
+    response::IntoResponse,
+};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::{
+    functions::{create_function, functions_path, publish, upload, wasm_module},
+    helpers::{TestApp, User, spawn_app},
+};
+
+/// What the stand-in agent saw of one request.
+#[derive(Debug, Clone)]
+struct Seen {
+    path: String,
+    authorization: String,
+    invocation_id: String,
+    body: String,
+    forwarded_credential: bool,
+}
+
+/// A stand-in for an agent's invocation listener: answers `v=<version id>` and records requests.
+async fn stand_in_agent() -> (String, Arc<Mutex<Vec<Seen>>>) {
+    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let log = seen.clone();
+    let app = axum::Router::new().fallback(move |req: Request| {
+        let log = log.clone();
+        async move {
+            let (parts, body) = req.into_parts();
+            let header = |n: &str| parts.headers.get(n).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+            let path = parts.uri.path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_default();
+            let (authorization, invocation_id) = (header("authorization"), header("x-nimbus-invocation-id"));
+            let forwarded_credential = parts.headers.get_all("authorization").iter().count() > 1;
+            let body = axum::body::to_bytes(body, 1 << 20).await.unwrap();
+            let version = path.trim_start_matches("/invoke/").split('/').next().unwrap_or("").to_owned();
+            log.lock().unwrap().push(Seen {
+                path,
+                authorization,
+                invocation_id: invocation_id.clone(),
+                body: String::from_utf8_lossy(&body).into_owned(),
+                forwarded_credential,
+            });
+            (
+                [("x-nimbus-invocation-id", invocation_id), ("x-nimbus-cold-start", "true".to_owned())],
+                format!("v={version}"),
+            )
+                .into_response()
+        }
+    });
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", tcp.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(tcp, app).await.unwrap() });
+    (url, seen)
+}
+
+async fn platform_admin(app: &TestApp) -> User {
+    let admin = app.sign_up("ops@example.com", "ops").await;
+    let mut c = app.admin_conn().await;
+    sqlx::query("UPDATE users SET is_platform_admin = true WHERE id = $1")
+        .bind(admin.id)
+        .execute(&mut c)
+        .await
+        .unwrap();
+    admin
+}
+
+/// A node at `invoke_url` that reports `versions` ready; returns its invoke secret.
+async fn ready_node(app: &TestApp, admin: &User, name: &str, invoke_url: &str, versions: &[Uuid]) -> String {
+    let token = app.post("/v1/join-tokens").token(&admin.token).json(json!({"name": name})).send().await;
+    let joined = app
+        .post("/agent/v1/join")
+        .json(json!({"token": token.body["secret"], "name": name, "zone": "zone-a",
+                     "capacity": {"memory_mb": 4096, "cpu_millis": 2000, "instance_slots": 64}, "invoke_url": invoke_url}))
+        .send()
+        .await;
+    assert_eq!(joined.status, StatusCode::CREATED, "{}", joined.text);
+    let statuses: Vec<Value> = versions
+        .iter()
+        .map(|v| json!({"version_id": v, "state": "ready", "instances": 1, "in_flight": 0, "error": null}))
+        .collect();
+    let res = app
+        .post("/agent/v1/reports")
+        .token(joined.body["credential"]["token"].as_str().unwrap())
+        .json(json!({"revision": 1, "in_flight": 0, "versions": statuses, "metrics": []}))
+        .send()
+        .await;
+    assert_eq!(res.status, StatusCode::NO_CONTENT, "{}", res.text);
+    joined.body["invoke_secret"].as_str().unwrap().to_owned()
+}
+
+/// Two published versions of `thumbs` and an alias `live` at 90/10; returns the version ids.
+async fn two_versions(app: &TestApp, owner: &User) -> (Uuid, Uuid) {
+    assert_eq!(
+        create_function(app, owner, json!({"name": "thumbs", "runtime": "wasm"})).await.status,
+        StatusCode::CREATED
+    );
+    let mut ids = Vec::new();
+    for tag in [1, 2] {
+        assert!(upload(app, owner, "thumbs", "application/wasm", wasm_module(tag)).await.status.is_success());
+        let v = publish(app, owner, "thumbs").await;
+        ids.push(v.body["id"].as_str().unwrap().parse().unwrap());
+    }
+    let res = app
+        .post(&format!("{}/thumbs/aliases", functions_path(owner.tenant)))
+        .token(&owner.token)
+        .json(json!({"name": "live", "routing": {"weights": [{"version": 1, "weight": 90}, {"version": 2, "weight": 10}]}}))
+        .send()
+        .await;
+    assert_eq!(res.status, StatusCode::CREATED, "{}", res.text);
+    (ids[0], ids[1])
+}
+
+#[tokio::test]
+async fn the_gateway_authorizes_routes_by_weight_and_pin_and_forwards_to_a_ready_node() {
+    let app = spawn_app().await;
+    let admin = platform_admin(&app).await;
+    let owner = app.sign_up("owner@example.com", "acme").await;
+    let stranger = app.sign_up("stranger@example.com", "globex").await;
+    let viewer = app.sign_up("viewer@example.com", "viewers").await;
+    app.add_member(&owner, owner.tenant, &viewer, "viewer").await;
+    let (v1, v2) = two_versions(&app, &owner).await;
+    let (url, seen) = stand_in_agent().await;
+    let secret = ready_node(&app, &admin, "w1", &url, &[v1, v2]).await;
+    app.state.routes.reload(&app.state.pool).await.unwrap();
+
+    // Who may invoke.
+    app.post("/fn/acme/thumbs").send().await.assert_problem(StatusCode::UNAUTHORIZED, "unauthenticated");
+    app.post("/fn/acme/thumbs").token(&stranger.token).send().await.assert_problem(StatusCode::NOT_FOUND, "not_found");
+    let denied = app.post("/fn/acme/thumbs").token(&viewer.token).send().await;
+    denied.assert_problem(StatusCode::FORBIDDEN, "forbidden");
+    assert_eq!(denied.body["action"], "functions:InvokeFunction");
+    app.post("/fn/acme/nope").token(&owner.token).send().await.assert_problem(StatusCode::NOT_FOUND, "not_found");
+    app.post("/fn/acme/thumbs:staging")
+        .token(&owner.token)
+        .send()
+        .await
+        .assert_problem(StatusCode::NOT_FOUND, "not_found");
+    app.post("/fn/acme/thumbs:7").token(&owner.token).send().await.assert_problem(StatusCode::NOT_FOUND, "not_found");
+    assert!(seen.lock().unwrap().is_empty(), "nothing refused reached the agent");
+
+    // One request, in full: path, query, body, the node's secret instead of the caller's token.
+    let res = app
+        .post("/fn/acme/thumbs:1/resize/x?w=100")
+        .token(&owner.token)
+        .raw("text/plain", "picture")
+        .header("x-request-id", "req-1")
+        .send()
+        .await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.text);
+    assert_eq!(res.text, format!("v={v1}"));
+    assert_eq!(res.headers["x-nimbus-version"], "1");
+    assert_eq!(res.headers["x-nimbus-cold-start"], "true");
+    let first = seen.lock().unwrap()[0].clone();
+    assert_eq!(first.path, format!("/invoke/{v1}/resize/x?w=100"));
+    assert_eq!(first.authorization, format!("Bearer {secret}"));
+    assert!(!first.forwarded_credential);
+    assert_eq!(first.body, "picture");
+    assert!(first.invocation_id.parse::<Uuid>().is_ok());
+    assert_eq!(res.headers["x-nimbus-invocation-id"], first.invocation_id.as_str());
+
+    // The alias's weights, over many requests: about 10 % to version 2.
+    let mut to_v2 = 0;
+    for _ in 0..400 {
+        let res = app.req(Method::GET, "/fn/acme/thumbs/").token(&owner.token).send().await;
+        assert_eq!(res.status, StatusCode::OK, "{}", res.text);
+        if res.text == format!("v={v2}") {
+            to_v2 += 1;
+        }
+    }
+    assert!((20..=65).contains(&to_v2), "version 2 got {to_v2} of 400 at a 10 % weight");
+    // A pin to a version the alias serves wins.
+    let pinned = app.post("/fn/acme/thumbs").token(&owner.token).header("x-nimbus-version", "2").send().await;
+    assert_eq!(pinned.text, format!("v={v2}"));
+}
+
+#[tokio::test]
+async fn no_ready_node_is_503_and_an_unreachable_node_is_502() {
+    let app = spawn_app().await;
+    let admin = platform_admin(&app).await;
+    let owner = app.sign_up("owner@example.com", "acme").await;
+    let (v1, _) = two_versions(&app, &owner).await;
+    app.state.routes.reload(&app.state.pool).await.unwrap();
+    let res = app.post("/fn/acme/thumbs:1").token(&owner.token).send().await;
+    res.assert_problem(StatusCode::SERVICE_UNAVAILABLE, "no_capacity");
+    assert_eq!(res.headers["retry-after"], "1");
+    // A node whose listener is gone: the connection is refused, fast.
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", dead.local_addr().unwrap());
+    drop(dead);
+    ready_node(&app, &admin, "w1", &url, &[v1]).await;
+    app.state.routes.reload(&app.state.pool).await.unwrap();
+    let started = std::time::Instant::now();
+    app.post("/fn/acme/thumbs:1")
+        .token(&owner.token)
+        .send()
+        .await
+        .assert_problem(StatusCode::BAD_GATEWAY, "agent_unreachable");
+    assert!(started.elapsed() < Duration::from_secs(10), "a refused connection fails fast");
+}
+
+#[tokio::test]
+async fn the_routing_table_follows_changes_through_listen_notify() {
+    let app = spawn_app().await;
+    let owner = app.sign_up("owner@example.com", "acme").await;
+    let routes = app.state.routes.clone();
+    tokio::spawn(routes.clone().refresh_loop(app.state.pool.clone(), app.db_url.clone()));
+    let wait_for = |what: &'static str, ok: Box<dyn Fn(&nimbus_api::gateway::table::Table) -> bool>| {
+        let routes = routes.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            while !ok(&routes.table()) {
+                assert!(tokio::time::Instant::now() < deadline, "the table never showed {what}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let tenant = owner.tenant;
+    wait_for("the tenant", Box::new(move |t| t.tenants.get("acme") == Some(&tenant))).await;
+    two_versions(&app, &owner).await;
+    wait_for(
+        "the alias",
+        Box::new(move |t| t.functions.get(&(tenant, "thumbs".into())).is_some_and(|f| f.aliases.contains_key("live"))),
+    )
+    .await;
+    let res = app
+        .req(Method::PUT, &format!("{}/thumbs/aliases/live", functions_path(owner.tenant)))
+        .token(&owner.token)
+        .header("if-match", "*")
+        .json(json!({"routing": {"weights": [{"version": 2, "weight": 100}]}}))
+        .send()
+        .await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.text);
+    wait_for(
+        "the new weights",
+        Box::new(move |t| {
+            t.functions
+                .get(&(tenant, "thumbs".into()))
+                .and_then(|f| f.aliases.get("live"))
+                .is_some_and(|r| r.weights.len() == 1 && r.weights[0].version == 2)
+        }),
+    )
+    .await;
+    let del = app
+        .delete(&format!("{}/thumbs", functions_path(owner.tenant)))
+        .token(&owner.token)
+        .header("if-match", "*")
+        .send()
+        .await;
+    assert!(del.status.is_success(), "{}", del.text);
+    wait_for("the function gone", Box::new(move |t| !t.functions.contains_key(&(tenant, "thumbs".into())))).await;
+}
