@@ -47,3 +47,15 @@ CREATE TRIGGER nodes_routing_update AFTER UPDATE ON nodes
           OR OLD.invoke_url IS DISTINCT FROM NEW.invoke_url OR OLD.invoke_secret IS DISTINCT FROM NEW.invoke_secret
           OR nimbus_ready_versions(OLD.versions) IS DISTINCT FROM nimbus_ready_versions(NEW.versions))
     EXECUTE FUNCTION nimbus_routing_changed();
+
+-- Revoked or re-roled API keys and changed memberships clear the gateway's authentication
+-- caches at once (the rebuild that follows a notification clears them).
+CREATE TRIGGER memberships_routing AFTER INSERT OR UPDATE OR DELETE ON memberships
+    FOR EACH STATEMENT EXECUTE FUNCTION nimbus_routing_changed();
+CREATE TRIGGER api_keys_routing AFTER UPDATE ON api_keys
+    FOR EACH ROW
+    WHEN (OLD.revoked_at IS DISTINCT FROM NEW.revoked_at OR OLD.role IS DISTINCT FROM NEW.role
+          OR OLD.expires_at IS DISTINCT FROM NEW.expires_at)
+    EXECUTE FUNCTION nimbus_routing_changed();
+CREATE TRIGGER api_keys_routing_delete AFTER DELETE ON api_keys
+    FOR EACH ROW EXECUTE FUNCTION nimbus_routing_changed();

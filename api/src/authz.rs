@@ -315,10 +315,17 @@ pub async fn authorize(
     tenant: Uuid,
     resource: &str,
 ) -> Result<Role, ApiError> {
-    if action.is_platform() {
-        return Err(ApiError::Forbidden { action: action.name().to_owned(), resource: resource.to_owned() });
+    let role = role_in(tx, principal, tenant).await?;
+    decide(role, action, resource)
+}
+
+/// The principal's role in `tenant`, `None` when it is not in the tenant. An API key's role is
+/// its own (no query); a user's comes from its membership.
+pub async fn role_in(tx: &mut Tx, principal: &Principal, tenant: Uuid) -> Result<Option<Role>, ApiError> {
+    if let Some(role) = own_role(principal, tenant) {
+        return Ok(role);
     }
-    let role = match principal {
+    match principal {
         Principal::User { user_id, .. } => {
             let role: Option<String> =
                 sqlx::query_scalar("SELECT role FROM memberships WHERE tenant_id = $1 AND user_id = $2")
@@ -326,20 +333,36 @@ pub async fn authorize(
                     .bind(user_id)
                     .fetch_optional(&mut **tx)
                     .await?;
-            Role::parse(&role.ok_or(ApiError::NotFound("tenant"))?)?
+            role.map(|r| Role::parse(&r)).transpose().map_err(ApiError::Internal)
         }
-        Principal::ApiKey { tenant_id, role, .. } => {
-            if *tenant_id != tenant {
-                return Err(ApiError::NotFound("tenant"));
-            }
-            *role
-        }
-    };
+        Principal::ApiKey { .. } => Ok(None),
+    }
+}
+
+/// The role a principal carries itself, needing no lookup: an API key's (`Some(None)` when the
+/// key belongs to another tenant). `None` for users, whose role is their membership's.
+pub fn own_role(principal: &Principal, tenant: Uuid) -> Option<Option<Role>> {
+    match principal {
+        Principal::ApiKey { tenant_id, role, .. } => Some((*tenant_id == tenant).then_some(*role)),
+        Principal::User { .. } => None,
+    }
+}
+
+/// The decision itself, given the principal's role in the tenant (`None`: not in it → 404):
+/// the role must reach the action's least role (403 naming the action and resource otherwise).
+/// Platform actions are never decided here. Every caller — handlers through [`authorize`], the
+/// gateway with its cached roles — ends up in this function.
+pub fn decide(role: Option<Role>, action: Action, resource: &str) -> Result<Role, ApiError> {
+    let forbidden = || ApiError::Forbidden { action: action.name().to_owned(), resource: resource.to_owned() };
+    if action.is_platform() {
+        return Err(forbidden());
+    }
+    let role = role.ok_or(ApiError::NotFound("tenant"))?;
     if role >= action.min_role() {
         Ok(role)
     } else {
         metrics::counter!("nimbus_authz_denied_total", "action" => action.name()).increment(1);
-        Err(ApiError::Forbidden { action: action.name().to_owned(), resource: resource.to_owned() })
+        Err(forbidden())
     }
 }
 

@@ -83,6 +83,46 @@ fn problem(status: StatusCode, code: &'static str, detail: String) -> Response {
     res
 }
 
+/// Authenticates like every API route ([`auth::authenticate`]), remembering API keys for
+/// [`table::AUTH_TTL`] so that a busy key costs no query per invocation (access tokens are
+/// verified in memory anyway).
+async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<crate::auth::Principal, ApiError> {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .filter(|t| t.starts_with(crate::api_keys::KEY_PREFIX));
+    let Some(key) = presented else { return auth::authenticate(state, headers).await };
+    let digest = crate::auth::secret::sha256(key.trim().as_bytes());
+    if let Some(p) = state.routes.cached_key(&digest) {
+        return Ok(p);
+    }
+    let p = auth::authenticate(state, headers).await?;
+    state.routes.cache_key(digest, p.clone());
+    Ok(p)
+}
+
+/// The principal's role in `tenant` for the one decision point ([`authz::decide`]): an API key
+/// carries its own; a user's membership is looked up and remembered for [`table::AUTH_TTL`].
+async fn role_in(
+    state: &AppState,
+    principal: &crate::auth::Principal,
+    tenant: Uuid,
+) -> Result<Option<crate::authz::Role>, ApiError> {
+    if let Some(role) = authz::own_role(principal, tenant) {
+        return Ok(role);
+    }
+    let crate::auth::Principal::User { user_id, .. } = principal else { return Ok(None) };
+    if let Some(role) = state.routes.cached_role(tenant, *user_id) {
+        return Ok(role);
+    }
+    let mut tx = crate::db::begin(&state.pool, &crate::db::Scope::tenant(tenant, Some(*user_id))).await?;
+    let role = authz::role_in(&mut tx, principal, tenant).await?;
+    tx.commit().await?;
+    state.routes.cache_role(tenant, *user_id, role);
+    Ok(role)
+}
+
 /// `{function}[:{qualifier}]`.
 fn split_target(target: &str) -> (&str, Option<&str>) {
     match target.split_once(':') {
@@ -115,12 +155,11 @@ async fn route(state: &AppState, params: &[(String, String)], req: Request) -> R
     let (function_name, qualifier) = split_target(target);
 
     // Authentication first: nothing about a tenant's functions is told to a stranger.
-    let principal = auth::authenticate(state, req.headers()).await?;
+    let principal = authenticate(state, req.headers()).await?;
     let table = state.routes.table();
     let tenant = *table.tenants.get(tenant_name).ok_or(ApiError::NotFound("tenant"))?;
     let resource = nrn::function(tenant, function_name);
-    let (tx, _) = authz::begin(&state.pool, &principal, Action::InvokeFunction, tenant, &resource).await?;
-    tx.commit().await?;
+    authz::decide(role_in(state, &principal, tenant).await?, Action::InvokeFunction, &resource)?;
     let function = table.functions.get(&(tenant, function_name.to_owned())).ok_or(ApiError::NotFound("function"))?;
 
     let invocation_id = Uuid::now_v7();

@@ -21,6 +21,8 @@ use nimbus_protocol::{InstanceState, VersionStatus};
 use uuid::Uuid;
 
 use crate::{
+    auth::Principal,
+    authz::Role,
     db::{self, Scope},
     functions::versions::StoredConfig,
     routing::RoutingConfig,
@@ -107,17 +109,38 @@ impl Table {
 /// A node's outstanding-request counter and last failure, shared by every table built.
 type NodeCounters = (Arc<AtomicU32>, Arc<AtomicU64>);
 
-/// The routing table of this replica and what keeps it fresh.
+/// How long the gateway trusts an authentication or a role it looked up. Changes of API keys
+/// and memberships also clear the caches at once (through the `nimbus_routing` notification);
+/// the bound covers a missed notification.
+pub const AUTH_TTL: Duration = Duration::from_secs(5);
+/// Most entries of each authentication cache (emptied when full).
+const AUTH_CACHE_MAX: usize = 100_000;
+
+/// API keys' authentications by the SHA-256 of the presented key, with when they were made.
+type KeyCache = HashMap<Vec<u8>, (Principal, Instant)>;
+/// Users' roles by (tenant, user), with when they were read.
+type RoleCache = HashMap<(Uuid, Uuid), (Option<Role>, Instant)>;
+
+/// The routing table of this replica and what keeps it fresh, with the gateway's caches of
+/// authentications (API keys by the SHA-256 of the presented key) and of users' roles.
 #[derive(Clone)]
 pub struct Routes {
     table: Arc<RwLock<Arc<Table>>>,
     counters: Arc<Mutex<HashMap<Uuid, NodeCounters>>>,
+    keys: Arc<Mutex<KeyCache>>,
+    roles: Arc<Mutex<RoleCache>>,
     started: Instant,
 }
 
 impl Default for Routes {
     fn default() -> Self {
-        Routes { table: Arc::default(), counters: Arc::default(), started: Instant::now() }
+        Routes {
+            table: Arc::default(),
+            counters: Arc::default(),
+            keys: Arc::default(),
+            roles: Arc::default(),
+            started: Instant::now(),
+        }
     }
 }
 
@@ -136,14 +159,51 @@ impl Routes {
         self.table.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// The principal an API key authenticated as within [`AUTH_TTL`], if cached.
+    pub fn cached_key(&self, digest: &[u8]) -> Option<Principal> {
+        let keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        keys.get(digest).filter(|(_, at)| at.elapsed() < AUTH_TTL).map(|(p, _)| p.clone())
+    }
+
+    /// Remembers an API key's authentication.
+    pub fn cache_key(&self, digest: Vec<u8>, principal: Principal) {
+        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        if keys.len() >= AUTH_CACHE_MAX {
+            keys.clear();
+        }
+        keys.insert(digest, (principal, Instant::now()));
+    }
+
+    /// A user's role in a tenant looked up within [`AUTH_TTL`], if cached (`Some(None)`: not a member).
+    pub fn cached_role(&self, tenant: Uuid, user: Uuid) -> Option<Option<Role>> {
+        let roles = self.roles.lock().unwrap_or_else(|p| p.into_inner());
+        roles.get(&(tenant, user)).filter(|(_, at)| at.elapsed() < AUTH_TTL).map(|(r, _)| *r)
+    }
+
+    /// Remembers a user's role in a tenant.
+    pub fn cache_role(&self, tenant: Uuid, user: Uuid, role: Option<Role>) {
+        let mut roles = self.roles.lock().unwrap_or_else(|p| p.into_inner());
+        if roles.len() >= AUTH_CACHE_MAX {
+            roles.clear();
+        }
+        roles.insert((tenant, user), (role, Instant::now()));
+    }
+
+    /// Forgets every cached authentication and role (an API key or a membership changed).
+    pub fn clear_auth(&self) {
+        self.keys.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.roles.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
     /// Milliseconds since this replica's gateway started (the clock of `failed_at`).
     pub fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
     }
 
-    /// Rebuilds the table from PostgreSQL.
+    /// Rebuilds the table from PostgreSQL and forgets cached authentications.
     pub async fn reload(&self, pool: &db::Db) -> Result<(), sqlx::Error> {
         let started = Instant::now();
+        self.clear_auth();
         let mut tx = db::begin(pool, &Scope { gateway: true, ..Scope::default() }).await?;
         let tenants: Vec<(Uuid, String)> = sqlx::query_as("SELECT id, name FROM tenants").fetch_all(&mut *tx).await?;
         let functions: Vec<(Uuid, Uuid, String)> =

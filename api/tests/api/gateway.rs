@@ -251,6 +251,18 @@ async fn the_routing_table_follows_changes_through_listen_notify() {
         }),
     )
     .await;
+    // A revoked API key stops working at the gateway (its cached authentication is dropped).
+    let (key_id, key) = app.create_key(&owner.token, owner.tenant, "developer").await;
+    let before = app.post("/fn/acme/thumbs:2").token(&key).send().await;
+    before.assert_problem(StatusCode::SERVICE_UNAVAILABLE, "no_capacity");
+    let revoked =
+        app.delete(&format!("/v1/tenants/{}/api-keys/{key_id}", owner.tenant)).token(&owner.token).send().await;
+    assert_eq!(revoked.status, StatusCode::NO_CONTENT);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while app.post("/fn/acme/thumbs:2").token(&key).send().await.status != StatusCode::UNAUTHORIZED {
+        assert!(tokio::time::Instant::now() < deadline, "the revoked key kept working");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let del = app
         .delete(&format!("{}/thumbs", functions_path(owner.tenant)))
         .token(&owner.token)
