@@ -191,6 +191,14 @@ pub struct ServerArgs {
     /// Lifetime of a node credential; agents renew it at half-life.
     #[arg(long, env = "NIMBUS_NODE_CREDENTIAL_TTL", default_value = "1h")]
     pub node_credential_ttl: HumanDuration,
+    /// Most invocations of one tenant in flight at once through this replica's gateway (429
+    /// beyond).
+    #[arg(long, env = "NIMBUS_TENANT_MAX_CONCURRENCY", default_value_t = 1000)]
+    pub tenant_max_concurrency: u32,
+    /// Most invocations per second of one tenant through this replica's gateway, with bursts of
+    /// twice as many (429 beyond; 0: no rate limit).
+    #[arg(long, env = "NIMBUS_TENANT_RATE_LIMIT", default_value_t = 10_000)]
+    pub tenant_rate_limit: u32,
     /// How long function log lines are kept.
     #[arg(long, env = "NIMBUS_LOG_RETENTION", default_value = "7d")]
     pub log_retention: HumanDuration,

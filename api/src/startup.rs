@@ -57,6 +57,8 @@ pub struct AppState {
     pub stats: nodes::Stats,
     /// The gateway's in-memory routing table.
     pub routes: gateway::Routes,
+    /// The gateway's admission limits.
+    pub limits: gateway::limits::Limits,
     /// The gateway's HTTP client to agents (pooled connections).
     pub http: reqwest::Client,
 }
@@ -107,6 +109,7 @@ impl AppState {
             hub: nodes::Hub::default(),
             stats: nodes::Stats::default(),
             routes: gateway::Routes::default(),
+            limits: gateway::limits::Limits::default(),
             http: reqwest::Client::builder()
                 .pool_max_idle_per_host(256)
                 .connect_timeout(Duration::from_secs(2))

@@ -14,6 +14,7 @@
 //! plus a margin. Responses carry `x-nimbus-version` and the agent's `x-nimbus-invocation-id` and
 //! `x-nimbus-cold-start`.
 
+pub mod limits;
 pub mod table;
 
 use std::{sync::atomic::Ordering, time::Duration};
@@ -187,6 +188,26 @@ async fn route(state: &AppState, params: &[(String, String)], req: Request) -> R
         }
     };
 
+    let permit = match state.limits.admit(
+        tenant,
+        function.id,
+        state.settings.tenant_rate_limit,
+        state.settings.tenant_max_concurrency,
+        function.reserved_concurrency,
+    ) {
+        Ok(p) => p,
+        Err(refusal) => {
+            metrics::counter!("nimbus_gateway_refused_total", "limit" => refusal.code()).increment(1);
+            let mut res = problem(
+                StatusCode::TOO_MANY_REQUESTS,
+                refusal.code(),
+                format!("over the {} limit; try again shortly", refusal.code().replace('_', " ")),
+            );
+            res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return Ok(res);
+        }
+    };
+
     let zone = req.headers().get(HEADER_ZONE).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let Some(target) = table.pick(version.id, zone.as_deref(), state.routes.now_ms()) else {
         metrics::counter!("nimbus_gateway_no_capacity_total").increment(1);
@@ -260,5 +281,10 @@ async fn route(state: &AppState, params: &[(String, String)], req: Request) -> R
     if !upstream.headers().contains_key(HEADER_COLD_START) {
         res = res.header(HEADER_COLD_START, "false");
     }
-    Ok(res.body(Body::from_stream(upstream.bytes_stream())).map_err(|e| anyhow::anyhow!(e))?)
+    // The permit is held until the response body has been sent (or the caller went away).
+    let body = futures_util::StreamExt::map(upstream.bytes_stream(), move |chunk| {
+        let _held = &permit;
+        chunk
+    });
+    Ok(res.body(Body::from_stream(body)).map_err(|e| anyhow::anyhow!(e))?)
 }

@@ -59,6 +59,8 @@ pub struct FunctionEntry {
     pub versions: HashMap<u32, VersionEntry>,
     /// Aliases by name.
     pub aliases: HashMap<String, RoutingConfig>,
+    /// Its reserved concurrency: the most invocations in flight at once, when set.
+    pub reserved_concurrency: Option<u32>,
 }
 
 /// A node serving invocations.
@@ -206,8 +208,10 @@ impl Routes {
         self.clear_auth();
         let mut tx = db::begin(pool, &Scope { gateway: true, ..Scope::default() }).await?;
         let tenants: Vec<(Uuid, String)> = sqlx::query_as("SELECT id, name FROM tenants").fetch_all(&mut *tx).await?;
-        let functions: Vec<(Uuid, Uuid, String)> =
-            sqlx::query_as("SELECT id, tenant_id, name FROM functions").fetch_all(&mut *tx).await?;
+        let functions: Vec<(Uuid, Uuid, String, Option<i32>)> =
+            sqlx::query_as("SELECT id, tenant_id, name, reserved_concurrency FROM functions")
+                .fetch_all(&mut *tx)
+                .await?;
         let versions: Vec<(Uuid, Uuid, i32, sqlx::types::Json<StoredConfig>)> =
             sqlx::query_as("SELECT id, function_id, number, config FROM versions").fetch_all(&mut *tx).await?;
         let aliases: Vec<(Uuid, String, sqlx::types::Json<RoutingConfig>)> =
@@ -220,11 +224,15 @@ impl Routes {
 
         let mut by_id: HashMap<Uuid, FunctionEntry> = functions
             .iter()
-            .map(|(id, tenant_id, _)| {
-                (
-                    *id,
-                    FunctionEntry { id: *id, tenant_id: *tenant_id, versions: HashMap::new(), aliases: HashMap::new() },
-                )
+            .map(|(id, tenant_id, _, reserved)| {
+                let entry = FunctionEntry {
+                    id: *id,
+                    tenant_id: *tenant_id,
+                    versions: HashMap::new(),
+                    aliases: HashMap::new(),
+                    reserved_concurrency: reserved.and_then(|r| u32::try_from(r).ok()),
+                };
+                (*id, entry)
             })
             .collect();
         for (id, function_id, number, config) in versions {
@@ -243,7 +251,7 @@ impl Routes {
             functions: HashMap::with_capacity(functions.len()),
             instances: HashMap::new(),
         };
-        for (id, tenant_id, name) in functions {
+        for (id, tenant_id, name, _) in functions {
             if let Some(f) = by_id.remove(&id) {
                 table.functions.insert((tenant_id, name), f);
             }

@@ -272,3 +272,78 @@ async fn the_routing_table_follows_changes_through_listen_notify() {
     assert!(del.status.is_success(), "{}", del.text);
     wait_for("the function gone", Box::new(move |t| !t.functions.contains_key(&(tenant, "thumbs".into())))).await;
 }
+
+#[tokio::test]
+async fn limits_answer_429_with_retry_after_and_give_their_slots_back() {
+    let app = crate::helpers::spawn_app_with(&["--tenant-rate-limit=2"]).await;
+    let admin = platform_admin(&app).await;
+    let owner = app.sign_up("owner@example.com", "acme").await;
+    let (v1, _) = two_versions(&app, &owner).await;
+    // A stand-in agent that holds each request until the test lets it go.
+    let release = Arc::new(tokio::sync::Notify::new());
+    let arrived = Arc::new(tokio::sync::Notify::new());
+    let (r, a) = (release.clone(), arrived.clone());
+    let agent = axum::Router::new().fallback(move || {
+        let (r, a) = (r.clone(), a.clone());
+        async move {
+            a.notify_one();
+            r.notified().await;
+            "done"
+        }
+    });
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", tcp.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(tcp, agent).await.unwrap() });
+    ready_node(&app, &admin, "w1", &url, &[v1]).await;
+    let res = app
+        .patch(&format!("{}/thumbs", functions_path(owner.tenant)))
+        .token(&owner.token)
+        .header("if-match", "*")
+        .json(json!({"reserved_concurrency": 1}))
+        .send()
+        .await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.text);
+    app.state.routes.reload(&app.state.pool).await.unwrap();
+
+    // The function's one slot is taken by a request the agent holds; the next is refused.
+    let router = app.router.clone();
+    let token = owner.token.clone();
+    let held = tokio::spawn(async move {
+        let req = axum::http::Request::post("/fn/acme/thumbs:1")
+            .header("authorization", format!("Bearer {token}"))
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let res = tower::ServiceExt::oneshot(router, req).await.unwrap();
+        let status = res.status();
+        let body = axum::body::to_bytes(res.into_body(), 1 << 20).await.unwrap();
+        (status, body)
+    });
+    arrived.notified().await;
+    let refused = app.post("/fn/acme/thumbs:1").token(&owner.token).send().await;
+    refused.assert_problem(StatusCode::TOO_MANY_REQUESTS, "function_concurrency_limit");
+    assert_eq!(refused.headers["retry-after"], "1");
+    release.notify_one();
+    let (status, body) = held.await.unwrap();
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"done"[..]));
+
+    // The tenant's rate: a burst of twice 2/s, then 429s (the slot above was given back, so it
+    // is the rate that refuses, not the concurrency).
+    let release_all = release.clone();
+    let arrivals = arrived.clone();
+    tokio::spawn(async move {
+        loop {
+            arrivals.notified().await;
+            release_all.notify_one();
+        }
+    });
+    let mut statuses = Vec::new();
+    for _ in 0..10 {
+        let res = app.post("/fn/acme/thumbs:1").token(&owner.token).send().await;
+        if res.status == StatusCode::TOO_MANY_REQUESTS {
+            assert_eq!(res.body["code"], "tenant_rate_limit", "{}", res.text);
+        }
+        statuses.push(res.status.as_u16());
+    }
+    assert!(statuses.contains(&200) && statuses.contains(&429), "{statuses:?}");
+    assert!(statuses.iter().filter(|s| **s == 200).count() <= 6, "{statuses:?}");
+}

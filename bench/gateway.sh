@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# Gateway overhead benchmark: the same trivial wasm function invoked through the gateway
+# (`POST /fn/bench/hello`, API key) and directly at the agent's listener (`POST /invoke/<version>`,
+# invoke secret), in the same run, at concurrency 1 and 64.
+#
+#   bench/gateway.sh [duration-seconds]      (env: REPEAT, default 3)
+#
+# Builds nimbus-api and nimbus-worker-agent in release mode, serves the API against a scratch
+# database on the machine's PostgreSQL, starts one agent, deploys the function, assigns it to the
+# agent and drives both paths with wrk (installed from Debian if missing), all on this machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION="${1:-10}"
+PORT="${BENCH_PORT:-18182}"
+ADMIN_URL="${NIMBUS_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
+DB=nimbus_bench_gateway
+WORK=$(mktemp -d /tmp/nimbus-bench-gateway.XXXXXX)
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/nimbus-target}"
+
+command -v wrk >/dev/null || apt-get install -y wrk >/dev/null
+command -v wat2wasm >/dev/null || apt-get install -y wabt >/dev/null
+cargo build --release -p nimbus-api -p nimbus-worker-agent >/dev/null
+psql "$ADMIN_URL" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" -c "CREATE DATABASE $DB"
+if [ -S /var/run/postgresql/.s.PGSQL.5432 ]; then
+  DB_URL="postgres://postgres@localhost/$DB?host=/var/run/postgresql"
+else
+  DB_URL="${ADMIN_URL%/*}/$DB"
+fi
+"$CARGO_TARGET_DIR/release/nimbus-api" serve --database-url "$DB_URL" --listen "127.0.0.1:$PORT" --log warn \
+  --package-dir "$WORK/packages" > "$WORK/api.log" 2>&1 &
+API_PID=$!
+AGENT_PID=
+cleanup() {
+  [ -n "$AGENT_PID" ] && kill "$AGENT_PID" 2>/dev/null && wait "$AGENT_PID" 2>/dev/null
+  kill $API_PID 2>/dev/null; wait $API_PID 2>/dev/null
+  psql "$ADMIN_URL" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)"
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+BASE="http://127.0.0.1:$PORT"
+for _ in $(seq 1 100); do curl -sf "$BASE/readyz" >/dev/null && break; sleep 0.2; done
+
+json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
+SIGNUP=$(curl -sf "$BASE/v1/auth/signup" -H 'content-type: application/json' \
+  -d '{"email":"bench@example.com","password":"correct horse battery","display_name":"Bench","tenant_name":"bench"}')
+TOKEN=$(echo "$SIGNUP" | json "d['tokens']['access_token']")
+TENANT=$(echo "$SIGNUP" | json "d['tenant']['id']")
+psql "$DB_URL" -qc "UPDATE users SET is_platform_admin = true"
+AUTH="authorization: Bearer $TOKEN"
+KEY=$(curl -sf "$BASE/v1/tenants/$TENANT/api-keys" -H "$AUTH" -H 'content-type: application/json' \
+  -d '{"name":"bench","role":"developer"}' | json "d['secret']")
+FN="$BASE/v1/tenants/$TENANT/functions"
+# The trivial function: one fd_write of "hello\n" to stdout (WebAssembly text, wabt's wat2wasm).
+cat > "$WORK/hello.wat" <<'WAT'
+(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "hello\n")
+  (func (export "_start")
+    (i32.store (i32.const 0) (i32.const 16))
+    (i32.store (i32.const 4) (i32.const 6))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))
+WAT
+wat2wasm "$WORK/hello.wat" -o "$WORK/hello.wasm"
+curl -sf "$FN" -H "$AUTH" -H 'content-type: application/json' -d '{"name":"hello","runtime":"wasm","concurrency":1000}' >/dev/null
+curl -sf -X PUT "$FN/hello/code" -H "$AUTH" -H 'content-type: application/wasm' --data-binary @"$WORK/hello.wasm" >/dev/null
+VERSION=$(curl -sf "$FN/hello/versions" -H "$AUTH" -H 'content-type: application/json' -d '{}' | json "d['id']")
+curl -sf "$FN/hello/aliases" -H "$AUTH" -H 'content-type: application/json' \
+  -d '{"name":"live","routing":{"weights":[{"version":1,"weight":100}]}}' >/dev/null
+JOIN=$(curl -sf "$BASE/v1/join-tokens" -H "$AUTH" -H 'content-type: application/json' -d '{"name":"bench"}' | json "d['secret']")
+NIMBUS_AGENT_CONTROL_PLANE_URL="$BASE" NIMBUS_AGENT_JOIN_TOKEN="$JOIN" NIMBUS_AGENT_NAME=bench NIMBUS_AGENT_ZONE=local \
+  NIMBUS_AGENT_DATA_DIR="$WORK/agent" NIMBUS_AGENT_LISTEN=127.0.0.1:0 NIMBUS_AGENT_LOG=warn \
+  NIMBUS_AGENT_MAX_QUEUED=1000 "$CARGO_TARGET_DIR/release/nimbus-worker-agent" > "$WORK/agent.out" 2> "$WORK/agent.log" &
+AGENT_PID=$!
+for _ in $(seq 1 100); do grep -q "joined as node" "$WORK/agent.out" 2>/dev/null && break; sleep 0.1; done
+AGENT_URL=$(awk '/listening on/ {print $3}' "$WORK/agent.out")
+NODE=$(awk '/joined as node/ {print $4}' "$WORK/agent.out")
+curl -sf -X PUT "$BASE/v1/nodes/$NODE/assignments" -H "$AUTH" -H 'content-type: application/json' \
+  -d "{\"assignments\":[{\"tenant_id\":\"$TENANT\",\"function\":\"hello\",\"version\":1,\"instances\":1}]}" >/dev/null
+for _ in $(seq 1 200); do
+  curl -sf "$BASE/fn/bench/hello" -H "authorization: Bearer $KEY" -d x 2>/dev/null | grep -q hello && break
+  sleep 0.1
+done
+SECRET=$(psql "$DB_URL" -Atc "SELECT invoke_secret FROM nodes WHERE id = '$NODE'")
+[ "$(curl -sf "$AGENT_URL/invoke/$VERSION" -H "authorization: Bearer $SECRET" -d x)" = "hello" ] || { echo "the agent does not answer" >&2; exit 1; }
+[ "$(curl -sf "$BASE/fn/bench/hello" -H "authorization: Bearer $KEY" -d x)" = "hello" ] || { echo "the gateway does not answer" >&2; exit 1; }
+
+REPEAT="${REPEAT:-3}"
+printf 'wrk.method = "POST"\nwrk.body = "ping"\n' > "$WORK/post.lua"
+run() { # name url secret connections
+  local results=() out rps p50 p99 errors threads=1
+  [ "$4" -gt 1 ] && threads=2
+  wrk -t$threads -c"$4" -d2s -s "$WORK/post.lua" -H "authorization: Bearer $3" "$2" >/dev/null
+  for _ in $(seq 1 "$REPEAT"); do
+    out=$(wrk -t$threads -c"$4" -d"${DURATION}s" --latency -s "$WORK/post.lua" -H "authorization: Bearer $3" "$2")
+    rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+    p50=$(echo "$out" | awk '$1=="50%" {print $2}')
+    p99=$(echo "$out" | awk '$1=="99%" {print $2}')
+    errors=$(echo "$out" | awk '/Non-2xx/ {print $5}')
+    results+=("$rps $p50 $p99 ${errors:-0}")
+  done
+  local sorted median low high
+  sorted=$(printf '%s\n' "${results[@]}" | sort -n)
+  median=$(echo "$sorted" | sed -n "$(( (REPEAT + 1) / 2 ))p")
+  low=$(echo "$sorted" | head -n1 | cut -d' ' -f1)
+  high=$(echo "$sorted" | tail -n1 | cut -d' ' -f1)
+  read -r rps p50 p99 errors <<<"$median"
+  printf '| %s | %s | %s | %s–%s | %s | %s | %s |\n' "$1" "$4" "$rps" "$low" "$high" "$p50" "$p99" "$errors"
+}
+
+echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -sr); $(date -u +%F)"
+echo "release builds; API, agent, PostgreSQL and wrk on the same machine; ${DURATION}s per run, $REPEAT runs per case, median shown"
+echo
+echo "| path | connections | inv/s (median) | inv/s (range) | p50 | p99 | non-2xx |"
+echo "|---|---|---|---|---|---|---|"
+for c in 1 64; do
+  run "agent directly (\`/invoke/<version>\`)" "$AGENT_URL/invoke/$VERSION" "$SECRET" $c
+  run "gateway + agent (\`/fn/bench/hello\`, API key)" "$BASE/fn/bench/hello" "$KEY" $c
+done
