@@ -9,6 +9,7 @@ pub mod api_keys;
 pub mod audit;
 pub mod auth;
 pub mod authz;
+pub mod autoscaler;
 pub mod config;
 pub mod db;
 pub mod error;
