@@ -15,9 +15,10 @@ use std::{
 
 use nimbus_worker_agent::{
     cache::CodeCache,
+    config::ProcessIsolation,
     runtime::{
         Invocation, Limits,
-        process::{Packing, ProcessPackage, ProcessRuntime, unpack},
+        process::{Host, Isolation, Packing, ProcessPackage, ProcessRuntime, unpack},
         wasm::{WasmEngine, WasmSettings},
     },
 };
@@ -269,7 +270,7 @@ fn http_listener(scratch: &Path, hello: &[u8], concurrencies: &[usize]) -> Optio
         registry.clone(),
         Arc::new(Stats::new()),
         engine.clone(),
-        ProcessRuntime::new(scratch.join("http-scratch")).unwrap(),
+        ProcessRuntime::new(scratch.join("http-scratch"), Isolation::None).unwrap(),
         spool,
     ));
     let module = engine.compile(hello).unwrap();
@@ -306,9 +307,7 @@ fn http_listener(scratch: &Path, hello: &[u8], concurrencies: &[usize]) -> Optio
     let script = scratch.join("post.lua");
     std::fs::write(
         &script,
-        format!(
-            "wrk.method = \"POST\"\nwrk.body = \"ping\"\nwrk.headers[\"Authorization\"] = \"Bearer {SECRET}\"\n"
-        ),
+        format!("wrk.method = \"POST\"\nwrk.body = \"ping\"\nwrk.headers[\"Authorization\"] = \"Bearer {SECRET}\"\n"),
     )
     .unwrap();
     let mut out = Vec::new();
@@ -357,8 +356,16 @@ fn process_invocations(scratch: &Path, n: usize) -> Sample {
     let dir = scratch.join("echo");
     unpack(&archive, Packing::TarGz, &dir).unwrap();
     let pkg = ProcessPackage { dir, entry: "bin/handler".into() };
-    let runtime = ProcessRuntime::new(scratch.join("work")).unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    // As the agent runs them by default: under uids of their own (when this runs as root).
+    let isolation = match Isolation::decide(ProcessIsolation::Uid, 700_000, 16, &Host::probe()) {
+        Isolation::Unavailable(why) => {
+            println!("(process rows without uid isolation: {why})");
+            Isolation::None
+        }
+        other => other,
+    };
+    let runtime = ProcessRuntime::new(scratch.join("work"), isolation).unwrap();
     let mut inv = request();
     inv.body = b"ping".to_vec();
     rt.block_on(async {
@@ -493,7 +500,8 @@ fn main() {
         None => println!("(wrk is not installed: the HTTP listener rows are skipped; apt-get install wrk)"),
     }
 
-    // The process runtime: fork, exec of a shell script, pipes, scratch directory, group kill.
+    // The process runtime: spawn, exec of setpriv (as root) and a shell script, pipes, scratch
+    // directory, group kill; the sweep of the uid runs after the answer.
     let process = process_invocations(&scratch, 300);
     t.row(
         "process invocation (echo shell script, `ProcessRuntime::invoke`)",

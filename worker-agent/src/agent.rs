@@ -8,7 +8,7 @@
 
 use std::{
     future::Future,
-    os::unix::fs::DirBuilderExt as _,
+    os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     sync::{
         Arc,
@@ -31,7 +31,7 @@ use crate::{
     registry::Registry,
     report::Reporter,
     runtime::{
-        process::ProcessRuntime,
+        process::{Host, Isolation, ProcessRuntime},
         wasm::{WasmEngine, WasmSettings},
     },
     shipper::Shipper,
@@ -67,6 +67,93 @@ impl Paths {
             scratch: data_dir.join("scratch"),
         }
     }
+
+    /// Creates the data directory if needed and gives it and the identity file their modes: the
+    /// directory `0711` (functions running as other users must pass through it to their working
+    /// directories and packages, but cannot list it; everything in it is private but those),
+    /// `identity.json` `0600`. A data directory others could write to is refused: it holds the
+    /// node's credentials.
+    pub fn prepare(data_dir: &Path) -> anyhow::Result<Paths> {
+        if !data_dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o711)
+                .create(data_dir)
+                .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
+        }
+        let meta = std::fs::metadata(data_dir).with_context(|| format!("reading {}", data_dir.display()))?;
+        anyhow::ensure!(meta.is_dir(), "the data directory {} is not a directory", data_dir.display());
+        let mode = meta.permissions().mode() & 0o7777;
+        anyhow::ensure!(
+            mode & 0o022 == 0,
+            "the data directory {} can be written by others (mode {mode:04o}); it holds the node's credentials: use a \
+             directory of the agent's own",
+            data_dir.display()
+        );
+        std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o711))
+            .with_context(|| format!("setting the mode of {}", data_dir.display()))?;
+        let paths = Paths::new(data_dir);
+        match std::fs::set_permissions(&paths.identity, std::fs::Permissions::from_mode(0o600)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(anyhow::Error::new(e).context(format!("setting the mode of {}", paths.identity.display())));
+            }
+            _ => {}
+        }
+        Ok(paths)
+    }
+}
+
+/// The first directory on the way to `dir` (itself included) that users other than the agent's
+/// cannot pass through, if any: process functions running under their own uids could not reach
+/// their packages and working directories below it.
+pub fn closed_to_others(dir: &Path) -> Option<PathBuf> {
+    let dir = dir.canonicalize().ok()?;
+    dir.ancestors()
+        .find(|d| std::fs::metadata(d).is_ok_and(|m| m.permissions().mode() & 0o001 == 0))
+        .map(Path::to_path_buf)
+}
+
+/// Decides how process functions are isolated, checks that it works, and says so in the log.
+async fn process_isolation(settings: &Settings) -> Isolation {
+    let decided =
+        Isolation::decide(settings.process_isolation, settings.process_uid_base, settings.process_uids, &Host::probe());
+    let isolation = match decided {
+        Isolation::Uid(pool) => match pool.check().await {
+            Ok(()) => Isolation::Uid(pool),
+            Err(e) => Isolation::Unavailable(format!("process isolation `uid` does not work on this host: {e}")),
+        },
+        other => other,
+    };
+    match &isolation {
+        Isolation::Uid(pool) => {
+            let uids = pool.uids();
+            tracing::info!(
+                first_uid = uids.start(),
+                last_uid = uids.end(),
+                "process functions run under uids of their own"
+            );
+            if let Some(closed) = closed_to_others(&settings.data_dir) {
+                tracing::warn!(
+                    directory = %closed.display(),
+                    data_dir = %settings.data_dir.display(),
+                    "process functions run as other users and cannot pass through this directory to reach their \
+                     packages: give it o+x (chmod o+x), or move the data directory"
+                );
+            }
+        }
+        Isolation::Unavailable(why) => {
+            tracing::warn!(reason = %why, "process functions cannot run: every process invocation fails with start_failed");
+        }
+        Isolation::None => {
+            tracing::warn!(
+                "PROCESS FUNCTIONS ARE NOT ISOLATED (--process-isolation none): they run as the agent's own user and \
+                 can read its node credential and invoke secret, every tenant's usage and logs in the spool, each \
+                 other's environment (secrets) and files, and change cached packages; use this only when every \
+                 function on this node is trusted"
+            );
+        }
+    }
+    isolation
 }
 
 /// Runs the agent until `shutdown` resolves, then drains and returns. An error means the node
@@ -74,17 +161,10 @@ impl Paths {
 pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let name = settings.validate().map_err(anyhow::Error::msg)?;
     let base = settings.control_plane();
-    let paths = Paths::new(&settings.data_dir);
-    if !settings.data_dir.exists() {
-        // It holds the node's credentials and the functions' logs: the agent's user only.
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&settings.data_dir)
-            .with_context(|| format!("creating the data directory {}", settings.data_dir.display()))?;
-    }
+    let paths = Paths::prepare(&settings.data_dir)?;
     // Scratch directories of invocations a killed agent left behind are of no use to anyone.
     let _ = std::fs::remove_dir_all(&paths.scratch);
+    let isolation = process_isolation(&settings).await;
 
     let engine = Arc::new(WasmEngine::new(&WasmSettings {
         instance_slots: settings.wasm_pool_slots,
@@ -93,7 +173,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
     })?);
     let cache = Arc::new(CodeCache::open(&paths.cache, settings.cache_budget_bytes)?);
     let spool = Arc::new(Spool::open(&paths.usage, settings.usage_batch_size)?);
-    let process = ProcessRuntime::new(&paths.scratch)?;
+    let process = ProcessRuntime::new(&paths.scratch, isolation)?;
     let registry = Registry::new();
     let stats = Arc::new(Stats::new());
 
@@ -228,5 +308,50 @@ async fn follow_invoke_secret(client: Arc<ControlPlane>, auth: Arc<InvokeAuth>) 
         if let Some(secret) = secret {
             auth.set(&secret);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn the_data_directory_is_passable_not_listable_and_refused_when_others_can_write_it() {
+        let root = std::env::temp_dir().join(format!("nimbus-agent-paths-{}", uuid::Uuid::now_v7()));
+        let data = root.join("a/data");
+        let paths = Paths::prepare(&data).unwrap();
+        assert_eq!(mode(&data), 0o711);
+        assert_eq!(paths.identity, data.join("identity.json"));
+        // An older agent's 0700 directory and an identity someone made readable are fixed.
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::fs::write(&paths.identity, b"{}").unwrap();
+        std::fs::set_permissions(&paths.identity, std::fs::Permissions::from_mode(0o644)).unwrap();
+        Paths::prepare(&data).unwrap();
+        assert_eq!((mode(&data), mode(&paths.identity)), (0o711, 0o600));
+        for writable in [0o775, 0o757, 0o1777] {
+            std::fs::set_permissions(&data, std::fs::Permissions::from_mode(writable)).unwrap();
+            let err = format!("{:#}", Paths::prepare(&data).unwrap_err());
+            assert!(err.contains("written by others"), "{err}");
+        }
+        let _ = std::fs::remove_dir_all(root);
+    }
+
+    #[test]
+    fn a_directory_others_cannot_pass_through_is_found() {
+        let root = std::env::temp_dir().join(format!("nimbus-agent-closed-{}", uuid::Uuid::now_v7()));
+        let data = root.join("closed/data");
+        std::fs::create_dir_all(&data).unwrap();
+        for dir in [&root, &root.join("closed"), &data] {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let ancestors_open = closed_to_others(&root).is_none();
+        assert_eq!(closed_to_others(&data).is_none(), ancestors_open);
+        std::fs::set_permissions(root.join("closed"), std::fs::Permissions::from_mode(0o750)).unwrap();
+        assert_eq!(closed_to_others(&data), Some(root.join("closed").canonicalize().unwrap()));
+        let _ = std::fs::remove_dir_all(root);
     }
 }

@@ -11,6 +11,14 @@
 //! | `unpacked/<sha256>/` | a process package, unpacked |
 //! | `tmp/` | downloads and compilations in progress (emptied at open) |
 //!
+//! Modes: the cache directory and `unpacked/` are `0711` (process functions running under uids of
+//! their own must pass through them to their package, but cannot list them), each unpacked
+//! package `0755` with files no function can write ([`process::seal_package`]); `blobs/`,
+//! `artifacts/` and `tmp/` are `0700` and their files `0600`.
+//!
+//! A download has a deadline scaled to its size ([`download_timeout`]): a stalled transfer fails
+//! (and the version is tried again later) instead of holding reconciliation up.
+//!
 //! Everything appears by rename from `tmp/` (or from a sibling, for unpacking) once complete, so a
 //! crash never leaves a partial file under a final name. A blob and what is derived from it form
 //! one entry: they are evicted together. Recency is the blob's modification time, so it survives
@@ -20,6 +28,7 @@ use std::{
     collections::{HashMap, HashSet},
     fs,
     io::Write as _,
+    os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
@@ -66,6 +75,16 @@ pub enum CacheError {
     Other(String),
 }
 
+/// How long any download may take, on top of its size at [`MIN_DOWNLOAD_RATE`].
+pub const DOWNLOAD_BASE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The slowest transfer a download's deadline allows for, bytes per second.
+pub const MIN_DOWNLOAD_RATE: u64 = 1 << 20;
+
+/// The deadline of a download of `size` bytes: `base` plus the size at [`MIN_DOWNLOAD_RATE`].
+pub fn download_timeout(base: Duration, size: u64) -> Duration {
+    base.saturating_add(Duration::from_secs_f64(size as f64 / MIN_DOWNLOAD_RATE as f64))
+}
+
 /// How often at most a `touch` writes an entry's recency to disk.
 const PERSIST_EVERY: Duration = Duration::from_secs(1);
 
@@ -97,6 +116,8 @@ impl Entry {
 struct Inner {
     dir: PathBuf,
     budget: u64,
+    /// The part of every download's deadline that does not depend on its size, milliseconds.
+    download_base_ms: AtomicU64,
     entries: Mutex<HashMap<String, Entry>>,
     locks: Mutex<HashMap<String, Arc<Locks>>>,
     next_tmp: AtomicU64,
@@ -191,12 +212,20 @@ impl CodeCache {
     /// anything unfinished or belonging to no blob is removed.
     pub fn open(dir: impl Into<PathBuf>, budget_bytes: u64) -> anyhow::Result<CodeCache> {
         let dir = dir.into();
-        for sub in ["blobs", "artifacts", "unpacked"] {
-            fs::create_dir_all(dir.join(sub)).with_context(|| format!("creating {}", dir.join(sub).display()))?;
-        }
         let tmp = dir.join("tmp");
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         remove_any(&tmp).with_context(|| format!("emptying {}", tmp.display()))?;
-        fs::create_dir_all(&tmp)?;
+        for (path, mode) in [
+            (dir.clone(), 0o711),
+            (dir.join("blobs"), 0o700),
+            (dir.join("artifacts"), 0o700),
+            (dir.join("tmp"), 0o700),
+            (dir.join("unpacked"), 0o711),
+        ] {
+            fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode))
+                .with_context(|| format!("setting the mode of {}", path.display()))?;
+        }
 
         let mut entries = HashMap::new();
         for e in fs::read_dir(dir.join("blobs"))? {
@@ -224,7 +253,12 @@ impl CodeCache {
             let name = e.file_name().to_string_lossy().into_owned();
             // Half-unpacked siblings (`<sha>.unpacking-...`) have no entry of their own.
             match entries.get_mut(&name) {
-                Some(entry) if e.file_type()?.is_dir() => entry.unpacked = tree_size(&e.path()),
+                Some(entry) if e.file_type()?.is_dir() => {
+                    // An earlier version of the agent did not set these modes.
+                    process::seal_package(&e.path())
+                        .with_context(|| format!("setting the modes of {}", e.path().display()))?;
+                    entry.unpacked = tree_size(&e.path());
+                }
                 _ => remove_any(&e.path())?,
             }
         }
@@ -232,11 +266,18 @@ impl CodeCache {
             inner: Arc::new(Inner {
                 dir,
                 budget: budget_bytes,
+                download_base_ms: AtomicU64::new(DOWNLOAD_BASE_TIMEOUT.as_millis() as u64),
                 entries: Mutex::new(entries),
                 locks: Mutex::default(),
                 next_tmp: AtomicU64::new(0),
             }),
         })
+    }
+
+    /// Uses `base` instead of [`DOWNLOAD_BASE_TIMEOUT`] in the deadline of later downloads
+    /// (tests use a short one).
+    pub fn set_download_base_timeout(&self, base: Duration) {
+        self.inner.download_base_ms.store(base.as_millis() as u64, Ordering::Relaxed);
     }
 
     fn blob_path(&self, sha256: &str) -> PathBuf {
@@ -314,8 +355,17 @@ impl CodeCache {
         }
 
         // Errors never carry the URL: a presigned URL is a credential until it expires.
-        let fetch_error = |e: reqwest::Error| CacheError::Fetch(e.without_url().to_string());
-        let mut request = client.get(&pkg.url);
+        let base = Duration::from_millis(self.inner.download_base_ms.load(Ordering::Relaxed));
+        let deadline = download_timeout(base, pkg.size);
+        let fetch_error = |e: reqwest::Error| {
+            if e.is_timeout() {
+                CacheError::Fetch(format!("the download did not finish within {} s", deadline.as_secs()))
+            } else {
+                CacheError::Fetch(e.without_url().to_string())
+            }
+        };
+        // The whole request, body included: a transfer that stalls fails rather than waits forever.
+        let mut request = client.get(&pkg.url).timeout(deadline);
         if let Some(token) = credential {
             request = request.bearer_auth(token);
         }
@@ -329,7 +379,9 @@ impl CodeCache {
         }
 
         let temp = self.temp(sha);
-        let file = tokio::fs::File::create(temp.path()).await?;
+        let file =
+            tokio::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(temp.path()).await?;
+        file.set_permissions(fs::Permissions::from_mode(0o600)).await?;
         // Fewer, larger writes: each one is a trip to the blocking pool.
         let mut out = tokio::io::BufWriter::with_capacity(1 << 20, file);
         let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
@@ -396,7 +448,8 @@ impl CodeCache {
         let wasm = fs::read(self.blob_path(sha256)).with_context(|| format!("reading package {sha256}"))?;
         let artifact = engine.precompile(&wasm).with_context(|| format!("compiling package {sha256}"))?;
         let temp = self.temp(&name);
-        let mut file = fs::File::create(temp.path())?;
+        let mut file = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(temp.path())?;
+        file.set_permissions(fs::Permissions::from_mode(0o600))?;
         file.write_all(&artifact)?;
         file.sync_all()?;
         drop(file);
@@ -497,5 +550,18 @@ impl CodeCache {
     /// Total bytes the cache holds (blobs, artifacts, unpacked packages).
     pub fn size(&self) -> u64 {
         self.entries().values().map(Entry::size).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn download_deadlines_grow_with_the_size() {
+        assert_eq!(download_timeout(DOWNLOAD_BASE_TIMEOUT, 0), Duration::from_secs(60));
+        assert_eq!(download_timeout(DOWNLOAD_BASE_TIMEOUT, 64 << 20), Duration::from_secs(124));
+        assert_eq!(download_timeout(Duration::from_millis(200), 512 << 10), Duration::from_millis(700));
+        assert_eq!(download_timeout(Duration::MAX, u64::MAX), Duration::MAX);
     }
 }

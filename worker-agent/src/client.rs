@@ -2,6 +2,12 @@
 //! reports, usage, leave. It owns the node's identity: a 401 on any call re-joins once with the
 //! join token and repeats the call, and every new credential is written to the identity file and
 //! published to the rest of the agent (the listener needs the invoke secret of the last join).
+//! A join the control plane refuses is [`CallError::JoinRefused`], never the status of the call
+//! that led to it, so no caller mistakes it for a refusal of what it sent.
+//!
+//! Code URLs: a path (`/agent/v1/code/<sha256>`) is the control plane's own store, resolved
+//! against the control-plane URL and the only kind of URL the node credential is sent to; an
+//! absolute `http(s)://` URL (presigned S3) gets no credential ([`ControlPlane::code_download`]).
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
@@ -28,6 +34,16 @@ pub enum CallError {
     /// No join token to join with.
     #[error("the node has no valid identity and no join token (--join-token / NIMBUS_AGENT_JOIN_TOKEN)")]
     NoJoinToken,
+    /// The control plane refused to let the node join: the join token is unknown, revoked,
+    /// expired or used up (401), or the join itself was refused (a 4xx). A new join token is
+    /// needed (and, for a 409, the name may be in use by a live node).
+    #[error("the control plane refused the join ({status}: {body}){}", join_hint(*status))]
+    JoinRefused {
+        /// The status of the join.
+        status: u16,
+        /// The start of its body.
+        body: String,
+    },
     /// The control plane answered with an error status.
     #[error("the control plane answered {status}: {body}")]
     Status {
@@ -49,10 +65,55 @@ impl CallError {
     pub fn is_transient(&self) -> bool {
         match self {
             CallError::Transport(_) | CallError::Decode(_) => true,
-            CallError::Status { status, .. } => *status >= 500 || *status == 429 || *status == 408,
-            CallError::Unauthorized | CallError::NoJoinToken => false,
+            CallError::Status { status, .. } => transient_status(*status),
+            CallError::Unauthorized | CallError::NoJoinToken | CallError::JoinRefused { .. } => false,
         }
     }
+
+    /// Whether the node has no usable credential and cannot get one by itself (an operator must
+    /// give it a join token). What it was sending is fine and must be kept for later.
+    pub fn is_credential_problem(&self) -> bool {
+        matches!(self, CallError::Unauthorized | CallError::NoJoinToken | CallError::JoinRefused { .. })
+    }
+}
+
+/// A code download: where to fetch from and the credential to send, if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CodeDownload {
+    /// The absolute URL.
+    pub url: String,
+    /// Whether the node credential goes with it (only to the control plane's own store).
+    pub with_credential: bool,
+}
+
+/// Resolves the code URL of a package reference against the control plane's `base` URL (no
+/// trailing slash): a path (`/...`) is the control plane's and gets the credential; an absolute
+/// `http(s)://` URL does not; anything else (`//host/...`, other schemes, relative paths) is
+/// refused.
+pub fn resolve_code_url(base: &str, url: &str) -> Result<CodeDownload, String> {
+    if url.starts_with('/') && !url.starts_with("//") {
+        return Ok(CodeDownload { url: format!("{base}{url}"), with_credential: true });
+    }
+    let lower = url.get(..8).unwrap_or(url).to_ascii_lowercase();
+    if lower.starts_with("http://") || lower.starts_with("https://") {
+        return Ok(CodeDownload { url: url.to_owned(), with_credential: false });
+    }
+    // Never echo the URL: a presigned one is a credential until it expires.
+    Err("the package URL is neither a path on the control plane nor an http(s) URL".into())
+}
+
+/// What an operator can do about a refused join.
+fn join_hint(status: u16) -> &'static str {
+    match status {
+        401 => "; the node needs a new join token (--join-token / NIMBUS_AGENT_JOIN_TOKEN) and a restart",
+        409 => "; a node that is still reporting has this name",
+        _ => "",
+    }
+}
+
+/// Whether an answer with `status` may be different later (server errors, throttling, timeouts).
+fn transient_status(status: u16) -> bool {
+    status >= 500 || status == 429 || status == 408
 }
 
 /// What a join says about the node, besides the token.
@@ -112,11 +173,12 @@ impl ControlPlane {
         self.identity.subscribe()
     }
 
-    /// The credential to send with a package download: only to the control plane itself, never
-    /// to a presigned object-store URL.
-    pub fn credential_for(&self, url: &str) -> Option<String> {
-        let ours = url.strip_prefix(self.base.as_str()).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'));
-        if ours { self.identity().map(|i| i.credential.clone()) } else { None }
+    /// Where to download a package from, and the credential to send: the node credential only
+    /// for a path on the control plane (see [`resolve_code_url`]), never to a presigned URL.
+    pub fn code_download(&self, url: &str) -> Result<(String, Option<String>), String> {
+        let download = resolve_code_url(&self.base, url)?;
+        let credential = if download.with_credential { self.identity().map(|i| i.credential.clone()) } else { None };
+        Ok((download.url, credential))
     }
 
     /// Gets the node an identity at startup: renews the stored one, or joins when there is none,
@@ -268,9 +330,14 @@ impl ControlPlane {
             .send()
             .await
             .map_err(transport)?;
-        // A refused join token is a 401 too, but re-joining cannot help it.
+        // A refused join token is a 401 too, but re-joining cannot help it; and no refusal of the
+        // join may pass for a refusal of the call that needed it (a usage batch, a report).
         let joined: JoinResponse = decode(check(response).await.map_err(|e| match e {
-            CallError::Unauthorized => CallError::Status { status: 401, body: "the join token was refused".into() },
+            CallError::Unauthorized => CallError::JoinRefused {
+                status: 401,
+                body: "the join token is unknown, revoked, expired or used up".into(),
+            },
+            CallError::Status { status, body } if !transient_status(status) => CallError::JoinRefused { status, body },
             other => other,
         })?)
         .await?;
@@ -331,4 +398,45 @@ async fn check(response: reqwest::Response) -> Result<reqwest::Response, CallErr
 async fn decode<T: serde::de::DeserializeOwned>(response: reqwest::Response) -> Result<T, CallError> {
     let bytes = response.bytes().await.map_err(transport)?;
     serde_json::from_slice(&bytes).map_err(|e| CallError::Decode(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_paths_on_the_control_plane_get_the_credential() {
+        let base = "http://10.0.0.1:8080";
+        let sha = "ab".repeat(32);
+        assert_eq!(
+            resolve_code_url(base, &format!("/agent/v1/code/{sha}")).unwrap(),
+            CodeDownload { url: format!("{base}/agent/v1/code/{sha}"), with_credential: true }
+        );
+        // Presigned S3, and even an absolute URL naming the control plane itself: no credential.
+        for url in [
+            "https://bucket.s3.amazonaws.com/packages/sha256/ab?X-Amz-Signature=x".to_owned(),
+            "HTTP://minio:9000/p".to_owned(),
+            format!("{base}/agent/v1/code/{sha}"),
+        ] {
+            assert_eq!(
+                resolve_code_url(base, &url).unwrap(),
+                CodeDownload { url: url.clone(), with_credential: false }
+            );
+        }
+        for bad in ["//evil.example/agent/v1/code/x", "agent/v1/code/x", "ftp://x/y", "", "file:///etc/passwd"] {
+            let err = resolve_code_url(base, bad).expect_err(bad);
+            assert!(bad.is_empty() || !err.contains(bad), "the URL is not echoed: {err}");
+        }
+    }
+
+    #[test]
+    fn credential_problems_are_not_transient_and_not_refusals_of_what_was_sent() {
+        let refused = CallError::JoinRefused { status: 401, body: "x".into() };
+        assert!(!refused.is_transient() && refused.is_credential_problem());
+        assert!(refused.to_string().contains("join token"), "{refused}");
+        assert!(CallError::Unauthorized.is_credential_problem() && CallError::NoJoinToken.is_credential_problem());
+        let invalid = CallError::Status { status: 422, body: String::new() };
+        assert!(!invalid.is_transient() && !invalid.is_credential_problem());
+        assert!(CallError::Status { status: 503, body: String::new() }.is_transient());
+    }
 }

@@ -19,6 +19,17 @@ pub enum LogFormat {
     Json,
 }
 
+/// How process functions are kept apart from the agent and from each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProcessIsolation {
+    /// Every invocation runs under its own unprivileged uid and gid from a pool (the agent must
+    /// run as root).
+    Uid,
+    /// Invocations run as the agent's own user: they can read its credentials, every tenant's
+    /// usage and logs, and each other's environment. Only for functions that are all trusted.
+    None,
+}
+
 /// Settings of `nimbus-worker-agent`.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "nimbus-worker-agent", version, about = "Nimbus worker-node agent")]
@@ -87,6 +98,20 @@ pub struct Settings {
     /// How long a shutdown waits for running invocations, and then for usage to be shipped.
     #[arg(long, env = "NIMBUS_AGENT_DRAIN_TIMEOUT", default_value = "30s")]
     pub drain_timeout: HumanDuration,
+    /// How process functions are isolated: `uid` runs every invocation under its own
+    /// unprivileged uid (needs the agent to run as root), `none` runs them as the agent itself
+    /// (not isolated from the agent nor from each other).
+    #[arg(long, env = "NIMBUS_AGENT_PROCESS_ISOLATION", value_enum, default_value_t = ProcessIsolation::Uid)]
+    pub process_isolation: ProcessIsolation,
+    /// First uid (and gid) of the pool process invocations run under; the range must be reserved
+    /// for this agent (no accounts, no other agent, no container sub-uid range), because the
+    /// agent kills every process of a uid it takes back.
+    #[arg(long, env = "NIMBUS_AGENT_PROCESS_UID_BASE", default_value_t = 200_000)]
+    pub process_uid_base: u32,
+    /// Number of uids in the pool: process invocations that can run at once (more wait for a
+    /// free uid).
+    #[arg(long, env = "NIMBUS_AGENT_PROCESS_UIDS", default_value_t = 256)]
+    pub process_uids: u32,
     /// Log format.
     #[arg(long, env = "NIMBUS_AGENT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -128,10 +153,15 @@ impl Settings {
             ("--max-body-bytes", self.max_body_bytes == 0),
             ("--usage-flush-interval", self.usage_flush_interval.0.is_zero()),
             ("--report-interval", self.report_interval.is_some_and(|d| d.0.is_zero())),
+            ("--process-uids", self.process_uids == 0),
+            ("--process-uid-base", self.process_uid_base == 0),
         ] {
             if zero {
                 return Err(format!("{flag} must be more than zero"));
             }
+        }
+        if self.process_isolation == ProcessIsolation::Uid {
+            check_uid_range(self.process_uid_base, self.process_uids)?;
         }
         Ok(name)
     }
@@ -158,6 +188,26 @@ impl Settings {
             None => format!("http://{bound}"),
         }
     }
+}
+
+/// The uid "nobody": daemons run as it, so the pool must never include it.
+const NOBODY: u32 = 65_534;
+
+/// Checks that the process uid pool `base .. base + count` is usable: not root, not `nobody`, and
+/// not reaching `u32::MAX` (which means "no change" to `setresuid`).
+pub fn check_uid_range(base: u32, count: u32) -> Result<(), String> {
+    let Some(last) = base.checked_add(count.saturating_sub(1)).filter(|l| *l < u32::MAX) else {
+        return Err(format!("--process-uid-base {base} + --process-uids {count} goes past the largest uid"));
+    };
+    if base == 0 {
+        return Err("--process-uid-base must be more than zero (uid 0 is root)".into());
+    }
+    if (base..=last).contains(&NOBODY) {
+        return Err(format!(
+            "the process uids {base}..={last} include {NOBODY} (nobody); choose another --process-uid-base"
+        ));
+    }
+    Ok(())
 }
 
 /// Whether `s` is a DNS label: 1 to 63 of `a-z`, `0-9`, `-`, not starting or ending with `-`.
@@ -284,6 +334,8 @@ mod tests {
         assert_eq!(s.listen, "127.0.0.1:9090".parse().unwrap());
         assert_eq!(s.usage_flush_interval.0, Duration::from_secs(1));
         assert_eq!(s.max_body_bytes, 6 << 20);
+        assert_eq!(s.process_isolation, ProcessIsolation::Uid);
+        assert_eq!((s.process_uid_base, s.process_uids), (200_000, 256));
         assert_eq!(s.validate().unwrap(), "n1");
         assert_eq!(s.invoke_url("127.0.0.1:4000".parse().unwrap()), "http://127.0.0.1:4000");
         assert!(known_env_names().iter().all(|n| n.starts_with(ENV_PREFIX)));
@@ -305,6 +357,24 @@ mod tests {
         assert!(check(&["--name=-bad"]).contains("--name"));
         assert!(check(&["--usage-batch-size", "0"]).contains("--usage-batch-size"));
         assert!(check(&["--report-interval", "0s"]).contains("--report-interval"));
+        assert!(check(&["--process-uids", "0"]).contains("--process-uids"));
+        assert!(check(&["--process-uid-base", "0"]).contains("--process-uid-base"));
+        assert!(check(&["--process-uid-base", "65000", "--process-uids", "1000"]).contains("nobody"));
+        assert!(check(&["--process-uid-base", "4294967290", "--process-uids", "10"]).contains("largest uid"));
+        // Without uid isolation the pool is not used, so its range does not matter.
+        let s = Settings::parse_from([
+            "nimbus-worker-agent",
+            "--name",
+            "n1",
+            "--process-isolation",
+            "none",
+            "--process-uid-base",
+            "65000",
+            "--process-uids",
+            "1000",
+        ]);
+        assert_eq!(s.process_isolation, ProcessIsolation::None);
+        assert!(s.validate().is_ok());
     }
 
     #[test]

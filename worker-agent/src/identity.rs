@@ -5,7 +5,7 @@
 use std::{
     fmt,
     io::Write,
-    os::unix::fs::OpenOptionsExt,
+    os::unix::fs::{OpenOptionsExt, PermissionsExt as _},
     path::{Path, PathBuf},
 };
 
@@ -97,6 +97,9 @@ pub fn save(file: &Path, identity: &Identity) -> anyhow::Result<()> {
     let bytes = serde_json::to_vec_pretty(identity)?;
     let write = || -> std::io::Result<()> {
         let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&temp)?;
+        // Explicitly: `mode` applies only to a file created now, and a stale temporary file of
+        // an earlier run with this process id may have another.
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
         f.write_all(&bytes)?;
         f.sync_all()?;
         std::fs::rename(&temp, file)?;
@@ -110,8 +113,6 @@ pub fn save(file: &Path, identity: &Identity) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::PermissionsExt;
-
     use super::*;
 
     #[test]

@@ -90,9 +90,10 @@ pub fn router(listener: Arc<Listener>) -> Router {
         .with_state(listener)
 }
 
-/// Headers that describe one connection, not the request (RFC 9110 §7.6.1), and the credential
-/// the gateway used: none of them reach the function.
-const NOT_FORWARDED: [&str; 10] = [
+/// Headers that describe one connection, not the request (RFC 9110 §7.6.1), the credential
+/// the gateway used, and `proxy` (httpoxy: it would become `HTTP_PROXY`, which many HTTP
+/// clients in the function would take as their proxy): none of them reach the function.
+const NOT_FORWARDED: [&str; 11] = [
     "connection",
     "keep-alive",
     "proxy-authenticate",
@@ -103,6 +104,7 @@ const NOT_FORWARDED: [&str; 10] = [
     "transfer-encoding",
     "upgrade",
     "authorization",
+    "proxy",
 ];
 
 fn forwarded_headers(headers: &HeaderMap) -> Vec<(String, String)> {
@@ -286,7 +288,7 @@ mod tests {
     }
 
     #[test]
-    fn hop_by_hop_headers_and_the_credential_stay_behind() {
+    fn hop_by_hop_headers_the_credential_and_proxy_stay_behind() {
         let mut headers = HeaderMap::new();
         for (k, v) in [
             ("authorization", "Bearer s"),
@@ -295,6 +297,7 @@ mod tests {
             ("te", "trailers"),
             ("content-type", "text/plain"),
             ("x-test", "yes"),
+            ("proxy", "http://evil.example:3128"),
         ] {
             headers.insert(HeaderName::from_static(k), HeaderValue::from_static(v));
         }

@@ -247,8 +247,9 @@ impl Reconciler {
 
     async fn prepare(&self, a: Assignment) -> Result<Arc<Version>, String> {
         let loader = self.loader(&a)?;
-        let credential = self.client.credential_for(&a.package.url);
-        self.cache.fetch(self.client.http(), &a.package, credential.as_deref()).await.map_err(describe)?;
+        let (url, credential) = self.client.code_download(&a.package.url)?;
+        let package = nimbus_protocol::PackageRef { url, ..a.package.clone() };
+        self.cache.fetch(self.client.http(), &package, credential.as_deref()).await.map_err(describe)?;
         // Compiling (or unpacking) now also for versions without instances: their first
         // invocation then only loads what is ready on disk.
         let load = loader.clone();

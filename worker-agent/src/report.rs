@@ -73,8 +73,9 @@ impl Reporter {
                     }
                     failing = false;
                 }
-                // A report the control plane refuses as such would be refused again.
-                Err(e) if !e.is_transient() && !matches!(e, CallError::Unauthorized | CallError::NoJoinToken) => {
+                // A report the control plane refuses as such would be refused again; a node
+                // without a credential (its join refused too) keeps its metrics for a minute.
+                Err(e) if !e.is_transient() && !e.is_credential_problem() => {
                     tracing::warn!(error = %e, metrics = report.metrics.len(), "a report was refused; its metrics are dropped");
                 }
                 Err(e) => {

@@ -1,9 +1,14 @@
 //! Ships the usage spool to the control plane (`POST /agent/v1/usage`): every flush interval, or
 //! as soon as a batch's worth of records is spooled, the open segment is sealed and every sealed
 //! segment is sent, oldest first, in chunks within the protocol's bounds. A segment is deleted
-//! only after every chunk was acknowledged; failures are retried with exponential backoff. A
-//! segment the control plane refuses outright (a 4xx other than 401, 408, 429) is renamed to
-//! `<seq>.rejected` and left for an operator, so that it cannot hold up the segments after it.
+//! only after every chunk was acknowledged; failures are retried with exponential backoff, and
+//! that includes every refusal but one: a node without a usable credential (a refused join
+//! token among them: an operator must give it a new one) and a 400 (say, the control plane and
+//! the agent disagree on the protocol during an upgrade) keep the segment until it goes through.
+//! Only a chunk the control plane calls invalid (422) is split, and its halves again, down to
+//! single records and log lines, so that one bad item cannot take the good ones with it; the
+//! items refused on their own are appended to `<seq>.rejected` for an operator (each line a
+//! usage batch that can be sent again as it is), and the segment goes on.
 //! Delivery is at least once: the control plane stores each invocation and log line once.
 
 use std::{
@@ -19,7 +24,7 @@ use tokio::sync::Mutex;
 use crate::{
     backoff::Backoff,
     client::{CallError, ControlPlane},
-    spool::{Spool, SpoolEntry, read_segment},
+    spool::{Spool, SpoolEntry, read_segment, set_aside},
 };
 
 /// Serialized size a batch stays under, so that it fits the control plane's body limit (1 MiB by
@@ -90,7 +95,17 @@ impl Shipper {
                 }
                 Err(e) => {
                     let delay = backoff.next_delay();
-                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "shipping usage failed");
+                    let retry_in_ms = delay.as_millis() as u64;
+                    if matches!(&e, ShipError::Call(c) if c.is_credential_problem()) {
+                        tracing::error!(
+                            error = %e,
+                            retry_in_ms,
+                            "the node has no credential the control plane accepts and cannot join again; its usage \
+                             stays in the spool until it can"
+                        );
+                    } else {
+                        tracing::warn!(error = %e, retry_in_ms, "shipping usage failed; the segment is kept");
+                    }
                     tokio::time::sleep(delay).await;
                 }
             }
@@ -121,34 +136,77 @@ impl Shipper {
             .map_err(|e| ShipError::Io(std::io::Error::other(e)))??;
         let chunks = batches(entries);
         let done = acked.get(segment).copied().unwrap_or(0);
-        for (i, batch) in chunks.iter().enumerate().skip(done) {
-            let ack = match self.client.usage(batch).await {
-                Ok(ack) => ack,
-                // Refused as such, it would be refused forever and hold up every later segment:
-                // it is set aside (`.rejected`, kept for an operator) instead.
-                Err(e) if !e.is_transient() && !matches!(e, CallError::Unauthorized | CallError::NoJoinToken) => {
-                    let aside = segment.with_extension(crate::spool::REJECTED);
-                    tracing::error!(segment = %segment.display(), error = %e, "the control plane refused usage; set aside");
-                    std::fs::rename(segment, &aside)?;
-                    acked.remove(segment);
-                    return Ok(());
-                }
-                Err(e) => return Err(e.into()),
-            };
+        for (i, batch) in chunks.into_iter().enumerate().skip(done) {
+            let refused = self.ship_splitting(batch).await?;
+            if !refused.is_empty() {
+                let aside = segment.with_extension(crate::spool::REJECTED);
+                tracing::error!(
+                    segment = %segment.display(),
+                    set_aside = %aside.display(),
+                    items = refused.len(),
+                    "the control plane refused usage as invalid; the refused items are set aside"
+                );
+                let write = {
+                    let aside = aside.clone();
+                    tokio::task::spawn_blocking(move || set_aside(&aside, &refused))
+                };
+                write.await.map_err(|e| ShipError::Io(std::io::Error::other(e)))??;
+            }
             acked.insert(segment.to_owned(), i + 1);
-            tracing::debug!(
-                segment = %segment.display(),
-                records = batch.records.len(),
-                logs = batch.logs.len(),
-                accepted = ack.accepted,
-                duplicates = ack.duplicates,
-                "usage shipped"
-            );
         }
         std::fs::remove_file(segment)?;
         acked.remove(segment);
         Ok(())
     }
+
+    /// Sends `batch`. When the control plane refuses it as invalid (422), its halves are sent
+    /// instead, and so on down to single items; returns the items refused on their own (each a
+    /// batch of one record or one log line). Any other failure stops it (what was acknowledged
+    /// is stored once however often it is sent again).
+    async fn ship_splitting(&self, batch: UsageBatch) -> Result<Vec<UsageBatch>, CallError> {
+        let mut refused = Vec::new();
+        let mut todo = vec![batch];
+        while let Some(batch) = todo.pop() {
+            match self.client.usage(&batch).await {
+                Ok(ack) => tracing::debug!(
+                    records = batch.records.len(),
+                    logs = batch.logs.len(),
+                    accepted = ack.accepted,
+                    duplicates = ack.duplicates,
+                    "usage shipped"
+                ),
+                Err(CallError::Status { status: 422, body }) => match split(batch) {
+                    Ok((first, second)) => {
+                        todo.push(second);
+                        todo.push(first);
+                    }
+                    Err(single) => {
+                        tracing::warn!(problem = %body, "the control plane refused a usage item as invalid");
+                        refused.push(single);
+                    }
+                },
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(refused)
+    }
+}
+
+/// Splits a batch of two or more items (its records, then its log lines) into halves in order;
+/// a batch of one item (or none) is given back as it is.
+pub fn split(batch: UsageBatch) -> Result<(UsageBatch, UsageBatch), UsageBatch> {
+    let items = batch.records.len() + batch.logs.len();
+    if items < 2 {
+        return Err(batch);
+    }
+    let half = items / 2;
+    let UsageBatch { mut records, mut logs } = batch;
+    let second = if half <= records.len() {
+        UsageBatch { records: records.split_off(half), logs: std::mem::take(&mut logs) }
+    } else {
+        UsageBatch { records: Vec::new(), logs: logs.split_off(half - records.len()) }
+    };
+    Ok((UsageBatch { records, logs }, second))
 }
 
 /// Why shipping stopped.
@@ -218,5 +276,29 @@ mod tests {
         assert!(check((0..MAX_USAGE_RECORDS + 1).map(|_| entry(0, 0)).collect()) >= 2);
         assert!(check(vec![entry(MAX_LOG_LINES + 5, 1)]) >= 2, "one invocation's lines spread over batches");
         assert!(check(vec![entry(300, 4000)]) >= 2, "large lines split by bytes");
+    }
+
+    #[test]
+    fn splitting_halves_a_batch_down_to_single_items_and_keeps_everything_in_order() {
+        let entries = vec![entry(2, 1), entry(0, 0), entry(1, 1)];
+        let batch = batches(entries).remove(0);
+        let (records, logs) = (batch.records.clone(), batch.logs.clone());
+        assert_eq!((records.len(), logs.len()), (3, 3));
+        let (a, b) = split(batch).unwrap();
+        assert_eq!((a.records.len(), a.logs.len(), b.records.len(), b.logs.len()), (3, 0, 0, 3));
+        let (b1, b2) = split(b).unwrap();
+        assert_eq!((b1.logs.len(), b2.logs.len()), (1, 2));
+        let (a1, a2) = split(a).unwrap();
+        assert_eq!((a1.records.len(), a2.records.len()), (1, 2));
+        assert_eq!([a1.records.clone(), a2.records.clone()].concat(), records);
+        assert_eq!([b1.logs.clone(), b2.logs.clone()].concat(), logs);
+        // One item (or none) cannot be split.
+        assert!(split(a1).is_err());
+        assert!(split(b1).is_err());
+        assert!(split(UsageBatch::default()).is_err());
+        // Records and lines across the middle.
+        let mixed = UsageBatch { records: records[..1].to_vec(), logs: logs.clone() };
+        let (m1, m2) = split(mixed).unwrap();
+        assert_eq!((m1.records.len(), m1.logs.len(), m2.records.len(), m2.logs.len()), (1, 1, 0, 2));
     }
 }

@@ -102,8 +102,23 @@ impl Drop for AgentProcess {
     }
 }
 
+/// Uids the agents of this test process run process functions under: a range of its own per
+/// test process (they run in parallel, and an agent kills whatever runs under a uid it takes
+/// back), split between its agents.
+fn uid_base() -> &'static str {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed) as u32 % 60;
+    let base = 300_000_000 + (std::process::id() % 100_000) * 1_000 + n * UIDS;
+    Box::leak(base.to_string().into_boxed_str())
+}
+
+/// Uids per agent.
+const UIDS: u32 = 16;
+
 fn env<'a>(cp: &'a FakeCp, data: &'a Path) -> Vec<(&'a str, &'a str)> {
     vec![
+        ("NIMBUS_AGENT_PROCESS_UID_BASE", uid_base()),
+        ("NIMBUS_AGENT_PROCESS_UIDS", "16"),
         ("NIMBUS_AGENT_CONTROL_PLANE_URL", cp.url.as_str()),
         ("NIMBUS_AGENT_DATA_DIR", data.to_str().unwrap()),
         ("NIMBUS_AGENT_LISTEN", "127.0.0.1:0"),
@@ -140,9 +155,24 @@ async fn joins_reports_drains_on_sigterm_and_renews_after_a_restart() {
         assert_eq!((joins[0].name.as_str(), joins[0].zone.as_str()), ("test-node", "zone-a"));
         assert_eq!(joins[0].invoke_url, listen, "the advertised URL defaults to the bound address");
     }
-    let mode =
-        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(data.join("identity.json")).unwrap().permissions());
-    assert_eq!(mode & 0o777, 0o600);
+    // Functions run as other users: they may pass through the data directory to their
+    // packages and working directories, and read nothing else.
+    let mode = |p: &str| {
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(data.join(p)).unwrap().permissions()) & 0o7777
+    };
+    for (path, want) in [
+        ("", 0o711),
+        ("identity.json", 0o600),
+        ("usage", 0o700),
+        ("cache", 0o711),
+        ("cache/blobs", 0o700),
+        ("cache/artifacts", 0o700),
+        ("cache/tmp", 0o700),
+        ("cache/unpacked", 0o711),
+        ("scratch", 0o711),
+    ] {
+        assert_eq!(mode(path), want, "{path:?}: {:o}", mode(path));
+    }
 
     until("a report reconciled to revision 1 arrives", || cp.last_report().is_some_and(|r| r.revision == 1)).await;
     let health = reqwest::get(format!("{listen}/healthz")).await.unwrap();
@@ -255,11 +285,12 @@ async fn serves_assigned_versions_retries_failures_and_ships_their_usage() {
     let echo = common::wasm("echo.c");
     let status = common::wasm("status.wat");
     let noop = common::wasm("noop.wat");
-    let script = "#!/bin/sh\nprintf 'Content-Type: text/plain\\n\\n'\necho \"process $NIMBUS_VERSION\"\n";
+    let script = "#!/bin/sh\nprintf 'Content-Type: text/plain\\n\\n'\necho \"process $NIMBUS_VERSION\"\nid -u\n";
     let tarball = process_package(script);
     let (sha_echo, sha_status, sha_noop, sha_tar) =
         (sha256_hex(&echo), sha256_hex(&status), sha256_hex(&noop), sha256_hex(&tarball));
-    let code_url = |sha: &str| format!("{}/agent/v1/code/{sha}", cp.url);
+    // The control plane names its own store by path; the object store by absolute URL.
+    let code_url = |sha: &str| FakeCp::code_path(sha);
     {
         let mut code = cp.state.code.lock().unwrap();
         code.insert(sha_echo.clone(), echo.clone());
@@ -328,7 +359,15 @@ async fn serves_assigned_versions_retries_failures_and_ships_their_usage() {
     assert!(call(&warm, 200, "false").await.starts_with("ping\n"));
     call(&on_demand, 404, "true").await;
     call(&on_demand, 404, "false").await;
-    assert_eq!(call(&process, 200, "false").await, "process 1\n");
+    let answer = call(&process, 200, "false").await;
+    let (first, uid) = answer.split_once('\n').unwrap();
+    assert_eq!(first, "process 1");
+    if rustix::process::geteuid().is_root() {
+        // The agent's default: a uid of the pool, not the agent's own.
+        let base: u32 = vars.iter().find(|(k, _)| *k == "NIMBUS_AGENT_PROCESS_UID_BASE").unwrap().1.parse().unwrap();
+        let uid: u32 = uid.trim().parse().unwrap();
+        assert!((base..base + UIDS).contains(&uid), "{uid} is not in {base}..{}", base + UIDS);
+    }
 
     // The right bytes appear; the next pass retries and the version becomes ready.
     cp.state.code.lock().unwrap().insert(sha_noop.clone(), noop.clone());
@@ -388,7 +427,7 @@ async fn a_drain_lets_running_invocations_finish_and_bills_them() {
     let tarball = process_package(script);
     let sha = sha256_hex(&tarball);
     cp.state.code.lock().unwrap().insert(sha.clone(), tarball.clone());
-    let slow = assignment(Runtime::Process, &tarball, &sha, format!("{}/agent/v1/code/{sha}", cp.url), 1);
+    let slow = assignment(Runtime::Process, &tarball, &sha, FakeCp::code_path(&sha), 1);
     cp.assign(vec![slow.clone()]);
 
     let data = scratch("drain");

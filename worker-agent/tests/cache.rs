@@ -50,6 +50,8 @@ enum Reply {
     Chunked(Vec<u8>),
     /// Just a status.
     Status(u16),
+    /// 200 announcing the bytes, then only half of them, then nothing (the connection stays).
+    Stall(Vec<u8>),
 }
 
 /// A one-request-per-connection HTTP/1.1 server on 127.0.0.1 that counts requests and records
@@ -111,6 +113,12 @@ async fn server<'a>(routes: impl IntoIterator<Item = (&'a str, Reply)>) -> Serve
                     }
                     Reply::Status(s) => out
                         .extend(format!("HTTP/1.1 {s} Nope\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").bytes()),
+                    Reply::Stall(b) => {
+                        out.extend(format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", b.len()).bytes());
+                        out.extend(&b[..b.len() / 2]);
+                        let _ = conn.write_all(&out).await;
+                        std::future::pending::<()>().await;
+                    }
                 }
                 let _ = conn.write_all(&out).await;
                 let _ = conn.shutdown().await;
@@ -147,6 +155,10 @@ fn listing(dir: &Path) -> Vec<String> {
     names
 }
 
+fn mode(path: &Path) -> u32 {
+    std::os::unix::fs::PermissionsExt::mode(&std::fs::symlink_metadata(path).unwrap().permissions()) & 0o7777
+}
+
 fn client() -> reqwest::Client {
     reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap()
 }
@@ -164,6 +176,10 @@ async fn a_fetched_package_is_verified_kept_and_reused_without_a_second_download
     assert_eq!(cache.size(), bytes.len() as u64);
     assert_eq!(srv.auth.lock().unwrap().as_slice(), [Some("Bearer nnc_secret".to_owned())]);
     assert_eq!(listing(&scratch.0.join("cache/tmp")), Vec::<String>::new());
+    for (p, want) in [("cache", 0o711), ("cache/blobs", 0o700), ("cache/artifacts", 0o700), ("cache/tmp", 0o700)] {
+        assert_eq!(mode(&scratch.0.join(p)), want, "{p}");
+    }
+    assert_eq!(mode(&path), 0o600, "the blob");
 
     // Cached: no second request, now or after a restart.
     assert_eq!(cache.fetch(&client(), &pkg, Some("nnc_secret")).await.unwrap(), path);
@@ -293,6 +309,31 @@ async fn http_errors_and_invalid_references_are_refused() {
     assert_nothing_kept(&cache, &scratch.0);
 }
 
+#[tokio::test]
+async fn a_stalled_download_fails_at_its_deadline_and_a_later_attempt_succeeds() {
+    let scratch = Scratch::new("stall");
+    let bytes = vec![7u8; 100_000];
+    let srv = server([("/stall", Reply::Stall(bytes.clone())), ("/whole", Reply::Bytes(bytes.clone()))]).await;
+    let cache = CodeCache::open(&scratch.0, 1 << 20).unwrap();
+    cache.set_download_base_timeout(Duration::from_millis(300));
+    // No timeout of its own (as the agent's client has none): the cache's deadline must end it.
+    let client = reqwest::Client::new();
+    let pkg = package(&bytes, PackageFormat::Wasm, srv.url("/stall"));
+    let started = std::time::Instant::now();
+    match tokio::time::timeout(Duration::from_secs(20), cache.fetch(&client, &pkg, None)).await {
+        Ok(Err(CacheError::Fetch(e))) => assert!(e.contains("did not finish within"), "{e}"),
+        Ok(other) => panic!("{other:?}"),
+        Err(_) => panic!("the stalled download hung"),
+    }
+    // 300 ms plus 100 kB at 1 MiB/s.
+    assert!(started.elapsed() >= Duration::from_millis(390), "{:?}", started.elapsed());
+    assert_nothing_kept(&cache, &scratch.0);
+
+    // What the next reconcile pass does: the package comes whole this time.
+    let pkg = PackageRef { url: srv.url("/whole"), ..pkg };
+    assert_eq!(std::fs::read(cache.fetch(&client, &pkg, None).await.unwrap()).unwrap(), bytes);
+}
+
 /// The status of one invocation, run where wasmtime-wasi wants it: on a thread outside the
 /// async runtime (the agent uses its blocking pool).
 fn status(e: &WasmEngine, module: &wasmtime::Module) -> (u16, Vec<u8>) {
@@ -380,12 +421,16 @@ async fn a_process_package_is_unpacked_once() {
     assert_eq!(std::fs::read(dir.join("bin/handler")).unwrap(), b"#!/bin/sh\necho hi\n");
     let size = cache.size();
     assert_eq!(size, archive.len() as u64 + 18);
+    assert_eq!((mode(&scratch.0.join("unpacked")), mode(&dir), mode(&dir.join("bin/handler"))), (0o711, 0o755, 0o755));
     // Again, and after a restart: the same directory, not unpacked again.
     std::fs::write(dir.join("marker"), b"").unwrap();
     assert_eq!(cache.unpacked(&pkg.sha256, PackageFormat::TarGz).unwrap(), dir);
+    // One an earlier agent left writable by everyone is sealed when the cache opens.
+    std::fs::set_permissions(dir.join("bin/handler"), std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
     let cache = CodeCache::open(&scratch.0, 1 << 20).unwrap();
     assert_eq!(cache.unpacked(&pkg.sha256, PackageFormat::TarGz).unwrap(), dir);
     assert!(dir.join("marker").exists());
+    assert_eq!((mode(&dir.join("bin/handler")), mode(&dir.join("marker"))), (0o755, 0o644));
     assert_eq!(cache.size(), size);
     assert!(cache.unpacked(&pkg.sha256, PackageFormat::Wasm).is_err());
 }

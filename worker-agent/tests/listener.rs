@@ -21,7 +21,7 @@ use nimbus_worker_agent::{
     listener::{InvokeAuth, Listener, router},
     registry::{Code, Loader, Registry, Version},
     runtime::{
-        process::{ProcessPackage, ProcessRuntime},
+        process::{Isolation, ProcessPackage, ProcessRuntime},
         wasm::{WasmEngine, WasmSettings},
     },
     spool::{Spool, read_segment},
@@ -88,7 +88,7 @@ impl Agent {
             registry.clone(),
             Arc::new(Stats::new()),
             engine.clone(),
-            ProcessRuntime::new(dir.join("scratch")).unwrap(),
+            ProcessRuntime::new(dir.join("scratch"), Isolation::None).unwrap(),
             spool.clone(),
         ));
         let auth = Arc::new(InvokeAuth::default());
@@ -220,20 +220,28 @@ async fn the_function_gets_the_request_and_the_caller_its_response() {
 }
 
 #[tokio::test]
-async fn hop_by_hop_headers_and_the_credential_never_reach_the_function_nor_can_it_forge_ours() {
+async fn hop_by_hop_headers_the_credential_and_proxy_never_reach_the_function_nor_can_it_forge_ours() {
     let agent = Agent::start("headers", 1 << 20).await;
     let v = agent.script(
         "#!/bin/sh\nprintf 'X-Nimbus-Cold-Start: true\\nX-Mine: 1\\n\\n'\nenv | grep '^HTTP_' | sort\n",
         4,
         4,
     );
-    let response = agent.post(v.id(), "/x").header("x-visible", "1").header("te", "trailers").send().await.unwrap();
+    let response = agent
+        .post(v.id(), "/x")
+        .header("x-visible", "1")
+        .header("te", "trailers")
+        .header("proxy", "http://evil.example:3128")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(header(&response, "x-mine"), "1");
     assert_eq!(header(&response, "x-nimbus-cold-start"), "false", "the platform's header, not the function's");
     let env = response.text().await.unwrap();
     assert!(env.contains("HTTP_X_VISIBLE=1"), "{env}");
     assert!(!env.contains("HTTP_AUTHORIZATION") && !env.contains("HTTP_TE="), "{env}");
+    assert!(!env.contains("HTTP_PROXY"), "httpoxy: {env}");
     assert!(!env.contains(SECRET), "{env}");
 }
 

@@ -1,18 +1,25 @@
 //! The process runtime against the handler contract: shell-script fixtures packed at test time
 //! (gzip tarballs and zip archives), unpacked with `process::unpack`, run with
-//! `ProcessRuntime::invoke`; and archives that try to leave their directory.
+//! `ProcessRuntime::invoke` — under uids of their own when the tests run as root (as the agent
+//! does by default), else as the test itself; archives that try to leave their directory; and,
+//! as root, what uid isolation keeps functions from: the agent's files, their own package, each
+//! other's environment, processes left behind.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     io::Write as _,
+    os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
-use nimbus_worker_agent::runtime::{
-    FailureReason, Invocation, Limits, Outcome,
-    process::{Packing, ProcessPackage, ProcessRuntime, unpack},
+use nimbus_worker_agent::{
+    config::ProcessIsolation,
+    runtime::{
+        FailureReason, Invocation, Limits, Outcome,
+        process::{Host, Isolation, Packing, ProcessPackage, ProcessRuntime, package_file_mode, unpack},
+    },
 };
 
 /// Where the entry sits inside every test package (a subdirectory, so unpacking creates one).
@@ -35,6 +42,16 @@ impl Scratch {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         Scratch(dir)
+    }
+}
+
+impl Scratch {
+    /// A directory in it every user may write to (for files a function hands to the test).
+    fn shared(&self) -> PathBuf {
+        let dir = self.0.join("shared");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        dir
     }
 }
 
@@ -97,6 +114,13 @@ fn package(scratch: &Scratch, script: &str, packing: Packing) -> ProcessPackage 
     ProcessPackage { dir, entry: ENTRY.into() }
 }
 
+/// A tarball package holding `script` at [`ENTRY`] (and a README), unpacked into `scratch/pkg`.
+fn script_package(scratch: &Scratch, script: &str) -> ProcessPackage {
+    let members: &[(&str, u32, &[u8])] = &[(ENTRY, 0o755, script.as_bytes()), ("README", 0o644, b"a test package\n")];
+    let dir = unpack_bytes(scratch, &tar_gz(members), Packing::TarGz).unwrap();
+    ProcessPackage { dir, entry: ENTRY.into() }
+}
+
 fn request(body: &[u8]) -> Invocation {
     Invocation {
         id: "0190f0e0-0000-7000-8000-000000000002".into(),
@@ -111,12 +135,43 @@ fn request(body: &[u8]) -> Invocation {
     }
 }
 
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// A uid range of its own for every pool of these tests: test processes run in parallel, and a
+/// pool kills whatever runs under a uid it takes back.
+fn uid_base() -> u32 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed) as u32 % 125;
+    10_000_000 + (std::process::id() % 100_000) * 1_000 + n * 8
+}
+
+/// Uid isolation with a pool of `uids` (root only: it panics when the host cannot isolate).
+fn uid_isolation(uids: u32) -> Isolation {
+    match Isolation::decide(ProcessIsolation::Uid, uid_base(), uids, &Host::probe()) {
+        Isolation::Uid(pool) => Isolation::Uid(pool),
+        other => panic!("uid isolation is not available: {other:?}"),
+    }
+}
+
+/// How the agent runs functions by default when the tests can: as root, under uids of their
+/// own; otherwise as the test's own user.
+fn default_isolation() -> Isolation {
+    if is_root() { uid_isolation(8) } else { Isolation::None }
+}
+
+/// A runtime with scratch directories under `work`, isolated as the agent does by default.
+fn runtime(work: &Path) -> ProcessRuntime {
+    ProcessRuntime::new(work, default_isolation()).unwrap()
+}
+
 /// Runs `script` (packed as a tarball) once and checks that its scratch directory is gone after.
 async fn run_with(script: &str, inv: &Invocation, limits: Limits) -> Outcome {
     let scratch = Scratch::new(script);
     let pkg = package(&scratch, script, Packing::TarGz);
     let work = scratch.0.join("work");
-    let runtime = ProcessRuntime::new(&work).unwrap();
+    let runtime = runtime(&work);
     let outcome = runtime.invoke(&pkg, inv, &limits).await;
     let left: Vec<_> = std::fs::read_dir(&work).unwrap().collect();
     assert!(left.is_empty(), "the invocation's working directory is removed: {left:?}");
@@ -141,7 +196,7 @@ async fn echo_gets_the_body_and_exactly_the_contract_environment() {
     for packing in [Packing::TarGz, Packing::Zip] {
         let scratch = Scratch::new("echo");
         let pkg = package(&scratch, "echo.sh", packing);
-        let runtime = ProcessRuntime::new(scratch.0.join("work")).unwrap();
+        let runtime = runtime(&scratch.0.join("work"));
         let mut inv = request(b"ping");
         // The function's own PATH is overridden by the fixed one; reserved names never reach it.
         inv.env.insert("PATH".into(), "/opt/evil".into());
@@ -261,7 +316,7 @@ fn pids(file: &Path) -> Vec<u32> {
 #[tokio::test]
 async fn a_timeout_kills_the_whole_process_group() {
     let scratch = Scratch::new("spin-pids");
-    let pid_file = scratch.0.join("pids");
+    let pid_file = scratch.shared().join("pids");
     let mut inv = request(b"");
     inv.env.insert("PID_FILE".into(), pid_file.to_str().unwrap().into());
     let limits = Limits { timeout: Duration::from_millis(500), ..Limits::default() };
@@ -280,7 +335,7 @@ async fn a_timeout_kills_the_whole_process_group() {
 #[tokio::test]
 async fn children_left_behind_neither_delay_the_answer_nor_outlive_it() {
     let scratch = Scratch::new("linger-pids");
-    let pid_file = scratch.0.join("pids");
+    let pid_file = scratch.shared().join("pids");
     let mut inv = request(b"");
     inv.env.insert("PID_FILE".into(), pid_file.to_str().unwrap().into());
     let limits = Limits { timeout: Duration::from_secs(10), ..Limits::default() };
@@ -336,16 +391,33 @@ async fn the_memory_limit_is_enforced() {
 
 #[tokio::test]
 async fn the_limits_are_set_hard_before_the_entry_runs() {
-    let o = run("limits.sh", Limits { memory_bytes: 64 << 20, ..Limits::default() }).await;
+    let o = run("limits.sh", Limits { memory_bytes: 64 << 20, max_file_bytes: 8 << 20, ..Limits::default() }).await;
     assert_eq!(o.response.failure, None, "{}", String::from_utf8_lossy(&o.log));
-    assert_eq!(String::from_utf8_lossy(&o.response.body), "address space 65536 65536, core 0 0\n");
+    assert_eq!(
+        String::from_utf8_lossy(&o.response.body),
+        "address space 65536 65536, core 0 0, file 16384 16384, umask 0077\n",
+        "file sizes in 512-byte blocks"
+    );
+}
+
+#[tokio::test]
+async fn a_function_cannot_write_a_file_larger_than_the_limit() {
+    let scratch = Scratch::new("fsize");
+    let script =
+        "#!/bin/sh\nhead -c 3000000 /dev/zero > \"$HOME/big\"\necho \"status $? size $(wc -c < \"$HOME/big\")\"\n";
+    let pkg = script_package(&scratch, script);
+    let runtime = runtime(&scratch.0.join("work"));
+    let o = runtime.invoke(&pkg, &request(b""), &Limits { max_file_bytes: 1 << 20, ..Limits::default() }).await;
+    assert_eq!(o.response.failure, None, "{}", String::from_utf8_lossy(&o.log));
+    // `head` is stopped by SIGXFSZ (25) at the limit: 128 + 25 for the shell.
+    assert_eq!(String::from_utf8_lossy(&o.response.body), "status 153 size 1048576\n");
 }
 
 #[tokio::test]
 async fn a_missing_or_escaping_entry_fails_to_start() {
     let scratch = Scratch::new("entry");
     let pkg = package(&scratch, "echo.sh", Packing::Zip);
-    let runtime = ProcessRuntime::new(scratch.0.join("work")).unwrap();
+    let runtime = runtime(&scratch.0.join("work"));
     for entry in ["bin/nothing", "README", "../pkg/bin/handler", "/bin/sh"] {
         let pkg = ProcessPackage { entry: entry.into(), ..pkg.clone() };
         let o = runtime.invoke(&pkg, &request(b""), &Limits::default()).await;
@@ -458,4 +530,315 @@ fn device_nodes_and_fifos_are_refused() {
     let err = unpack_bytes(&scratch, &archive, Packing::TarGz).unwrap_err();
     assert!(format!("{err:#}").contains("not a file"), "{err:#}");
     assert!(!scratch.0.join("pkg").exists());
+}
+
+#[test]
+fn unpacked_packages_can_be_read_and_run_by_everyone_and_changed_by_no_function() {
+    let scratch = Scratch::new("modes");
+    let archive = tar_gz(&[
+        ("bin/handler", 0o700, b"#!/bin/sh\necho hi\n"),
+        ("bin/tool", 0o4777, b"x"),
+        ("etc/config", 0o600, b"x"),
+        ("etc/shared", 0o666, b"x"),
+        ("private", 0o000, b"x"),
+    ]);
+    let dir = unpack_bytes(&scratch, &archive, Packing::TarGz).unwrap();
+    let mode = |p: &str| std::fs::symlink_metadata(dir.join(p)).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(""), 0o755);
+    assert_eq!(mode("bin"), 0o755);
+    assert_eq!(mode("etc"), 0o755);
+    assert_eq!(mode("bin/handler"), 0o755, "owner-only execute becomes everyone's (functions are not the owner)");
+    assert_eq!(mode("bin/tool"), 0o755, "no setuid, and no write for others");
+    assert_eq!(mode("etc/config"), 0o644);
+    assert_eq!(mode("etc/shared"), 0o644);
+    assert_eq!(mode("private"), 0o200);
+    for m in 0..=0o7777 {
+        assert_eq!(package_file_mode(m) & !0o755, 0, "{m:o}");
+    }
+}
+
+#[tokio::test]
+async fn when_isolation_is_unavailable_invocations_fail_to_start_and_say_why() {
+    let scratch = Scratch::new("unavailable");
+    let pkg = package(&scratch, "echo.sh", Packing::TarGz);
+    let why = "process isolation `uid` needs the agent to run as root, and it runs as uid 1000";
+    let runtime = ProcessRuntime::new(scratch.0.join("work"), Isolation::Unavailable(why.into())).unwrap();
+    let o = runtime.invoke(&pkg, &request(b"ping"), &Limits::default()).await;
+    assert_eq!(o.response.failure, Some(FailureReason::StartFailed));
+    assert_eq!(o.response.status, 503);
+    assert_eq!(detail(&o), why);
+}
+
+/// Skips a test that needs root (the agent's uid isolation does), saying so.
+macro_rules! needs_root {
+    () => {
+        if !is_root() {
+            eprintln!("skipped: uid isolation needs root");
+            return;
+        }
+    };
+}
+
+/// A FIFO every user may open.
+fn fifo(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(name);
+    let status = std::process::Command::new("mkfifo").arg("-m").arg("0666").arg(&path).status().unwrap();
+    assert!(status.success());
+    path
+}
+
+/// Reads one line from a FIFO (opened read-write, so it never sees an end before the writer came).
+async fn read_line(fifo: &Path) -> String {
+    let mut rx = tokio::net::unix::pipe::OpenOptions::new().read_write(true).open_receiver(fifo).unwrap();
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.last() != Some(&b'\n') {
+        tokio::io::AsyncReadExt::read_exact(&mut rx, &mut byte).await.unwrap();
+        line.push(byte[0]);
+    }
+    String::from_utf8(line).unwrap().trim().to_owned()
+}
+
+/// Two invocations at once: the first has a secret in its environment, hands its pid over and
+/// waits; the second tries to read the first's `/proc/<pid>/environ` and to signal it. Returns
+/// what both printed.
+async fn a_neighbour_s_environment(isolation: Isolation) -> (String, String) {
+    let scratch = Scratch::new("environ");
+    let shared = scratch.shared();
+    let (pid_fifo, go_fifo) = (fifo(&shared, "pid"), fifo(&shared, "go"));
+    let holder = "#!/bin/sh\necho $$ > \"$PID_FIFO\"\nread -r go < \"$GO_FIFO\"\necho \"uid $(id -u)\"\n";
+    let prober = "#!/bin/sh\necho \"uid $(id -u)\"\n\
+        if tr '\\0' '\\n' < /proc/$TARGET/environ 2>/dev/null | grep -q '^SECRET=tenant-a'; then echo 'environ read'; else echo 'environ denied'; fi\n\
+        if kill -0 \"$TARGET\" 2>/dev/null; then echo 'signal sent'; else echo 'signal denied'; fi\n";
+    let (a_dir, b_dir) = (Scratch::new("environ-a"), Scratch::new("environ-b"));
+    let (pkg_a, pkg_b) = (script_package(&a_dir, holder), script_package(&b_dir, prober));
+    let runtime = ProcessRuntime::new(scratch.0.join("work"), isolation).unwrap();
+    let mut inv_a = request(b"");
+    inv_a.env.insert("SECRET".into(), "tenant-a".into());
+    inv_a.env.insert("PID_FIFO".into(), pid_fifo.to_str().unwrap().into());
+    inv_a.env.insert("GO_FIFO".into(), go_fifo.to_str().unwrap().into());
+    let first = {
+        let runtime = runtime.clone();
+        tokio::spawn(async move { runtime.invoke(&pkg_a, &inv_a, &Limits::default()).await })
+    };
+    let pid = read_line(&pid_fifo).await;
+    // The pid is the right one: the test itself (root, or the same user) sees the secret.
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    assert!(environ.split(|b| *b == 0).any(|v| v == b"SECRET=tenant-a"), "pid {pid} is the first invocation");
+
+    let mut inv_b = request(b"");
+    inv_b.env.insert("TARGET".into(), pid);
+    let second = runtime.invoke(&pkg_b, &inv_b, &Limits::default()).await;
+    // Let the first one finish (the sender stays open until it has read).
+    let mut go = tokio::net::unix::pipe::OpenOptions::new().read_write(true).open_sender(&go_fifo).unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut go, b"go\n").await.unwrap();
+    let first = first.await.unwrap();
+    drop(go);
+    for o in [&first, &second] {
+        assert_eq!(o.response.failure, None, "{}", String::from_utf8_lossy(&o.log));
+    }
+    let text = |o: &Outcome| String::from_utf8(o.response.body.clone()).unwrap();
+    (text(&first), text(&second))
+}
+
+fn uid_of(output: &str) -> u32 {
+    let line = output.lines().find_map(|l| l.strip_prefix("uid ")).expect("the uid was printed");
+    line.parse().unwrap()
+}
+
+#[tokio::test]
+async fn concurrent_invocations_run_as_different_users_that_cannot_read_each_others_environment() {
+    needs_root!();
+    let isolation = uid_isolation(4);
+    let Isolation::Uid(pool) = &isolation else { unreachable!() };
+    let uids = pool.uids();
+    let (first, second) = a_neighbour_s_environment(isolation).await;
+    let (a, b) = (uid_of(&first), uid_of(&second));
+    assert!(uids.contains(&a) && uids.contains(&b), "{a} and {b} come from the pool {uids:?}");
+    assert_ne!(a, b, "two invocations at once never share a uid");
+    assert!(second.contains("environ denied"), "{second}");
+    assert!(second.contains("signal denied"), "{second}");
+
+    // The control: as one user, the same probe reads the secret (so the check above can fail).
+    let (_, second) = a_neighbour_s_environment(Isolation::None).await;
+    assert!(second.contains("environ read") && second.contains("signal sent"), "{second}");
+}
+
+/// What a function tries against the agent's files and its own package: a line `<probe> yes|no`
+/// each, then its uid, gid and groups.
+const PROBES: &str = r#"#!/bin/sh
+probe() { name=$1; shift; if "$@" >/dev/null 2>&1; then echo "$name yes"; else echo "$name no"; fi; }
+probe read-identity cat "$DATA/identity.json"
+probe list-data ls "$DATA"
+probe enter-data sh -c 'cd "$DATA"'
+probe list-usage ls "$DATA/usage"
+probe read-sealed-segment cat "$SEALED"
+probe read-open-segment cat "$OPEN"
+probe list-cache ls "$DATA/cache"
+probe list-blobs ls "$DATA/cache/blobs"
+probe read-blob cat "$DATA/cache/blobs/$SHA"
+probe list-artifacts ls "$DATA/cache/artifacts"
+probe list-unpacked ls "$DATA/cache/unpacked"
+probe list-scratch ls "$DATA/scratch"
+probe read-own-package cat "$PKG/README"
+probe append-to-package sh -c 'echo x >> "$PKG/bin/handler"'
+probe create-in-package touch "$PKG/new"
+probe remove-from-package rm "$PKG/README"
+probe chmod-package chmod 777 "$PKG/bin/handler"
+probe write-home touch "$HOME/mine"
+echo "ids $(id -u) $(id -g) $(id -G)"
+"#;
+
+#[tokio::test]
+async fn a_function_cannot_read_the_agent_s_files_nor_change_its_package() {
+    use nimbus_worker_agent::{agent::Paths, cache::CodeCache, identity, spool::Spool};
+
+    needs_root!();
+    let scratch = Scratch::new("agent-files");
+    let data = scratch.0.join("data");
+    let paths = Paths::prepare(&data).unwrap();
+    let id = identity::Identity {
+        control_plane_url: "http://cp".into(),
+        node_id: uuid::Uuid::now_v7(),
+        credential: "nnc_secret".into(),
+        expires_at: chrono::Utc::now(),
+        invoke_secret: "nis_secret".into(),
+        report_interval_ms: 1000,
+    };
+    identity::save(&paths.identity, &id).unwrap();
+    let spool = Spool::open(&paths.usage, 1000).unwrap();
+    let record = |n: u32| nimbus_worker_agent::spool::SpoolEntry {
+        record: nimbus_protocol::UsageRecord {
+            invocation_id: uuid::Uuid::now_v7(),
+            tenant_id: uuid::Uuid::now_v7(),
+            function_id: uuid::Uuid::now_v7(),
+            version_id: uuid::Uuid::now_v7(),
+            version: n,
+            started_at: chrono::Utc::now(),
+            duration_us: 1,
+            billed_ms: 1,
+            memory_mb: 1,
+            http_status: 200,
+            status: nimbus_protocol::UsageStatus::Ok,
+            cold_start: false,
+        },
+        logs: Vec::new(),
+    };
+    spool.append(&record(1)).unwrap();
+    spool.rotate().unwrap();
+    spool.append(&record(2)).unwrap();
+    let sealed = spool.sealed().unwrap().remove(0);
+    let open = std::fs::read_dir(&paths.usage)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "open"))
+        .unwrap();
+    let _cache = CodeCache::open(&paths.cache, 1 << 20).unwrap();
+    let archive = tar_gz(&[(ENTRY, 0o755, PROBES.as_bytes()), ("README", 0o644, b"a test package\n")]);
+    let sha = "ab".repeat(32);
+    std::fs::write(paths.cache.join("blobs").join(&sha), &archive).unwrap();
+    let pkg_dir = paths.cache.join("unpacked").join(&sha);
+    unpack(&paths.cache.join("blobs").join(&sha), Packing::TarGz, &pkg_dir).unwrap();
+    let pkg = ProcessPackage { dir: pkg_dir.clone(), entry: ENTRY.into() };
+
+    let mut inv = request(b"");
+    for (k, v) in [
+        ("DATA", data.to_str().unwrap()),
+        ("SEALED", sealed.to_str().unwrap()),
+        ("OPEN", open.to_str().unwrap()),
+        ("SHA", sha.as_str()),
+        ("PKG", pkg_dir.to_str().unwrap()),
+    ] {
+        inv.env.insert(k.into(), v.into());
+    }
+    let isolation = uid_isolation(2);
+    let Isolation::Uid(pool) = &isolation else { unreachable!() };
+    let uids = pool.uids();
+    let runtime = ProcessRuntime::new(&paths.scratch, isolation).unwrap();
+    let o = runtime.invoke(&pkg, &inv, &Limits::default()).await;
+    assert_eq!(o.response.failure, None, "{:?}", String::from_utf8_lossy(&o.log));
+    let body = String::from_utf8(o.response.body.clone()).unwrap();
+    let probes: BTreeMap<&str, &str> = body.lines().filter_map(|l| l.split_once(' ')).collect();
+    let allowed = ["enter-data", "read-own-package", "write-home"];
+    for (probe, result) in &probes {
+        if *probe == "ids" {
+            continue;
+        }
+        let want = if allowed.contains(probe) { "yes" } else { "no" };
+        assert_eq!(*result, want, "{probe}: {body}");
+    }
+    assert_eq!(probes.len(), 19, "{body}");
+    let ids: Vec<u32> = probes["ids"].split(' ').map(|n| n.parse().unwrap()).collect();
+    assert!(uids.contains(&ids[0]), "{ids:?}");
+    assert_eq!(ids, [ids[0], ids[0], ids[0]], "its own gid, and no other groups");
+    assert_eq!(std::fs::read(pkg_dir.join(ENTRY)).unwrap(), PROBES.as_bytes(), "the package is unchanged");
+    assert!(pkg_dir.join("README").exists() && !pkg_dir.join("new").exists());
+
+    // The control: as the agent's own user the same probes read the agent's secrets (only the
+    // reading ones: the others would change the package under the running script).
+    let reads: String =
+        PROBES.lines().filter(|l| !l.starts_with("probe ") || l.contains(" read-")).collect::<Vec<_>>().join("\n");
+    let control = Scratch::new("agent-files-control");
+    let pkg = script_package(&control, &reads);
+    let runtime = ProcessRuntime::new(control.0.join("work"), Isolation::None).unwrap();
+    let o = runtime.invoke(&pkg, &inv, &Limits::default()).await;
+    let body = String::from_utf8(o.response.body).unwrap();
+    assert!(body.contains("read-identity yes") && body.contains("read-sealed-segment yes"), "{body}");
+}
+
+#[tokio::test]
+async fn what_an_invocation_leaves_running_is_killed_before_its_uid_is_used_again() {
+    needs_root!();
+    // Escapes its process group (a session of its own), so the group kill misses it.
+    let leaver = "#!/bin/sh\nsetsid sleep 60 < /dev/null > /dev/null 2>&1 &\n\
+        echo $! > \"$SHARED/escapee.tmp\"\nmv \"$SHARED/escapee.tmp\" \"$SHARED/escapee\"\necho \"uid $(id -u)\"\n";
+    // Gone: no such process, a zombie (init does not reap in every container), or SIGKILL
+    // pending (delivered, not yet acted on: it runs no more of its code).
+    let checker = r#"#!/bin/sh
+echo "uid $(id -u)"
+st=/proc/$ESCAPEE/status
+running() { grep -qs '^State:[[:space:]]*[RSDTt] ' "$st"; }
+killed() {
+    for f in SigPnd ShdPnd; do
+        h=$(sed -n "s/^$f:[[:space:]]*//p" "$st")
+        [ -n "$h" ] && [ $((0x$h & 0x100)) -ne 0 ] && return 0
+    done
+    return 1
+}
+if running && ! killed; then echo alive; else echo gone; fi
+"#;
+    let run_leaver = async |isolation: Isolation| {
+        let scratch = Scratch::new("leaver");
+        let shared = scratch.shared();
+        let pkg = script_package(&scratch, leaver);
+        let runtime = ProcessRuntime::new(scratch.0.join("work"), isolation).unwrap();
+        let mut inv = request(b"");
+        inv.env.insert("SHARED".into(), shared.to_str().unwrap().into());
+        let o = runtime.invoke(&pkg, &inv, &Limits::default()).await;
+        assert_eq!(o.response.failure, None, "{}", String::from_utf8_lossy(&o.log));
+        let pid: u32 = std::fs::read_to_string(shared.join("escapee")).unwrap().trim().parse().unwrap();
+        (runtime, uid_of(&String::from_utf8(o.response.body).unwrap()), pid, scratch)
+    };
+
+    // The control: without uid isolation the escapee outlives the invocation.
+    let (_, _, pid, _scratch) = run_leaver(Isolation::None).await;
+    let alive = !dead(pid);
+    let _ = rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid as i32).unwrap(),
+        rustix::process::Signal::KILL,
+    );
+    assert!(alive, "the escapee left the process group");
+
+    // One uid: the next invocation gets it only after the sweep.
+    let (runtime, uid, pid, _scratch) = run_leaver(uid_isolation(1)).await;
+    let checker_dir = Scratch::new("checker");
+    let pkg = script_package(&checker_dir, checker);
+    let mut inv = request(b"");
+    inv.env.insert("ESCAPEE".into(), pid.to_string());
+    let o = runtime.invoke(&pkg, &inv, &Limits::default()).await;
+    let body = String::from_utf8(o.response.body).unwrap();
+    assert_eq!(o.response.failure, None, "{body} {:?}", String::from_utf8_lossy(&o.log));
+    assert_eq!(uid_of(&body), uid, "the same uid, used again");
+    assert!(body.ends_with("gone\n"), "{body}");
+    assert!(all_dead(&[pid]).await);
 }

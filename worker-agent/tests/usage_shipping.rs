@@ -1,6 +1,7 @@
 //! The usage spool and its shipper against a stand-in control plane over real HTTP: records
 //! written and the agent "crashing" (dropped without shipping, a torn last line), reopened, and
-//! every record shipped exactly once; a failing control plane keeps the segment and gets it again.
+//! every record shipped exactly once; a failing control plane, a refused join and a 400 keep the
+//! segment and get it again; a 422 sets aside only the records refused on their own.
 
 mod fake_cp;
 
@@ -17,11 +18,11 @@ use std::{
 
 use chrono::Utc;
 use fake_cp::{FakeCp, TOKEN};
-use nimbus_protocol::{Capacity, LogLine, UsageRecord, UsageStatus};
+use nimbus_protocol::{Capacity, LogLine, UsageBatch, UsageRecord, UsageStatus};
 use nimbus_worker_agent::{
-    client::{ControlPlane, NodeInfo},
+    client::{CallError, ControlPlane, NodeInfo},
     config::Secret,
-    shipper::Shipper,
+    shipper::{ShipError, Shipper},
     spool::{Spool, SpoolEntry},
 };
 use uuid::Uuid;
@@ -151,14 +152,15 @@ async fn a_failing_control_plane_keeps_the_segment_and_gets_it_again() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     cp.state.fail_usage.store(false, Ordering::Relaxed);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while cp.records().len() < written.len() {
+    // Until the loop has also deleted the segment (it does so once the answer is in, after the
+    // control plane stored the batch).
+    while cp.records().len() < written.len() || !spool.sealed().unwrap().is_empty() {
         assert!(Instant::now() < deadline, "the segment was not shipped after the control plane recovered");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     running.abort();
     let got: Vec<Uuid> = cp.records().iter().map(|r| r.invocation_id).collect();
     assert_eq!(got, written.iter().map(|e| e.record.invocation_id).collect::<Vec<_>>());
-    assert!(spool.sealed().unwrap().is_empty());
 }
 
 #[tokio::test]
@@ -183,22 +185,133 @@ async fn a_full_batch_ships_before_the_interval_and_a_401_rejoins() {
     assert_eq!(cp.state.joins.lock().unwrap().len(), 2, "the refused credential led to one re-join");
 }
 
+/// The batches set aside in the `.rejected` files of `dir`.
+fn set_aside(dir: &std::path::Path) -> Vec<UsageBatch> {
+    segments(dir)
+        .iter()
+        .filter(|s| s.ends_with(".rejected"))
+        .flat_map(|s| {
+            let text = std::fs::read_to_string(dir.join(s)).unwrap();
+            text.lines().map(|l| serde_json::from_str::<UsageBatch>(l).unwrap()).collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+fn mode(path: &std::path::Path) -> u32 {
+    std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(path).unwrap().permissions()) & 0o777
+}
+
 #[tokio::test]
-async fn a_refused_segment_is_set_aside_and_does_not_hold_up_the_rest() {
+async fn a_segment_refused_as_invalid_is_set_aside_record_by_record_and_does_not_hold_up_the_rest() {
     let dir = scratch("rejected");
     let cp = FakeCp::start().await;
     let usage = dir.join("usage");
     let spool = Arc::new(Spool::open(&usage, 1000).unwrap());
     let shipper = Shipper::new(spool.clone(), client(&cp, &dir).await);
-    spool.append(&entry(0)).unwrap();
+    let refused = entry(0);
+    spool.append(&refused).unwrap();
     cp.state.reject_usage.store(true, Ordering::Relaxed);
     shipper.ship_all().await.unwrap();
-    assert_eq!(segments(&usage).iter().filter(|s| s.ends_with(".rejected")).count(), 1);
+    let aside = set_aside(&usage);
+    assert_eq!(aside.len(), 1);
+    assert_eq!(aside[0].records, std::slice::from_ref(&refused.record));
+    let file = segments(&usage).into_iter().find(|s| s.ends_with(".rejected")).unwrap();
+    assert_eq!(mode(&usage.join(file)), 0o600);
+    assert_eq!(mode(&usage), 0o700, "the spool holds every tenant's usage");
 
     cp.state.reject_usage.store(false, Ordering::Relaxed);
     let later = entry(1);
     spool.append(&later).unwrap();
     shipper.ship_all().await.unwrap();
     assert_eq!(cp.records().iter().map(|r| r.invocation_id).collect::<Vec<_>>(), [later.record.invocation_id]);
-    assert_eq!(segments(&usage).iter().filter(|s| s.ends_with(".rejected")).count(), 1, "kept for an operator");
+    assert_eq!(set_aside(&usage).len(), 1, "kept for an operator");
+}
+
+#[tokio::test]
+async fn one_invalid_record_is_set_aside_alone_and_the_good_ones_are_shipped() {
+    let dir = scratch("poisoned");
+    let cp = FakeCp::start().await;
+    let usage = dir.join("usage");
+    let spool = Arc::new(Spool::open(&usage, 1000).unwrap());
+    let shipper = Shipper::new(spool.clone(), client(&cp, &dir).await);
+    let written: Vec<SpoolEntry> = (0..9).map(|i| entry(i % 3)).collect();
+    for e in &written {
+        spool.append(e).unwrap();
+    }
+    let bad = written[5].record.clone();
+    cp.state.poisoned.lock().unwrap().insert(bad.invocation_id);
+    shipper.ship_all().await.unwrap();
+
+    let good: Vec<Uuid> =
+        written.iter().map(|e| e.record.invocation_id).filter(|id| *id != bad.invocation_id).collect();
+    let shipped: Vec<Uuid> = cp.records().iter().map(|r| r.invocation_id).collect();
+    assert_eq!(shipped, good, "every other record once, in order");
+    let lines: HashSet<(Uuid, u32)> = cp.logs().iter().map(|l| (l.invocation_id, l.seq)).collect();
+    assert_eq!(lines.len(), written.iter().map(|e| e.logs.len()).sum::<usize>(), "every log line (none is refused)");
+    let aside = set_aside(&usage);
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    assert_eq!((aside[0].records.as_slice(), aside[0].logs.len()), (std::slice::from_ref(&bad), 0));
+    assert!(spool.sealed().unwrap().is_empty(), "the segment is done with");
+    // Halving found it: a handful of refused batches, not one per record.
+    assert!(cp.state.refused_batches.load(Ordering::Relaxed) <= 5);
+}
+
+#[tokio::test]
+async fn a_400_keeps_the_segment_and_it_ships_once_the_control_plane_takes_it() {
+    let dir = scratch("bad-request");
+    let cp = FakeCp::start().await;
+    let usage = dir.join("usage");
+    let spool = Arc::new(Spool::open(&usage, 1000).unwrap());
+    let shipper = Shipper::new(spool.clone(), client(&cp, &dir).await);
+    let written: Vec<SpoolEntry> = (0..3).map(|_| entry(1)).collect();
+    for e in &written {
+        spool.append(e).unwrap();
+    }
+    // Say, an agent newer than its control plane during an upgrade.
+    cp.state.usage_status.store(400, Ordering::Relaxed);
+    let err = shipper.ship_all().await.unwrap_err();
+    assert!(err.to_string().contains("400"), "{err}");
+    assert_eq!(spool.sealed().unwrap().len(), 1, "the segment stays");
+    assert!(set_aside(&usage).is_empty(), "nothing is set aside");
+
+    cp.state.usage_status.store(0, Ordering::Relaxed);
+    shipper.ship_all().await.unwrap();
+    let got: Vec<Uuid> = cp.records().iter().map(|r| r.invocation_id).collect();
+    assert_eq!(got, written.iter().map(|e| e.record.invocation_id).collect::<Vec<_>>());
+    assert!(spool.sealed().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_refused_join_keeps_the_usage_until_the_node_can_join_again() {
+    let dir = scratch("join-refused");
+    let cp = FakeCp::start().await;
+    let usage = dir.join("usage");
+    let spool = Arc::new(Spool::open(&usage, 1000).unwrap());
+    let shipper = Shipper::new(spool.clone(), client(&cp, &dir).await);
+    let written: Vec<SpoolEntry> = (0..4).map(|_| entry(2)).collect();
+    for e in &written {
+        spool.append(e).unwrap();
+    }
+    // The credential is refused (say, the node was removed) and so is the join token.
+    cp.revoke();
+    cp.state.token_revoked.store(true, Ordering::Relaxed);
+    match shipper.ship_all().await {
+        Err(ShipError::Call(e @ CallError::JoinRefused { status: 401, .. })) => {
+            assert!(e.is_credential_problem());
+            assert!(e.to_string().contains("new join token"), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(cp.state.refused_joins.load(Ordering::Relaxed), 1);
+    assert_eq!(spool.sealed().unwrap().len(), 1, "the segment stays");
+    assert!(set_aside(&usage).is_empty(), "nothing is set aside");
+    assert!(cp.records().is_empty());
+
+    // A new join token (here: the old one valid again) and the next round ships it all.
+    cp.state.token_revoked.store(false, Ordering::Relaxed);
+    shipper.ship_all().await.unwrap();
+    let got: Vec<Uuid> = cp.records().iter().map(|r| r.invocation_id).collect();
+    assert_eq!(got, written.iter().map(|e| e.record.invocation_id).collect::<Vec<_>>());
+    assert_eq!(cp.logs().len(), 8);
+    assert!(spool.sealed().unwrap().is_empty());
 }

@@ -10,6 +10,7 @@
 pub mod aliases;
 pub mod env;
 pub mod logs;
+pub mod metrics;
 pub mod packages;
 pub mod validate;
 pub mod versions;
@@ -257,6 +258,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .merge(versions::router())
         .merge(aliases::router())
         .merge(logs::router())
+        .merge(metrics::router())
 }
 
 /// The ETag of a revision.

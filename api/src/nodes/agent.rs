@@ -451,13 +451,20 @@ pub async fn download_code(
                 }
             });
             return Ok((
-                [(header::CONTENT_TYPE, "application/octet-stream".to_owned()), (header::CONTENT_LENGTH, len.to_string())],
+                [
+                    (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+                    (header::CONTENT_LENGTH, len.to_string()),
+                ],
                 Body::from_stream(chunks),
             )
                 .into_response());
         }
         PackageStore::S3(s3) => {
-            let stream = s3.stream_package(&sha256).await.map_err(|e| anyhow::anyhow!(e))?.ok_or(ApiError::NotFound("package"))?;
+            let stream = s3
+                .stream_package(&sha256)
+                .await
+                .map_err(|e| anyhow::anyhow!(e))?
+                .ok_or(ApiError::NotFound("package"))?;
             Body::from_stream(stream)
         }
     };
@@ -483,9 +490,9 @@ pub async fn leave(State(state): State<AppState>, ctx: RequestContext, node: Nod
     // The credential stays: a restarted agent renews it and reports, which makes the node ready
     // again, without needing a join token.
     sqlx::query("UPDATE nodes SET state = 'left', state_changed_at = now(), revision = revision + 1 WHERE id = $1")
-    .bind(node.node_id)
-    .execute(&mut *tx)
-    .await?;
+        .bind(node.node_id)
+        .execute(&mut *tx)
+        .await?;
     audit::record(
         &mut tx,
         &ctx,

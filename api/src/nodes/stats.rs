@@ -52,7 +52,14 @@ struct Rollup {
 const MAX_COUNT: i64 = 1 << 48;
 
 impl Rollup {
-    fn add(&mut self, requests: i64, errors: i64, cold_starts: i64, concurrency: f64, buckets: impl Iterator<Item = i64>) {
+    fn add(
+        &mut self,
+        requests: i64,
+        errors: i64,
+        cold_starts: i64,
+        concurrency: f64,
+        buckets: impl Iterator<Item = i64>,
+    ) {
         self.requests = self.requests.saturating_add(requests).min(MAX_COUNT);
         self.errors = self.errors.saturating_add(errors).min(MAX_COUNT);
         self.cold_starts = self.cold_starts.saturating_add(cold_starts).min(MAX_COUNT);
@@ -113,7 +120,13 @@ impl Stats {
         // Counts are a node's word: saturate rather than overflow (a value that overflows
         // `bigint` in the upsert would fail every later flush of this replica).
         let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX).min(MAX_COUNT);
-        r.add(count(m.requests), count(m.errors), count(m.cold_starts), m.concurrency, m.latency_buckets.iter().map(|n| count(*n)));
+        r.add(
+            count(m.requests),
+            count(m.errors),
+            count(m.cold_starts),
+            m.concurrency,
+            m.latency_buckets.iter().map(|n| count(*n)),
+        );
     }
 
     /// The recent seconds of a version, oldest first.

@@ -299,7 +299,12 @@ async fn desired_state_carries_assignments_wakes_long_polls_and_shows_a_node_onl
     assert!(doc.body["revision"].as_i64().unwrap() > before);
     // A draining node takes no assignments.
     let drained = app.post(&format!("/v1/nodes/{}/drain", node.id)).token(&admin.token).send().await;
-    assert_eq!((drained.body["state"].as_str(), drained.body["draining"].as_bool()), (Some("ready"), Some(true)), "{}", drained.text);
+    assert_eq!(
+        (drained.body["state"].as_str(), drained.body["draining"].as_bool()),
+        (Some("ready"), Some(true)),
+        "{}",
+        drained.text
+    );
     assign(
         &app,
         &admin,
@@ -316,7 +321,12 @@ async fn desired_state_carries_assignments_wakes_long_polls_and_shows_a_node_onl
     assert_eq!(nodes::mark_lost(&app.state.pool, Duration::from_secs(15)).await.unwrap(), vec![node.id]);
     app.post("/agent/v1/reports").token(&node.credential).json(empty_report()).send().await;
     let back = app.get(&format!("/v1/nodes/{}", node.id)).token(&admin.token).send().await;
-    assert_eq!((back.body["state"].as_str(), back.body["draining"].as_bool()), (Some("ready"), Some(true)), "{}", back.text);
+    assert_eq!(
+        (back.body["state"].as_str(), back.body["draining"].as_bool()),
+        (Some("ready"), Some(true)),
+        "{}",
+        back.text
+    );
 }
 
 #[tokio::test]
@@ -338,14 +348,17 @@ async fn a_version_whose_secret_cannot_be_opened_is_left_out_and_the_rest_still_
     .await;
     assert_eq!(res.status, StatusCode::OK, "{}", res.text);
     let mut c = app.admin_conn().await;
-    sqlx::query("UPDATE versions SET config = jsonb_set(config, '{environment,TOKEN,secret,key_id}', '\"gone\"') WHERE id = $1")
-        .bind(broken)
-        .execute(&mut c)
-        .await
-        .unwrap();
+    sqlx::query(
+        "UPDATE versions SET config = jsonb_set(config, '{environment,TOKEN,secret,key_id}', '\"gone\"') WHERE id = $1",
+    )
+    .bind(broken)
+    .execute(&mut c)
+    .await
+    .unwrap();
     let doc = app.get("/agent/v1/desired-state").token(&node.credential).send().await;
     assert_eq!(doc.status, StatusCode::OK, "{}", doc.text);
-    let ids: Vec<&str> = doc.body["assignments"].as_array().unwrap().iter().map(|a| a["version_id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> =
+        doc.body["assignments"].as_array().unwrap().iter().map(|a| a["version_id"].as_str().unwrap()).collect();
     assert_eq!(ids, vec![fine.to_string()]);
 }
 
@@ -363,7 +376,11 @@ async fn a_live_nodes_name_cannot_be_taken_over_and_a_node_that_left_renews_with
     // The anonymous join takes only the API's body limit, not the usage batches' 32 MiB.
     let mut big = join_body(&token, "w9");
     big["zone"] = json!("z".repeat(2 << 20));
-    app.post("/agent/v1/join").json(big).send().await.assert_problem(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
+    app.post("/agent/v1/join")
+        .json(big)
+        .send()
+        .await
+        .assert_problem(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
 
     // Leaving keeps the credential: the restarted agent renews and reports, and is ready again.
     let left = app.post("/agent/v1/leave").token(&node.credential).send().await;
@@ -382,7 +399,12 @@ async fn a_live_nodes_name_cannot_be_taken_over_and_a_node_that_left_renews_with
     let again = join(&app, &token, "w1").await;
     assert_eq!(again.id, node.id);
     assert_ne!(again.credential, node.credential);
-    app.post("/agent/v1/reports").token(&node.credential).json(empty_report()).send().await.assert_problem(StatusCode::UNAUTHORIZED, "unauthenticated");
+    app.post("/agent/v1/reports")
+        .token(&node.credential)
+        .json(empty_report())
+        .send()
+        .await
+        .assert_problem(StatusCode::UNAUTHORIZED, "unauthenticated");
 }
 
 fn record(invocation: Uuid, owner: &User, function: Uuid, version: Uuid) -> Value {
@@ -522,10 +544,13 @@ async fn reported_metrics_are_rolled_up_per_minute_for_assigned_versions_only() 
         json!({"assignments": [{"tenant_id": owner.tenant, "function": "thumbs", "version": 1, "instances": 1}]}),
     )
     .await;
+    // This minute, so that the metrics endpoint's window holds it.
+    let minute = chrono::DurationRound::duration_trunc(chrono::Utc::now(), chrono::TimeDelta::minutes(1)).unwrap();
     let mut buckets = vec![0u64; 15];
     buckets[1] = 3;
     let second = |s: u32, v: Uuid| {
-        json!({"version_id": v, "tenant_id": owner.tenant, "second": format!("2026-12-01T10:00:{s:02}Z"),
+        let second = minute + chrono::TimeDelta::seconds(i64::from(s));
+        json!({"version_id": v, "tenant_id": owner.tenant, "second": second,
                "concurrency": 1.5, "requests": 3, "errors": 1, "cold_starts": 1, "latency_buckets": buckets})
     };
     let report = json!({"revision": 2, "in_flight": 1,
@@ -556,4 +581,24 @@ async fn reported_metrics_are_rolled_up_per_minute_for_assigned_versions_only() 
     app.state.stats.flush(&app.state.pool).await.unwrap();
     let requests: i64 = sqlx::query_scalar("SELECT requests FROM version_metrics").fetch_one(&mut c).await.unwrap();
     assert_eq!(requests, 9);
+    // The function's metrics show it: 9 requests, 3 errors, p50 in the 1 ms bucket.
+    let m = app
+        .get(&format!("/v1/tenants/{}/functions/thumbs/metrics?window=15m", owner.tenant))
+        .token(&owner.token)
+        .send()
+        .await;
+    assert_eq!(m.status, StatusCode::OK, "{}", m.text);
+    let v = &m.body["versions"][0];
+    assert_eq!(
+        (v["version"].as_i64(), v["requests"].as_i64(), v["errors"].as_i64()),
+        (Some(1), Some(9), Some(3)),
+        "{}",
+        m.text
+    );
+    assert_eq!(v["p50_ms"], 1.0);
+    app.get(&format!("/v1/tenants/{}/functions/thumbs/metrics?window=2d", owner.tenant))
+        .token(&owner.token)
+        .send()
+        .await
+        .assert_problem(StatusCode::BAD_REQUEST, "invalid_query");
 }

@@ -47,6 +47,9 @@ pub struct Limits {
     pub max_response_bytes: usize,
     /// Most log (stderr) bytes kept; the rest is dropped and the log marked truncated.
     pub max_log_bytes: usize,
+    /// Largest file a process function may write (`RLIMIT_FSIZE`), so that one invocation cannot
+    /// fill the disk with a single file.
+    pub max_file_bytes: u64,
 }
 
 impl Default for Limits {
@@ -56,6 +59,7 @@ impl Default for Limits {
             timeout: Duration::from_secs(10),
             max_response_bytes: 6 << 20,
             max_log_bytes: 64 << 10,
+            max_file_bytes: 64 << 20,
         }
     }
 }
@@ -198,6 +202,11 @@ pub fn contract_env(inv: &Invocation) -> Vec<(String, String)> {
         }
         let key: String =
             lower.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect();
+        // httpoxy: a `Proxy` request header would become `HTTP_PROXY`, which many HTTP clients
+        // take as their proxy. The listener drops the header already; this holds for any caller.
+        if key == "PROXY" {
+            continue;
+        }
         env.push((format!("HTTP_{key}"), value.clone()));
     }
     env.push(("NIMBUS_FUNCTION".into(), inv.function.clone()));
@@ -219,7 +228,11 @@ mod tests {
             method: "POST".into(),
             path: "/a/b".into(),
             query: "x=1".into(),
-            headers: vec![("Content-Type".into(), "text/plain".into()), ("X-Request-Id".into(), "r1".into())],
+            headers: vec![
+                ("Content-Type".into(), "text/plain".into()),
+                ("X-Request-Id".into(), "r1".into()),
+                ("Proxy".into(), "http://evil:3128".into()),
+            ],
             body: b"hello".to_vec(),
             env: [("GREETING".to_owned(), "hi".to_owned()), ("NIMBUS_VERSION".to_owned(), "999".to_owned())].into(),
         };
@@ -230,6 +243,7 @@ mod tests {
         assert_eq!(env["CONTENT_TYPE"], "text/plain");
         assert_eq!(env["CONTENT_LENGTH"], "5");
         assert_eq!(env["HTTP_X_REQUEST_ID"], "r1");
+        assert!(!env.contains_key("HTTP_PROXY"), "httpoxy: no header becomes HTTP_PROXY");
         assert_eq!(env["GREETING"], "hi");
         assert_eq!(env["NIMBUS_VERSION"], "3", "the function's own env cannot override the contract");
         assert_eq!(env["NIMBUS_INVOCATION_ID"], "inv-1");

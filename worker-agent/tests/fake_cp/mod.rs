@@ -1,14 +1,17 @@
 //! A small stand-in for the control plane's agent endpoints over real HTTP: join (with a fixed
-//! token), renew, desired state (long poll), reports, usage (records every batch; can be made to
-//! fail), leave, and code downloads. It remembers everything the agent sent, for assertions.
+//! token, which can be revoked), renew, desired state (long poll), reports, usage (records every
+//! batch; can be made to fail, to answer any status, or to refuse batches holding given records
+//! as invalid), leave (which keeps the credential, as the control plane does: a restarted agent
+//! renews), and code downloads (the desired state names them by path, `/agent/v1/code/<sha256>`,
+//! as the control plane does for its local store). It remembers everything the agent sent.
 
 #![allow(dead_code)]
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -41,6 +44,16 @@ pub struct State0 {
     pub fail_usage: AtomicBool,
     /// Refuse usage batches with 422 (as invalid).
     pub reject_usage: AtomicBool,
+    /// Answer usage batches with this status (0: answer normally).
+    pub usage_status: AtomicU16,
+    /// Refuse (422) any usage batch holding a record of one of these invocations.
+    pub poisoned: Mutex<HashSet<Uuid>>,
+    /// Usage batches answered 422.
+    pub refused_batches: AtomicUsize,
+    /// Refuse every join (401), as for a revoked join token.
+    pub token_revoked: AtomicBool,
+    /// Joins refused.
+    pub refused_joins: AtomicUsize,
     pub desired: Mutex<DesiredState>,
     pub code: Mutex<HashMap<String, Vec<u8>>>,
     /// The `Authorization` of each code download.
@@ -69,7 +82,8 @@ fn new_credential(state: &State0) -> Credential {
 }
 
 async fn join(State(s): State<Shared>, Json(req): Json<JoinRequest>) -> Response {
-    if req.token != TOKEN {
+    if req.token != TOKEN || s.token_revoked.load(Ordering::Relaxed) {
+        s.refused_joins.fetch_add(1, Ordering::Relaxed);
         return StatusCode::UNAUTHORIZED.into_response();
     }
     s.joins.lock().unwrap().push(req);
@@ -122,8 +136,17 @@ async fn usage(State(s): State<Shared>, headers: HeaderMap, Json(batch): Json<Us
     if s.fail_usage.load(Ordering::Relaxed) {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     }
-    if s.reject_usage.load(Ordering::Relaxed) {
-        return StatusCode::UNPROCESSABLE_ENTITY.into_response();
+    let status = s.usage_status.load(Ordering::Relaxed);
+    if status != 0 {
+        return StatusCode::from_u16(status).unwrap().into_response();
+    }
+    let poisoned = {
+        let poisoned = s.poisoned.lock().unwrap();
+        batch.records.iter().any(|r| poisoned.contains(&r.invocation_id))
+    };
+    if s.reject_usage.load(Ordering::Relaxed) || poisoned {
+        s.refused_batches.fetch_add(1, Ordering::Relaxed);
+        return (StatusCode::UNPROCESSABLE_ENTITY, "records[0]: invalid").into_response();
     }
     let accepted = batch.records.len() as u64;
     s.batches.lock().unwrap().push(batch);
@@ -134,6 +157,7 @@ async fn leave(State(s): State<Shared>, headers: HeaderMap) -> StatusCode {
     if !authorized(&s, &headers) {
         return StatusCode::UNAUTHORIZED;
     }
+    // The node is `left`; its credential keeps working, so a restarted agent renews it.
     s.leaves.fetch_add(1, Ordering::Relaxed);
     StatusCode::NO_CONTENT
 }
@@ -165,6 +189,11 @@ impl FakeCp {
             batches: Mutex::default(),
             fail_usage: AtomicBool::new(false),
             reject_usage: AtomicBool::new(false),
+            usage_status: AtomicU16::new(0),
+            poisoned: Mutex::default(),
+            refused_batches: AtomicUsize::new(0),
+            token_revoked: AtomicBool::new(false),
+            refused_joins: AtomicUsize::new(0),
             desired: Mutex::new(DesiredState { node_id, revision: 1, draining: false, assignments: Vec::new() }),
             code: Mutex::default(),
             code_auth: Mutex::default(),
@@ -198,6 +227,12 @@ impl FakeCp {
     /// Makes every credential issued so far invalid (the next call gets 401).
     pub fn revoke(&self) {
         *self.state.credential.lock().unwrap() = "revoked".into();
+    }
+
+    /// The code URL of package `sha256` as the control plane sends it for its local store: a
+    /// path, resolved by the agent against its control-plane URL.
+    pub fn code_path(sha256: &str) -> String {
+        format!("/agent/v1/code/{sha256}")
     }
 
     /// Replaces the desired state with `assignments` at the next revision.
