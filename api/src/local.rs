@@ -231,6 +231,9 @@ async fn start_agents(
             .env("NIMBUS_AGENT_DATA_DIR", data_dir.join(format!("agent-{n}")))
             .env("NIMBUS_AGENT_LISTEN", "127.0.0.1:0")
             .env("NIMBUS_AGENT_LOG", "warn")
+            // Uid isolation of process functions needs root; a developer's own machine run by
+            // one user does without it rather than refuse every process function.
+            .env("NIMBUS_AGENT_PROCESS_ISOLATION", if is_root() { "uid" } else { "none" })
             // The agent prints its listen address and node id; its log (stderr) stays visible.
             .stdout(std::process::Stdio::null())
             .kill_on_drop(true)
