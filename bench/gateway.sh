@@ -3,7 +3,8 @@
 # (`POST /fn/bench/hello`, API key) and directly at the agent's listener (`POST /invoke/<version>`,
 # invoke secret), in the same run, at concurrency 1 and 64.
 #
-#   bench/gateway.sh [duration-seconds]      (env: REPEAT, default 3)
+#   bench/gateway.sh [duration-seconds]      (env: REPEAT, default 3; BENCH_NO_BUILD=1 uses the
+#   release binaries as they are)
 #
 # Builds nimbus-api and nimbus-worker-agent in release mode, serves the API against a scratch
 # database on the machine's PostgreSQL, starts one agent, deploys the function, assigns it to the
@@ -19,7 +20,7 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/nimbus-target}"
 
 command -v wrk >/dev/null || apt-get install -y wrk >/dev/null
 command -v wat2wasm >/dev/null || apt-get install -y wabt >/dev/null
-cargo build --release -p nimbus-api -p nimbus-worker-agent >/dev/null
+[ -n "${BENCH_NO_BUILD:-}" ] || cargo build --release -p nimbus-api -p nimbus-worker-agent >/dev/null
 psql "$ADMIN_URL" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" -c "CREATE DATABASE $DB"
 if [ -S /var/run/postgresql/.s.PGSQL.5432 ]; then
   DB_URL="postgres://postgres@localhost/$DB?host=/var/run/postgresql"
@@ -27,7 +28,7 @@ else
   DB_URL="${ADMIN_URL%/*}/$DB"
 fi
 "$CARGO_TARGET_DIR/release/nimbus-api" serve --database-url "$DB_URL" --listen "127.0.0.1:$PORT" --log warn \
-  --package-dir "$WORK/packages" > "$WORK/api.log" 2>&1 &
+  --package-dir "$WORK/packages" --tenant-rate-limit 0 --tenant-max-concurrency 100000 > "$WORK/api.log" 2>&1 &
 API_PID=$!
 AGENT_PID=
 cleanup() {

@@ -223,7 +223,20 @@ async fn start_agents(
         let (_, token) =
             crate::nodes::tokens::issue(&mut tx, &format!("local agent {name}"), None, Some(expires), Some(1)).await?;
         tx.commit().await?;
-        let child = tokio::process::Command::new(&binary)
+        let mut command = tokio::process::Command::new(&binary);
+        // SAFETY: the closure runs in the child between fork and exec, where only
+        // async-signal-safe calls are allowed; it makes one `prctl` system call (through rustix,
+        // no allocation, no locks). It makes the agent die with this process even when this one
+        // is killed with SIGKILL and cannot drain it. (The signal follows the spawning thread: a
+        // tokio worker thread, which lives as long as the runtime.)
+        #[allow(unsafe_code)]
+        unsafe {
+            command.pre_exec(|| {
+                rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM))
+                    .map_err(std::io::Error::from)
+            });
+        }
+        let child = command
             .env("NIMBUS_AGENT_CONTROL_PLANE_URL", app.public_url())
             .env("NIMBUS_AGENT_JOIN_TOKEN", token)
             .env("NIMBUS_AGENT_NAME", &name)
