@@ -287,6 +287,36 @@ async fn an_agent_runs_both_runtimes_reconciles_verifies_code_and_ships_usage_ex
         assert_eq!((status, body.as_str()), (200, "hello from process hello-sh: from e2e\n"));
         expected.insert(id.unwrap());
     }
+    // And through the gateway, by alias: `/fn/acme/hello-sh` goes to `live`, version 1.
+    let (s, b) = p
+        .call(
+            reqwest::Method::POST,
+            &format!("/v1/tenants/{}/functions/hello-sh/aliases", p.tenant),
+            Some(json!({"name": "live", "routing": {"weights": [{"version": 1, "weight": 100}]}})),
+        )
+        .await;
+    assert_eq!(s, 201, "{b}");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let res = loop {
+        // The routing table follows the new alias by notification; until then the alias is unknown.
+        let res = p
+            .http
+            .post(format!("{}/fn/acme/hello-sh/greet", p.base))
+            .bearer_auth(&p.token)
+            .body("via gateway")
+            .send()
+            .await
+            .unwrap();
+        if res.status() != 404 || tokio::time::Instant::now() > deadline {
+            break res;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["x-nimbus-version"], "1");
+    let id: Uuid = res.headers()["x-nimbus-invocation-id"].to_str().unwrap().parse().unwrap();
+    assert_eq!(res.text().await.unwrap(), "hello from process hello-sh: via gateway\n");
+    expected.insert(id);
     p.wait_usage(&expected).await;
     let (_, logs) =
         p.call(reqwest::Method::GET, &format!("/v1/tenants/{}/functions/hello-wasm/logs", p.tenant), None).await;
