@@ -1,6 +1,7 @@
 //! Running one invocation of a ready version: its code (warm, or loaded now as a cold start), the
 //! runtime with the version's limits, and what it leaves behind — metrics, and a usage record
-//! with its log lines, which are in the spool before the caller gets the response.
+//! with its log lines, which are in the spool before the caller's response completes (a streamed
+//! response's body ends only after the invocation, and so its usage, is done).
 
 use std::{
     sync::Arc,
@@ -12,7 +13,9 @@ use uuid::Uuid;
 
 use crate::{
     registry::{Code, Registry, Version},
-    runtime::{FailureReason, Invocation, Limits, Outcome, Response, process::ProcessRuntime, wasm::WasmEngine},
+    runtime::{
+        FailureReason, Invocation, Limits, Outcome, Response, process::ProcessRuntime, stream::Io, wasm::WasmEngine,
+    },
     spool::{Spool, SpoolEntry},
     stats::Stats,
     usage,
@@ -51,8 +54,10 @@ impl Invoker {
     }
 
     /// Runs `inv` (whose id is `id`) on `version`, for a caller that has been waiting since
-    /// `received`. The caller holds the version's slot.
-    pub async fn run(&self, version: &Arc<Version>, id: Uuid, inv: Invocation, received: Instant) -> Outcome {
+    /// `received`, with the body and the response streaming as `io` says. The caller holds the
+    /// version's slot. The usage record is spooled before this returns, and before a streamed
+    /// response's body ends (its sink closes only after that).
+    pub async fn run(&self, version: &Arc<Version>, id: Uuid, inv: Invocation, received: Instant, io: Io) -> Outcome {
         let a = &version.assignment;
         let _running = version.enter(&self.registry);
         self.stats.started(a.version_id, a.tenant_id);
@@ -61,7 +66,12 @@ impl Invoker {
         let started_at = Utc::now();
         let mut outcome = match version.code().await {
             Ok((code, cold)) => {
-                let mut outcome = self.execute(code, inv, limits).await;
+                let mut io = io;
+                // Known before the function runs: a streamed head carries it.
+                if let Some(sink) = io.response.as_mut() {
+                    sink.cold_start = cold;
+                }
+                let mut outcome = self.execute(code, inv, limits, io).await;
                 outcome.cold_start = cold;
                 outcome
             }
@@ -100,12 +110,12 @@ impl Invoker {
         outcome
     }
 
-    async fn execute(&self, code: Code, inv: Invocation, limits: Limits) -> Outcome {
+    async fn execute(&self, code: Code, inv: Invocation, limits: Limits, io: Io) -> Outcome {
         match code {
             Code::Wasm(warm) => {
                 let engine = self.wasm.clone();
                 // wasmtime runs the guest on this thread until it returns or is interrupted.
-                let run = tokio::task::spawn_blocking(move || engine.invoke(&warm, &inv, &limits));
+                let run = tokio::task::spawn_blocking(move || engine.invoke_streaming(&warm, &inv, &limits, io));
                 run.await.unwrap_or_else(|e| {
                     tracing::error!(error = %e, "the wasm runtime failed");
                     Outcome {
@@ -117,7 +127,7 @@ impl Invoker {
                     }
                 })
             }
-            Code::Process(package) => self.process.invoke(&package, &inv, &limits).await,
+            Code::Process(package) => self.process.invoke_streaming(&package, &inv, &limits, io).await,
         }
     }
 }

@@ -1,6 +1,12 @@
 //! The invocation listener: the gateway sends any method to `/invoke/{version_id}[/{path}]` with
 //! `Authorization: Bearer <invoke secret>`; the answer is the function's status, headers and
 //! body, plus `x-nimbus-invocation-id`, `x-nimbus-cold-start` and, on failure, `x-nimbus-error`.
+//! Bodies stream both ways: a request body with a declared length goes into the function's stdin
+//! as it arrives (one without is collected first, up to the limit), and the response goes out
+//! once the function's header block is complete, its body as the function writes it. A failure
+//! known before the head goes out is the usual error response with `x-nimbus-error`; one after
+//! (timeout, response too large, crash, exit code) can only end the body abruptly, and shows in
+//! the usage record and the log.
 //! Refusals of the listener itself are problem+json: 401 `unauthorized`, 404
 //! `version_not_assigned`, 503 `version_not_ready` or `draining`, 413 `body_too_large`, 429
 //! `queue_full`.
@@ -32,7 +38,10 @@ use crate::{
     invoke::Invoker,
     problem::Problem,
     registry::Lookup,
-    runtime::{Invocation, Outcome},
+    runtime::{
+        Invocation, Outcome,
+        stream::{Head, Io, Stdin, response_channel},
+    },
 };
 
 /// The secret the gateway must present; kept as its SHA-256 so that comparing takes the same
@@ -168,13 +177,37 @@ async fn invoke(
     if declared.is_some_and(|n| n > listener.max_body_bytes as u64) {
         return too_large();
     }
-    let body = match Limited::new(body, listener.max_body_bytes).collect().await {
-        Ok(collected) => collected.to_bytes().to_vec(),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => return too_large(),
-        Err(_) => {
-            return Problem::new(StatusCode::BAD_REQUEST, "body_unreadable", "the request body could not be read")
-                .into_response();
+    // With a declared length (which hyper holds the body to), the body streams into the
+    // function as it arrives; without one it is collected first, for `CONTENT_LENGTH`.
+    let (body, stdin) = match declared {
+        Some(length) => {
+            let (tx, chunks) = tokio::sync::mpsc::channel(8);
+            // Until the body ends or breaks off, or nobody takes it any more (the function ended,
+            // or the invocation was refused before it started).
+            tokio::spawn(async move {
+                let mut body = body;
+                loop {
+                    let frame = tokio::select! {
+                        frame = body.frame() => frame,
+                        () = tx.closed() => break,
+                    };
+                    let Some(Ok(frame)) = frame else { break };
+                    let Ok(data) = frame.into_data() else { continue };
+                    if tx.send(data).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            (Vec::new(), Some(Stdin { length, chunks }))
         }
+        None => match Limited::new(body, listener.max_body_bytes).collect().await {
+            Ok(collected) => (collected.to_bytes().to_vec(), None),
+            Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => return too_large(),
+            Err(_) => {
+                return Problem::new(StatusCode::BAD_REQUEST, "body_unreadable", "the request body could not be read")
+                    .into_response();
+            }
+        },
     };
 
     let id = parts
@@ -219,14 +252,21 @@ async fn invoke(
     // nor keeps its usage from being recorded, and a panic ends only that task.
     let invoker = listener.invoker.clone();
     let span = tracing::info_span!("invocation", invocation_id = %id, %version_id);
+    let (sink, source) = response_channel();
+    let io = Io { stdin, response: Some(sink) };
     let task = tokio::spawn(
         async move {
-            let outcome = invoker.run(&version, id, inv, received).await;
+            let outcome = invoker.run(&version, id, inv, received, io).await;
             drop(slot);
             outcome
         }
         .instrument(span),
     );
+    // The head comes as soon as the function's header block is complete; without it (the
+    // function ended first, or failed before), the outcome holds the whole response.
+    if let Ok(head) = source.head.await {
+        return streamed(id, head, source.body, task);
+    }
     match task.await {
         Ok(outcome) => respond(id, outcome),
         Err(e) => {
@@ -237,6 +277,47 @@ async fn invoke(
             response
         }
     }
+}
+
+/// A response that streams: the head now, then the body as the function writes it. The body
+/// ends only once the invocation has (its usage is spooled by then); a failure after the head
+/// (timeout, response too large, crash, exit code) ends it abruptly — an incomplete chunked
+/// body — since the status and headers are gone already.
+fn streamed(
+    id: Uuid,
+    head: Head,
+    body: tokio::sync::mpsc::UnboundedReceiver<bytes::Bytes>,
+    task: tokio::task::JoinHandle<Outcome>,
+) -> Response {
+    let chunks = futures_util::stream::unfold(Some((body, task)), |state| async move {
+        let (mut body, task) = state?;
+        if let Some(chunk) = body.recv().await {
+            return Some((Ok(chunk), Some((body, task))));
+        }
+        match task.await {
+            Ok(outcome) if outcome.response.failure.is_none() => None,
+            Ok(outcome) => {
+                let reason = outcome.response.failure.map_or("failed", |f| f.as_str());
+                Some((
+                    Err(std::io::Error::other(format!("the function failed after its response began: {reason}"))),
+                    None,
+                ))
+            }
+            Err(e) => Some((Err(std::io::Error::other(format!("the invocation task failed: {e}"))), None)),
+        }
+    });
+    let mut response = respond(
+        id,
+        Outcome {
+            response: head.response,
+            log: Vec::new(),
+            log_truncated: false,
+            cold_start: head.cold_start,
+            duration: Duration::ZERO,
+        },
+    );
+    *response.body_mut() = Body::from_stream(chunks);
+    response
 }
 
 fn set_invocation_headers(headers: &mut HeaderMap, id: Uuid, cold_start: bool) {

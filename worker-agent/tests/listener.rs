@@ -1,6 +1,7 @@
 //! The invocation listener in-process over real HTTP: a registry holding wasm fixtures and shell
 //! scripts, the invoke secret, the headers in and out, the refusals (401, 404, 413, 429, 503),
-//! cold starts, and the usage the spool holds before the response arrives.
+//! cold starts, the usage the spool holds before the response completes, and bodies that stream
+//! both ways (also when the function fails after its head went out).
 
 mod common;
 
@@ -103,17 +104,27 @@ impl Agent {
 
     /// A wasm version of `fixture`, warm at once or loaded by its first invocation.
     fn wasm(&self, fixture: &str, instances: u32, warm: bool) -> Arc<Version> {
+        self.wasm_timed(fixture, instances, warm, 10_000)
+    }
+
+    /// [`Agent::wasm`] with a timeout of `timeout_ms`.
+    fn wasm_timed(&self, fixture: &str, instances: u32, warm: bool, timeout_ms: u32) -> Arc<Version> {
         let module = self.engine.compile(&common::wasm(fixture)).unwrap();
         let engine = self.engine.clone();
         let loader: Loader = Arc::new(move || Ok(Code::Wasm(engine.prepare(&module)?)));
         let code = warm.then(|| loader().unwrap());
-        let v = Version::new(assignment(Runtime::Wasm, instances, 1, 10_000), loader, code, 8);
+        let v = Version::new(assignment(Runtime::Wasm, instances, 1, timeout_ms), loader, code, 8);
         self.registry.insert(v.clone());
         v
     }
 
     /// A process version running `script`.
     fn script(&self, script: &str, concurrency: u32, max_queued: usize) -> Arc<Version> {
+        self.script_timed(script, concurrency, max_queued, 60_000)
+    }
+
+    /// [`Agent::script`] with a timeout of `timeout_ms`.
+    fn script_timed(&self, script: &str, concurrency: u32, max_queued: usize, timeout_ms: u32) -> Arc<Version> {
         let pkg = self.dir.join(format!("pkg-{}", Uuid::now_v7()));
         std::fs::create_dir_all(&pkg).unwrap();
         let entry = pkg.join("handler");
@@ -122,7 +133,7 @@ impl Agent {
         let package = ProcessPackage { dir: pkg, entry: "handler".into() };
         let loader: Loader = Arc::new(move || Ok(Code::Process(package.clone())));
         let code = loader().unwrap();
-        let v = Version::new(assignment(Runtime::Process, 1, concurrency, 60_000), loader, Some(code), max_queued);
+        let v = Version::new(assignment(Runtime::Process, 1, concurrency, timeout_ms), loader, Some(code), max_queued);
         self.registry.insert(v.clone());
         v
     }
@@ -140,6 +151,42 @@ async fn problem(response: reqwest::Response) -> (u16, serde_json::Value) {
 
 fn header(response: &reqwest::Response, name: &str) -> String {
     response.headers().get(name).map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default()
+}
+
+/// The spool's entries so far.
+fn spooled(agent: &Agent) -> Vec<nimbus_worker_agent::spool::SpoolEntry> {
+    agent.spool.rotate().unwrap();
+    agent.spool.sealed().unwrap().iter().flat_map(|s| read_segment(s).unwrap()).collect()
+}
+
+/// Reads `response`'s body until it holds `want` (bounded: a response that does not stream
+/// would never get there, and the test fails instead of hanging).
+async fn read_until(response: &mut reqwest::Response, got: &mut String, want: &str) {
+    let read = async {
+        while !got.contains(want) {
+            match response.chunk().await.unwrap() {
+                Some(chunk) => got.push_str(std::str::from_utf8(&chunk).unwrap()),
+                None => panic!("the body ended before {want:?}: {got:?}"),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .unwrap_or_else(|_| panic!("{want:?} did not arrive while the function ran: {got:?}"));
+}
+
+/// A request body that the test feeds line by line (with its length declared up front).
+fn streaming_body(
+    request: reqwest::RequestBuilder,
+    length: usize,
+) -> (tokio::sync::mpsc::Sender<&'static str>, reqwest::RequestBuilder) {
+    let (tx, rx) = tokio::sync::mpsc::channel::<&'static str>(4);
+    let chunks = futures_util::stream::unfold(rx, |mut rx| async move {
+        let chunk = rx.recv().await?;
+        Some((Ok::<_, std::io::Error>(chunk), rx))
+    });
+    let request = request.header("content-length", length.to_string()).body(reqwest::Body::wrap_stream(chunks));
+    (tx, request)
 }
 
 /// Waits (bounded) until `cond` holds.
@@ -339,4 +386,137 @@ async fn a_draining_agent_refuses_new_invocations() {
     assert_eq!(header(&response, "retry-after"), "1");
     let (status, body) = problem(response).await;
     assert_eq!((status, body["code"].as_str()), (503, Some("draining")));
+}
+
+#[tokio::test]
+async fn a_process_response_streams_before_the_function_ends() {
+    let agent = Agent::start("stream-out", 1 << 20).await;
+    let go = agent.dir.join("go");
+    // Line 2 comes only once the caller has seen line 1 (and made the file).
+    let v = agent.script(
+        "#!/bin/sh\nprintf 'Content-Type: text/plain\\nX-Mine: 1\\n\\nline 1\\n'\n\
+         while [ ! -e \"$QUERY_STRING\" ]; do sleep 0.01; done\nprintf 'line 2\\n'\necho bye >&2\n",
+        1,
+        1,
+    );
+    let id = Uuid::now_v7();
+    let request = agent.post(v.id(), &format!("?{}", go.display())).header("x-nimbus-invocation-id", id.to_string());
+    let mut response = tokio::time::timeout(Duration::from_secs(10), request.send())
+        .await
+        .expect("the head comes while the function still runs")
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "x-mine"), "1");
+    assert_eq!(header(&response, "content-type"), "text/plain");
+    assert_eq!(header(&response, "x-nimbus-invocation-id"), id.to_string());
+    assert_eq!(header(&response, "x-nimbus-cold-start"), "false");
+    assert_eq!(header(&response, "x-nimbus-error"), "");
+    let mut got = String::new();
+    read_until(&mut response, &mut got, "line 1\n").await;
+    assert_eq!(got, "line 1\n");
+    std::fs::write(&go, "").unwrap();
+    got.push_str(&response.text().await.unwrap());
+    assert_eq!(got, "line 1\nline 2\n");
+    // The body ended cleanly, after the usage was spooled.
+    let entries = spooled(&agent);
+    assert_eq!(entries.len(), 1);
+    assert_eq!((entries[0].record.invocation_id, entries[0].record.status), (id, UsageStatus::Ok));
+    assert_eq!(entries[0].record.http_status, 200);
+    assert_eq!(entries[0].logs.iter().map(|l| l.line.as_str()).collect::<Vec<_>>(), ["bye"]);
+}
+
+/// Sends two lines through a streaming request body, the second only after the echo of the
+/// first came back: only a function that gets its body (and answers) while both flow can pass.
+async fn echo_line_by_line(agent: &Agent, version: Uuid) {
+    let (tx, request) = streaming_body(agent.post(version, ""), "one\ntwo\n".len());
+    tx.send("one\n").await.unwrap();
+    let mut response = tokio::time::timeout(Duration::from_secs(10), request.send())
+        .await
+        .expect("the head comes while the request body still streams")
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut got = String::new();
+    read_until(&mut response, &mut got, "echo: one\n").await;
+    assert_eq!(got, "echo: one\n");
+    tx.send("two\n").await.unwrap();
+    read_until(&mut response, &mut got, "echo: two\n").await;
+    drop(tx);
+    got.push_str(&response.text().await.unwrap());
+    assert_eq!(got, "echo: one\necho: two\n");
+    let entries = spooled(agent);
+    assert_eq!(entries.last().unwrap().record.status, UsageStatus::Ok);
+}
+
+#[tokio::test]
+async fn a_process_function_reads_its_body_as_it_arrives() {
+    let agent = Agent::start("stream-in", 1 << 20).await;
+    let v = agent.script(
+        "#!/bin/sh\nprintf 'Content-Type: text/plain\\n\\n'\n\
+         [ \"$CONTENT_LENGTH\" = 8 ] || exit 9\n\
+         while IFS= read -r line; do printf 'echo: %s\\n' \"$line\"; done\n",
+        1,
+        1,
+    );
+    echo_line_by_line(&agent, v.id()).await;
+}
+
+#[tokio::test]
+async fn a_wasm_function_streams_both_ways() {
+    let agent = Agent::start("stream-wasm", 1 << 20).await;
+    let v = agent.wasm("lines.c", 1, true);
+    echo_line_by_line(&agent, v.id()).await;
+    assert_eq!(spooled(&agent)[0].logs.iter().map(|l| l.line.as_str()).collect::<Vec<_>>(), ["done"]);
+}
+
+/// Reads the body of a response whose function failed after its head went out: the body
+/// breaks off (an incomplete chunked body), after what came before.
+async fn broken_body(mut response: reqwest::Response) -> String {
+    let mut got = String::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), response.chunk()).await.expect("the body ends") {
+            Ok(Some(chunk)) => got.push_str(&String::from_utf8_lossy(&chunk)),
+            Ok(None) => panic!("the body ended as if complete after {} bytes", got.len()),
+            Err(_) => return got,
+        }
+    }
+}
+
+#[tokio::test]
+async fn failures_after_the_head_cut_the_body_and_are_recorded() {
+    let agent = Agent::start("stream-fail", 1 << 20).await;
+
+    // Beyond the response limit (6 MiB): the function is stopped, the body cut.
+    let big = agent.script("#!/bin/sh\nprintf 'Content-Type: text/plain\\n\\n'\nexec yes\n", 1, 1);
+    let response = agent.post(big.id(), "").send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "x-nimbus-error"), "", "the head went out before the failure");
+    let got = broken_body(response).await;
+    assert!(got.len() <= 6 << 20 && got.starts_with("y\ny\n"), "{}", got.len());
+    let entry = spooled(&agent).pop().unwrap();
+    assert_eq!((entry.record.status, entry.record.http_status), (UsageStatus::ResponseTooLarge, 200));
+
+    // A timeout after the head (process).
+    let slow = agent.script_timed(
+        "#!/bin/sh\nprintf 'Status: 202\\n\\nstarted\\n'\necho waiting >&2\nexec sleep 30\n",
+        1,
+        1,
+        300,
+    );
+    let response = agent.post(slow.id(), "").send().await.unwrap();
+    assert_eq!(response.status(), 202);
+    assert_eq!(broken_body(response).await, "started\n");
+    let entry = spooled(&agent).pop().unwrap();
+    assert_eq!((entry.record.status, entry.record.http_status), (UsageStatus::Timeout, 202));
+    assert_eq!(entry.logs.iter().map(|l| l.line.as_str()).collect::<Vec<_>>(), ["waiting"]);
+
+    // A timeout after the head (wasm), while the function waits for a body that does not come.
+    let waiting = agent.wasm_timed("lines.c", 1, true, 300);
+    let (tx, request) = streaming_body(agent.post(waiting.id(), ""), 100);
+    tx.send("one\n").await.unwrap();
+    let response = request.send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(broken_body(response).await, "echo: one\n");
+    drop(tx);
+    let entry = spooled(&agent).pop().unwrap();
+    assert_eq!((entry.record.status, entry.record.http_status), (UsageStatus::Timeout, 200));
 }

@@ -789,9 +789,12 @@ async fn a_function_cannot_read_the_agent_s_files_nor_change_its_package() {
 #[tokio::test]
 async fn what_an_invocation_leaves_running_is_killed_before_its_uid_is_used_again() {
     needs_root!();
-    // Escapes its process group (a session of its own), so the group kill misses it.
-    let leaver = "#!/bin/sh\nsetsid sleep 60 < /dev/null > /dev/null 2>&1 &\n\
-        echo $! > \"$SHARED/escapee.tmp\"\nmv \"$SHARED/escapee.tmp\" \"$SHARED/escapee\"\necho \"uid $(id -u)\"\n";
+    // Escapes its process group (a session of its own), so the group kill misses it. The escapee
+    // names itself only once in its session, and the leaver ends only then: under load, a leaver
+    // that ended first would have the group kill catch the escapee before it left.
+    let leaver = "#!/bin/sh\nsetsid sh -c 'echo $$ > \"$SHARED/escapee.tmp\"; exec sleep 60' < /dev/null > /dev/null 2>&1 &\n\
+        while [ ! -s \"$SHARED/escapee.tmp\" ]; do sleep 0.01; done\n\
+        mv \"$SHARED/escapee.tmp\" \"$SHARED/escapee\"\necho \"uid $(id -u)\"\n";
     // Gone: no such process, a zombie (init does not reap in every container), or SIGKILL
     // pending (delivered, not yet acted on: it runs no more of its code).
     let checker = r#"#!/bin/sh

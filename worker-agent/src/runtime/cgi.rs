@@ -37,6 +37,17 @@ fn split(out: &[u8]) -> Option<(usize, usize)> {
     None
 }
 
+/// The head of a response whose stdout starts with `out`, once it is known: the status and
+/// headers (a failure when the block is invalid) and where the body starts. Known when the
+/// header block is complete, or when `out` is longer than a block can be and holds none.
+pub fn head(out: &[u8]) -> Option<(Response, usize)> {
+    match split(out) {
+        Some((_, body_start)) => Some((parse(out[..body_start].to_vec()), body_start)),
+        None if out.len() > MAX_HEADER_BLOCK + 4 => Some((parse(Vec::new()), 0)),
+        None => None,
+    }
+}
+
 /// Turns stdout into the response.
 pub fn parse(out: Vec<u8>) -> Response {
     let Some((block_end, body_start)) = split(&out) else {

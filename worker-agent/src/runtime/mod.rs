@@ -5,6 +5,7 @@
 
 pub mod cgi;
 pub mod process;
+pub mod stream;
 pub mod wasm;
 
 use std::{collections::BTreeMap, time::Duration};
@@ -30,7 +31,7 @@ pub struct Invocation {
     /// becomes `CONTENT_TYPE`; `CONTENT_LENGTH` is the body's length). The gateway strips the
     /// platform credentials it consumed before forwarding.
     pub headers: Vec<(String, String)>,
-    /// Request body (stdin).
+    /// Request body (stdin), or its start when the rest streams in (see [`stream::Io`]).
     pub body: Vec<u8>,
     /// The function's own environment.
     pub env: BTreeMap<String, String>,
@@ -183,6 +184,11 @@ pub fn reserved_env(name: &str) -> bool {
 /// The environment of an invocation: the function's own variables, then the contract's (which
 /// win). Header names become `HTTP_<UPPER_SNAKE>`.
 pub fn contract_env(inv: &Invocation) -> Vec<(String, String)> {
+    contract_env_with_length(inv, inv.body.len() as u64)
+}
+
+/// [`contract_env`] for a body of `content_length` bytes (one that streams in).
+pub fn contract_env_with_length(inv: &Invocation, content_length: u64) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> =
         inv.env.iter().filter(|(k, _)| !reserved_env(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
     env.push(("GATEWAY_INTERFACE".into(), "CGI/1.1".into()));
@@ -190,7 +196,7 @@ pub fn contract_env(inv: &Invocation) -> Vec<(String, String)> {
     env.push(("REQUEST_METHOD".into(), inv.method.clone()));
     env.push(("PATH_INFO".into(), inv.path.clone()));
     env.push(("QUERY_STRING".into(), inv.query.clone()));
-    env.push(("CONTENT_LENGTH".into(), inv.body.len().to_string()));
+    env.push(("CONTENT_LENGTH".into(), content_length.to_string()));
     for (name, value) in &inv.headers {
         let lower = name.to_ascii_lowercase();
         if lower == "content-length" {

@@ -29,6 +29,11 @@
 //!   outlive the invocation nor hold its answer back by keeping stdout open; stderr is kept up to
 //!   a bound and drained after that (a timed-out invocation keeps what it logged).
 //! - Exit 0 → the CGI response; another exit code → `exit_code`; a signal → `crash`.
+//! - Streaming ([`ProcessRuntime::invoke_streaming`]): a request body that streams in is written
+//!   to stdin as its chunks arrive (until it ends or the entry exits), and stdout goes through a
+//!   [`Stdout`], which sends the response's head once the header block is complete and then every
+//!   chunk as it is read; a failure after that (timeout, response limit, exit code, signal) is
+//!   the outcome's failure with the head's status, and the listener cuts the body.
 
 use std::{
     collections::VecDeque,
@@ -45,7 +50,10 @@ use std::{
 use anyhow::{Context as _, bail};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
-use super::{FailureReason, Invocation, Limits, Outcome, Response, cgi, contract_env};
+use super::{
+    FailureReason, Invocation, Limits, Outcome, Response, contract_env, contract_env_with_length,
+    stream::{Io, Stdout},
+};
 use crate::config::ProcessIsolation;
 
 /// Sets the limits, then becomes the entry: `$1` is the address-space limit in KiB, `$2` the
@@ -522,8 +530,14 @@ impl ProcessRuntime {
         &self.isolation
     }
 
-    /// Runs one invocation.
+    /// Runs one invocation, its response buffered.
     pub async fn invoke(&self, pkg: &ProcessPackage, inv: &Invocation, limits: &Limits) -> Outcome {
+        self.invoke_streaming(pkg, inv, limits, Io::default()).await
+    }
+
+    /// Runs one invocation with the body streaming in and the response streaming out as `io`
+    /// says.
+    pub async fn invoke_streaming(&self, pkg: &ProcessPackage, inv: &Invocation, limits: &Limits, io: Io) -> Outcome {
         let not_started = |detail: String| Outcome {
             response: Response::failed(FailureReason::StartFailed, detail),
             log: Vec::new(),
@@ -549,7 +563,7 @@ impl ProcessRuntime {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let scratch = self.work_dir.join(format!("inv-{}-{n}", file_safe(&inv.id)));
-        let outcome = self.run(pkg, inv, limits, &scratch, lease.as_ref()).await;
+        let outcome = self.run(pkg, inv, limits, &scratch, lease.as_ref(), io).await;
         let removed = tokio::fs::remove_dir_all(&scratch).await;
         if let (Err(e), Some(lease)) = (removed, lease.as_mut()) {
             if e.kind() != std::io::ErrorKind::NotFound {
@@ -568,6 +582,7 @@ impl ProcessRuntime {
         limits: &Limits,
         scratch: &Path,
         lease: Option<&UidLease>,
+        io: Io,
     ) -> Outcome {
         let started = Instant::now();
         let failed = |reason, detail: String| Outcome {
@@ -630,7 +645,10 @@ impl ProcessRuntime {
             .arg(&entry)
             .current_dir(scratch)
             .env_clear()
-            .envs(contract_env(inv))
+            .envs(match &io.stdin {
+                Some(stdin) => contract_env_with_length(inv, stdin.length),
+                None => contract_env(inv),
+            })
             .env("PATH", "/usr/local/bin:/usr/bin:/bin")
             .env("HOME", scratch)
             .env("TMPDIR", scratch)
@@ -655,82 +673,107 @@ impl ProcessRuntime {
             }
         };
         let mut stdin = child.stdin.take().expect("piped stdin");
-        let stdout = child.stdout.take().expect("piped stdout");
+        let mut stdout = child.stdout.take().expect("piped stdout");
         let stderr = child.stderr.take().expect("piped stderr");
         let body = inv.body.clone();
-        // The body goes in while the output comes out: neither side can block the other.
-        let feed = async move {
-            let _ = stdin.write_all(&body).await;
-            drop(stdin);
-        };
-        let output = async {
-            let (out, over) = read_bounded(stdout, limits.max_response_bytes, false).await;
-            // At once: a function that ignores the closed pipe would otherwise run on to its
-            // timeout.
-            if over {
+        let mut chunks = io.stdin.map(|s| s.chunks);
+        let collector = Mutex::new(Stdout::new(limits.max_response_bytes, io.response));
+        let collector = &collector;
+        let (exited_tx, mut exited) = tokio::sync::watch::channel(false);
+        let (failure, log, log_truncated, duration) = {
+            // The body goes in while the output comes out: neither side can block the other. A
+            // body that streams in is fed until it ends or the function does.
+            let feed = async move {
+                if stdin.write_all(&body).await.is_ok() {
+                    while let Some(chunks) = chunks.as_mut() {
+                        let chunk = tokio::select! {
+                            chunk = chunks.recv() => chunk,
+                            _ = exited.wait_for(|e| *e) => None,
+                        };
+                        let Some(chunk) = chunk else { break };
+                        if stdin.write_all(&chunk).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+                drop(stdin);
+            };
+            let output = async {
+                let mut chunk = vec![0u8; 64 * 1024];
+                loop {
+                    match stdout.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return false,
+                        Ok(n) => {
+                            if !collector.lock().unwrap_or_else(|p| p.into_inner()).push(&chunk[..n]) {
+                                // At once: a function that ignores the closed pipe would
+                                // otherwise run on to its timeout.
+                                kill_group();
+                                return true;
+                            }
+                        }
+                    }
+                }
+            };
+            let exit = async {
+                let status = child.wait().await;
+                // Whatever the entry left running in its group does not outlive the invocation, and
+                // killing it now also closes the pipes such children inherited, so the readers end.
                 kill_group();
-            }
-            (out, over)
-        };
-        let exit = async {
-            let status = child.wait().await;
-            // Whatever the entry left running in its group does not outlive the invocation, and
-            // killing it now also closes the pipes such children inherited, so the readers end.
-            kill_group();
-            status
-        };
-        let work = async {
-            let ((out, out_over), (log, log_over), (), status) =
-                tokio::join!(output, read_bounded(stderr, limits.max_log_bytes, true), feed, exit);
-            (out, out_over, log, log_over, status)
-        };
-        tokio::pin!(work);
-        let finished = tokio::select! {
-            done = &mut work => Ok(done),
-            () = tokio::time::sleep(limits.timeout) => Err(started.elapsed()),
-        };
-        let (out, out_over, log, log_truncated, status) = match finished {
-            Ok(done) => done,
-            Err(duration) => {
-                // The whole group: children the entry started die with it. Their pipes close,
-                // so the log written so far can still be collected, briefly: a process that
-                // left the group may hold them open.
-                kill_group();
-                let (log, log_truncated) = match tokio::time::timeout(KILL_GRACE, &mut work).await {
-                    Ok((_, _, log, log_truncated, _)) => (log, log_truncated),
-                    Err(_) => (Vec::new(), false),
-                };
-                return Outcome {
-                    response: Response::failed(
+                exited_tx.send_replace(true);
+                status
+            };
+            let work = async {
+                let (out_over, (log, log_over), (), status) =
+                    tokio::join!(output, read_bounded(stderr, limits.max_log_bytes, true), feed, exit);
+                (out_over, log, log_over, status)
+            };
+            tokio::pin!(work);
+            let finished = tokio::select! {
+                done = &mut work => Ok(done),
+                () = tokio::time::sleep(limits.timeout) => Err(started.elapsed()),
+            };
+            match finished {
+                Ok((out_over, log, log_truncated, status)) => {
+                    let failure = if out_over {
+                        Some(Response::failed(
+                            FailureReason::ResponseTooLarge,
+                            format!("the response is larger than {} bytes", limits.max_response_bytes),
+                        ))
+                    } else {
+                        match status {
+                            Ok(s) if s.success() => None,
+                            Ok(s) => Some(match (s.code(), s.signal()) {
+                                (Some(code), _) => {
+                                    Response::failed(FailureReason::ExitCode, format!("exited with code {code}"))
+                                }
+                                (None, Some(signal)) => {
+                                    Response::failed(FailureReason::Crash, format!("killed by signal {signal}"))
+                                }
+                                (None, None) => Response::failed(FailureReason::Crash, "ended abnormally"),
+                            }),
+                            Err(e) => Some(Response::failed(FailureReason::Crash, format!("lost the process: {e}"))),
+                        }
+                    };
+                    (failure, log, log_truncated, started.elapsed())
+                }
+                Err(duration) => {
+                    // The whole group: children the entry started die with it. Their pipes close,
+                    // so the log written so far can still be collected, briefly: a process that
+                    // left the group may hold them open.
+                    kill_group();
+                    let (log, log_truncated) = match tokio::time::timeout(KILL_GRACE, &mut work).await {
+                        Ok((_, log, log_truncated, _)) => (log, log_truncated),
+                        Err(_) => (Vec::new(), false),
+                    };
+                    let failure = Response::failed(
                         FailureReason::Timeout,
                         format!("ran longer than its timeout of {} ms and was stopped", limits.timeout.as_millis()),
-                    ),
-                    log,
-                    log_truncated,
-                    cold_start: false,
-                    duration,
-                };
+                    );
+                    (Some(failure), log, log_truncated, duration)
+                }
             }
         };
-        let duration = started.elapsed();
-        let response = if out_over {
-            Response::failed(
-                FailureReason::ResponseTooLarge,
-                format!("the response is larger than {} bytes", limits.max_response_bytes),
-            )
-        } else {
-            match status {
-                Ok(s) if s.success() => cgi::parse(out),
-                Ok(s) => match (s.code(), s.signal()) {
-                    (Some(code), _) => Response::failed(FailureReason::ExitCode, format!("exited with code {code}")),
-                    (None, Some(signal)) => {
-                        Response::failed(FailureReason::Crash, format!("killed by signal {signal}"))
-                    }
-                    (None, None) => Response::failed(FailureReason::Crash, "ended abnormally"),
-                },
-                Err(e) => Response::failed(FailureReason::Crash, format!("lost the process: {e}")),
-            }
-        };
+        let response = collector.lock().unwrap_or_else(|p| p.into_inner()).finish(failure);
         Outcome { response, log, log_truncated, cold_start: false, duration }
     }
 }

@@ -6,11 +6,14 @@
 //!   reserve the pool's address space.
 //! - A [`WarmModule`] is a compiled module already linked against WASI (`InstancePre`): what an
 //!   agent keeps per warm version. Instantiating one is the cold-start cost once code is cached.
-//! - Each invocation gets a fresh store and instance: stdin is the body, the environment is the
-//!   contract's and nothing else, no arguments but the function name, no preopened directories
-//!   (no filesystem), no sockets. Memory is capped by the store's limiter (growing beyond traps),
-//!   the wall clock by the epoch deadline, stdout by a bounded pipe (overflow stops the guest),
-//!   stderr is kept up to a bound and then dropped.
+//! - Each invocation gets a fresh store and instance: stdin is the body (in memory, or a
+//!   channel the body streams through as it arrives: [`WasmEngine::invoke_streaming`]), the
+//!   environment is the contract's and nothing else, no arguments but the function name, no
+//!   preopened directories (no filesystem), no sockets. Memory is capped by the store's limiter
+//!   (growing beyond traps), the wall clock by the epoch deadline (and, for a guest waiting in the
+//!   host for more of its body, by a deadline on that wait), stdout by a bounded [`Stdout`]
+//!   (overflow stops the guest) that streams the response once its head is known, stderr is kept
+//!   up to a bound and then dropped.
 //! - Every way a guest can fail becomes a [`Response::failed`] with its reason; nothing a guest
 //!   does can crash the agent.
 
@@ -32,12 +35,15 @@ use wasmtime::{
 };
 use wasmtime_wasi::{
     I32Exit, WasiCtxBuilder,
-    cli::{IsTerminal, StdoutStream},
+    cli::{IsTerminal, StdinStream, StdoutStream},
     p1::{self, WasiP1Ctx},
-    p2::{OutputStream, Pollable, StreamError, pipe::MemoryInputPipe},
+    p2::{InputStream, OutputStream, Pollable, StreamError, pipe::MemoryInputPipe},
 };
 
-use super::{FailureReason, Invocation, Limits, Outcome, Response, cgi, contract_env};
+use super::{
+    FailureReason, Invocation, Limits, Outcome, Response, contract_env, contract_env_with_length,
+    stream::{Io, Stdout},
+};
 
 /// Engine settings.
 #[derive(Debug, Clone)]
@@ -166,18 +172,33 @@ impl WasmEngine {
         Ok(WarmModule { pre: self.linker.instantiate_pre(module).map_err(wt)? })
     }
 
-    /// Runs one invocation to completion on the calling thread (a blocking-pool thread).
+    /// Runs one invocation to completion on the calling thread (a blocking-pool thread), its
+    /// response buffered.
     pub fn invoke(&self, warm: &WarmModule, inv: &Invocation, limits: &Limits) -> Outcome {
+        self.invoke_streaming(warm, inv, limits, Io::default())
+    }
+
+    /// Runs one invocation to completion on the calling thread (a blocking-pool thread within a
+    /// Tokio runtime when `io` streams), with the body streaming in and the response streaming out
+    /// as `io` says.
+    pub fn invoke_streaming(&self, warm: &WarmModule, inv: &Invocation, limits: &Limits, io: Io) -> Outcome {
         let started = Instant::now();
-        let stdout = BoundedPipe::new(limits.max_response_bytes, Overflow::Stop);
-        let stderr = BoundedPipe::new(limits.max_log_bytes, Overflow::Truncate);
-        let wasi = WasiCtxBuilder::new()
-            .stdin(MemoryInputPipe::new(inv.body.clone()))
-            .stdout(stdout.clone())
-            .stderr(stderr.clone())
-            .envs(&contract_env(inv))
-            .arg(&inv.function)
-            .build_p1();
+        let stdout = ResponsePipe(Arc::new(Mutex::new(Stdout::new(limits.max_response_bytes, io.response))));
+        let stderr = BoundedPipe::new(limits.max_log_bytes);
+        let mut wasi = WasiCtxBuilder::new();
+        let mut input = None;
+        match io.stdin {
+            Some(stdin) => {
+                let deadline = tokio::time::Instant::now() + limits.timeout;
+                let channel = ChannelInput::new(inv.body.clone(), stdin.chunks, deadline);
+                input = Some(channel.clone());
+                wasi.stdin(channel).envs(&contract_env_with_length(inv, stdin.length));
+            }
+            None => {
+                wasi.stdin(MemoryInputPipe::new(inv.body.clone())).envs(&contract_env(inv));
+            }
+        }
+        let wasi = wasi.stdout(stdout.clone()).stderr(stderr.clone()).arg(&inv.function).build_p1();
         let limits_store = StoreLimitsBuilder::new()
             .memory_size(usize::try_from(limits.memory_bytes).unwrap_or(usize::MAX))
             .trap_on_grow_failure(true)
@@ -194,18 +215,30 @@ impl WasmEngine {
             start.call(&mut store, ())
         });
         let duration = started.elapsed();
-        let response = match result {
-            _ if stdout.overflowed() => Response::failed(
+        drop(store);
+        let timeout = || {
+            Response::failed(
+                FailureReason::Timeout,
+                format!("ran longer than its timeout of {} ms and was stopped", limits.timeout.as_millis()),
+            )
+        };
+        let mut out = stdout.0.lock().unwrap_or_else(|p| p.into_inner());
+        let failure = match result {
+            _ if out.overflowed() => Some(Response::failed(
                 FailureReason::ResponseTooLarge,
                 format!("the response is larger than {} bytes", limits.max_response_bytes),
-            ),
-            Ok(()) => cgi::parse(stdout.take()),
+            )),
+            _ if input.as_ref().is_some_and(ChannelInput::timed_out) => Some(timeout()),
+            Ok(()) => None,
             Err(e) => match e.downcast_ref::<I32Exit>() {
-                Some(I32Exit(0)) => cgi::parse(stdout.take()),
-                Some(I32Exit(code)) => Response::failed(FailureReason::ExitCode, format!("exited with code {code}")),
-                None => classify(&e, limits),
+                Some(I32Exit(0)) => None,
+                Some(I32Exit(code)) => {
+                    Some(Response::failed(FailureReason::ExitCode, format!("exited with code {code}")))
+                }
+                None => Some(classify(&e, limits)),
             },
         };
+        let response = out.finish(failure);
         let (log, log_truncated) = (stderr.take(), stderr.overflowed());
         Outcome { response, log, log_truncated, cold_start: false, duration }
     }
@@ -236,26 +269,18 @@ fn classify(e: &wasmtime::Error, limits: &Limits) -> Response {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Overflow {
-    /// Fail the write (the guest stops): a response must be whole or nothing.
-    Stop,
-    /// Keep what fits and drop the rest: a log may be cut.
-    Truncate,
-}
-
-/// A bounded in-memory output stream for stdout and stderr.
+/// A bounded in-memory output stream for stderr: what fits is kept, the rest dropped (a log may
+/// be cut).
 #[derive(Clone)]
 struct BoundedPipe {
     buf: Arc<Mutex<Vec<u8>>>,
     limit: usize,
     overflowed: Arc<AtomicBool>,
-    mode: Overflow,
 }
 
 impl BoundedPipe {
-    fn new(limit: usize, mode: Overflow) -> Self {
-        BoundedPipe { buf: Arc::default(), limit, overflowed: Arc::default(), mode }
+    fn new(limit: usize) -> Self {
+        BoundedPipe { buf: Arc::default(), limit, overflowed: Arc::default() }
     }
 
     fn overflowed(&self) -> bool {
@@ -266,69 +291,188 @@ impl BoundedPipe {
         std::mem::take(&mut *self.buf.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// Appends what fits; Err when the bytes did not all fit and the mode stops the guest.
+    /// Appends what fits (never an error: a log may be cut).
     fn append(&self, bytes: &[u8]) -> Result<(), ()> {
         let mut buf = self.buf.lock().unwrap_or_else(|p| p.into_inner());
         let room = self.limit.saturating_sub(buf.len());
-        if bytes.len() <= room {
-            buf.extend_from_slice(bytes);
-            return Ok(());
+        if bytes.len() > room {
+            self.overflowed.store(true, Ordering::Relaxed);
         }
-        self.overflowed.store(true, Ordering::Relaxed);
-        match self.mode {
-            Overflow::Stop => Err(()),
-            Overflow::Truncate => {
-                buf.extend_from_slice(&bytes[..room]);
-                Ok(())
-            }
-        }
+        buf.extend_from_slice(&bytes[..bytes.len().min(room)]);
+        Ok(())
     }
 }
 
-impl IsTerminal for BoundedPipe {
+/// Stdout: the response, bounded (a write beyond the limit stops the guest: a response must be
+/// whole or cut off visibly) and streamed once its head is known.
+#[derive(Clone)]
+struct ResponsePipe(Arc<Mutex<Stdout>>);
+
+impl ResponsePipe {
+    fn append(&self, bytes: &[u8]) -> Result<(), ()> {
+        if self.0.lock().unwrap_or_else(|p| p.into_inner()).push(bytes) { Ok(()) } else { Err(()) }
+    }
+}
+
+/// The WASI output traits for a pipe with `fn append(&self, &[u8]) -> Result<(), ()>` (Err: the
+/// bytes went beyond what the pipe takes, and the guest is stopped).
+macro_rules! output_pipe {
+    ($pipe:ty) => {
+        impl IsTerminal for $pipe {
+            fn is_terminal(&self) -> bool {
+                false
+            }
+        }
+
+        impl StdoutStream for $pipe {
+            fn p2_stream(&self) -> Box<dyn OutputStream> {
+                Box::new(self.clone())
+            }
+            fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+                Box::new(self.clone())
+            }
+        }
+
+        #[wasmtime_wasi::async_trait]
+        impl Pollable for $pipe {
+            async fn ready(&mut self) {}
+        }
+
+        impl OutputStream for $pipe {
+            fn write(&mut self, bytes: bytes::Bytes) -> Result<(), StreamError> {
+                self.append(&bytes).map_err(|()| StreamError::trap("output beyond its limit"))
+            }
+            fn flush(&mut self) -> Result<(), StreamError> {
+                Ok(())
+            }
+            fn check_write(&mut self) -> Result<usize, StreamError> {
+                // Always accept a write: overflow is decided (and recorded) in `write`.
+                Ok(64 * 1024)
+            }
+        }
+
+        impl tokio::io::AsyncWrite for $pipe {
+            fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+                Poll::Ready(match self.append(buf) {
+                    Ok(()) => Ok(buf.len()),
+                    Err(()) => Err(io::Error::other("output beyond its limit")),
+                })
+            }
+            fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                Poll::Ready(Ok(()))
+            }
+            fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                Poll::Ready(Ok(()))
+            }
+        }
+    };
+}
+
+output_pipe!(BoundedPipe);
+output_pipe!(ResponsePipe);
+
+/// Stdin fed from a channel: the start of the body, then its chunks as they arrive. A guest
+/// that waits for more than its timeout allows is stopped (the epoch deadline cannot interrupt
+/// it while it waits in the host).
+#[derive(Clone)]
+struct ChannelInput {
+    state: Arc<Mutex<InputState>>,
+    timed_out: Arc<AtomicBool>,
+    deadline: tokio::time::Instant,
+}
+
+struct InputState {
+    pending: bytes::Bytes,
+    chunks: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+    closed: bool,
+}
+
+impl InputState {
+    /// Ready when something is pending or the body has ended.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        while self.pending.is_empty() && !self.closed {
+            match self.chunks.poll_recv(cx) {
+                Poll::Ready(Some(chunk)) => self.pending = chunk,
+                Poll::Ready(None) => self.closed = true,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(())
+    }
+
+    fn take(&mut self, size: usize) -> bytes::Bytes {
+        self.pending.split_to(size.min(self.pending.len()))
+    }
+}
+
+impl ChannelInput {
+    fn new(start: Vec<u8>, chunks: tokio::sync::mpsc::Receiver<bytes::Bytes>, deadline: tokio::time::Instant) -> Self {
+        ChannelInput {
+            state: Arc::new(Mutex::new(InputState { pending: start.into(), chunks, closed: false })),
+            timed_out: Arc::default(),
+            deadline,
+        }
+    }
+
+    fn timed_out(&self) -> bool {
+        self.timed_out.load(Ordering::Relaxed)
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, InputState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl IsTerminal for ChannelInput {
     fn is_terminal(&self) -> bool {
         false
     }
 }
 
-impl StdoutStream for BoundedPipe {
-    fn p2_stream(&self) -> Box<dyn OutputStream> {
+impl StdinStream for ChannelInput {
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncRead + Send + Sync> {
         Box::new(self.clone())
     }
-    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+    fn p2_stream(&self) -> Box<dyn InputStream> {
         Box::new(self.clone())
     }
 }
 
 #[wasmtime_wasi::async_trait]
-impl Pollable for BoundedPipe {
-    async fn ready(&mut self) {}
-}
-
-impl OutputStream for BoundedPipe {
-    fn write(&mut self, bytes: bytes::Bytes) -> Result<(), StreamError> {
-        self.append(&bytes).map_err(|()| StreamError::trap("output beyond its limit"))
-    }
-    fn flush(&mut self) -> Result<(), StreamError> {
-        Ok(())
-    }
-    fn check_write(&mut self) -> Result<usize, StreamError> {
-        // Always accept a write: overflow is decided (and recorded) in `write`.
-        Ok(64 * 1024)
+impl Pollable for ChannelInput {
+    async fn ready(&mut self) {
+        let fill = std::future::poll_fn(|cx| self.state().poll_fill(cx));
+        if tokio::time::timeout_at(self.deadline, fill).await.is_err() {
+            self.timed_out.store(true, Ordering::Relaxed);
+        }
     }
 }
 
-impl tokio::io::AsyncWrite for BoundedPipe {
-    fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Poll::Ready(match self.append(buf) {
-            Ok(()) => Ok(buf.len()),
-            Err(()) => Err(io::Error::other("output beyond its limit")),
-        })
+impl InputStream for ChannelInput {
+    fn read(&mut self, size: usize) -> Result<bytes::Bytes, StreamError> {
+        if self.timed_out() {
+            return Err(StreamError::trap("waited for the request body beyond the timeout"));
+        }
+        let mut state = self.state();
+        if state.pending.is_empty() && !state.closed {
+            // Whatever arrived since the last look, without waiting.
+            let _ = state.poll_fill(&mut Context::from_waker(std::task::Waker::noop()));
+        }
+        if state.pending.is_empty() && state.closed {
+            return Err(StreamError::Closed);
+        }
+        Ok(state.take(size))
     }
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+}
+
+impl tokio::io::AsyncRead for ChannelInput {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let mut state = self.state();
+        if state.poll_fill(cx).is_pending() {
+            return Poll::Pending;
+        }
+        let chunk = state.take(buf.remaining());
+        buf.put_slice(&chunk);
         Poll::Ready(Ok(()))
     }
 }
