@@ -6,6 +6,9 @@
 -- The gateway setting widens reads of exactly what routing needs (tenant names, functions,
 -- versions, aliases) and no write: there is no gateway policy for INSERT, UPDATE or DELETE.
 
+-- Functions anyone may invoke without credentials (until resource policies replace the flag).
+ALTER TABLE functions ADD COLUMN public_invoke boolean NOT NULL DEFAULT false;
+
 CREATE FUNCTION nimbus_gateway() RETURNS boolean
     LANGUAGE sql STABLE PARALLEL SAFE
     AS $$ SELECT coalesce(current_setting('nimbus.gateway', true), '') = 'on' $$;

@@ -147,6 +147,9 @@ pub struct Function {
     pub name: String,
     /// Description.
     pub description: String,
+    /// Whether anyone may invoke it through the gateway without credentials (the IAM work turns
+    /// this into a resource policy).
+    pub public_invoke: bool,
     /// Configuration.
     #[serde(flatten)]
     pub config: FunctionConfig,
@@ -193,6 +196,9 @@ pub struct CreateFunctionRequest {
     /// Reserved concurrency [default none].
     #[serde(default)]
     pub reserved_concurrency: Option<u32>,
+    /// Anyone may invoke it without credentials [default false].
+    #[serde(default)]
+    pub public_invoke: Option<bool>,
     /// Description [default empty].
     #[serde(default)]
     pub description: Option<String>,
@@ -230,6 +236,9 @@ pub struct UpdateFunctionRequest {
     #[serde(default, deserialize_with = "some_or_null")]
     #[schema(value_type = Option<u32>)]
     pub reserved_concurrency: Option<Option<u32>>,
+    /// Anyone may invoke it without credentials.
+    #[serde(default)]
+    pub public_invoke: Option<bool>,
     /// Description.
     #[serde(default)]
     pub description: Option<String>,
@@ -301,6 +310,7 @@ pub(crate) struct FunctionRow {
     pub min_scale: i32,
     pub max_scale: i32,
     pub reserved_concurrency: Option<i32>,
+    pub public_invoke: bool,
     pub description: String,
     pub tags: sqlx::types::Json<BTreeMap<String, String>>,
     pub environment: sqlx::types::Json<BTreeMap<String, env::StoredVar>>,
@@ -313,8 +323,8 @@ pub(crate) struct FunctionRow {
 }
 
 pub(crate) const FUNCTION_COLUMNS: &str = "id, tenant_id, name, runtime, entry, memory_mb, timeout_ms, concurrency, \
-     min_scale, max_scale, reserved_concurrency, description, tags, environment, package_id, revision, next_version, \
-     created_by, created_at, updated_at";
+     min_scale, max_scale, reserved_concurrency, public_invoke, description, tags, environment, package_id, revision, \
+     next_version, created_by, created_at, updated_at";
 
 /// A stored non-negative integer (the columns only ever hold checked values).
 fn unsigned(v: i32) -> u32 {
@@ -346,6 +356,7 @@ impl FunctionRow {
             config: self.config(),
             name: self.name,
             description: self.description,
+            public_invoke: self.public_invoke,
             package,
             etag: etag(self.revision),
             next_version: self.next_version,
@@ -514,8 +525,8 @@ pub async fn create_function(
     }
     let row: FunctionRow = sqlx::query_as(&format!(
         "INSERT INTO functions (id, tenant_id, name, runtime, entry, memory_mb, timeout_ms, concurrency, min_scale, \
-         max_scale, reserved_concurrency, description, tags, environment, created_by) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) RETURNING {FUNCTION_COLUMNS}"
+         max_scale, reserved_concurrency, description, tags, environment, created_by, public_invoke) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) RETURNING {FUNCTION_COLUMNS}"
     ))
     .bind(id)
     .bind(tenant_id)
@@ -535,6 +546,7 @@ pub async fn create_function(
         Principal::ApiKey { created_by, .. } => *created_by,
         Principal::User { .. } => None,
     }))
+    .bind(req.public_invoke.unwrap_or(false))
     .fetch_one(&mut *tx)
     .await
     .map_err(|e| {
@@ -699,6 +711,10 @@ pub async fn update_function(
         description = d;
         changed.push("description");
     }
+    let public_invoke = req.public_invoke.unwrap_or(row.public_invoke);
+    if req.public_invoke.is_some_and(|p| p != row.public_invoke) {
+        changed.push("public_invoke");
+    }
     let mut errors = Vec::new();
     check_config(&config, &description, &mut errors);
     let environment = match req.environment {
@@ -736,7 +752,7 @@ pub async fn update_function(
     let updated: FunctionRow = sqlx::query_as(&format!(
         "UPDATE functions SET entry = $2, memory_mb = $3, timeout_ms = $4, concurrency = $5, min_scale = $6, \
          max_scale = $7, reserved_concurrency = $8, description = $9, tags = $10, environment = $11, package_id = $12, \
-         revision = revision + 1, updated_at = now() WHERE id = $1 RETURNING {FUNCTION_COLUMNS}"
+         public_invoke = $13, revision = revision + 1, updated_at = now() WHERE id = $1 RETURNING {FUNCTION_COLUMNS}"
     ))
     .bind(row.id)
     .bind(&config.entry)
@@ -750,6 +766,7 @@ pub async fn update_function(
     .bind(sqlx::types::Json(&config.tags))
     .bind(sqlx::types::Json(&environment))
     .bind(package_id)
+    .bind(public_invoke)
     .fetch_one(&mut *tx)
     .await?;
     let package = package_ref(&mut tx, tenant_id, updated.package_id).await?;

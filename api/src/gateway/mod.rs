@@ -155,13 +155,28 @@ async fn route(state: &AppState, params: &[(String, String)], req: Request) -> R
     let path = get("path").map(|p| format!("/{p}")).unwrap_or_default();
     let (function_name, qualifier) = split_target(target);
 
-    // Authentication first: nothing about a tenant's functions is told to a stranger.
-    let principal = authenticate(state, req.headers()).await?;
     let table = state.routes.table();
-    let tenant = *table.tenants.get(tenant_name).ok_or(ApiError::NotFound("tenant"))?;
-    let resource = nrn::function(tenant, function_name);
-    authz::decide(role_in(state, &principal, tenant).await?, Action::InvokeFunction, &resource)?;
-    let function = table.functions.get(&(tenant, function_name.to_owned())).ok_or(ApiError::NotFound("function"))?;
+    // Without credentials only a public function can be invoked; for anything else the answer is
+    // the same 401 as for every credential-less call, so nothing is told to a stranger.
+    let (tenant, function, principal) = if req.headers().contains_key(header::AUTHORIZATION) {
+        // Authentication first: nothing about a tenant's functions is told to a stranger.
+        let principal = authenticate(state, req.headers()).await?;
+        let tenant = *table.tenants.get(tenant_name).ok_or(ApiError::NotFound("tenant"))?;
+        let resource = nrn::function(tenant, function_name);
+        authz::decide(role_in(state, &principal, tenant).await?, Action::InvokeFunction, &resource)?;
+        let function =
+            table.functions.get(&(tenant, function_name.to_owned())).ok_or(ApiError::NotFound("function"))?;
+        (tenant, function, Some(principal))
+    } else {
+        let public = table
+            .tenants
+            .get(tenant_name)
+            .and_then(|t| table.functions.get(&(*t, function_name.to_owned())))
+            .filter(|f| f.public_invoke);
+        let Some(function) = public else { return Err(ApiError::Unauthenticated("missing Authorization header")) };
+        metrics::counter!("nimbus_gateway_anonymous_total").increment(1);
+        (function.tenant_id, function, None)
+    };
 
     let invocation_id = Uuid::now_v7();
     let version = match qualifier.unwrap_or(DEFAULT_ALIAS) {
@@ -178,7 +193,7 @@ async fn route(state: &AppState, params: &[(String, String)], req: Request) -> R
                 .flatten()
                 .unwrap_or_else(|| {
                     if routing.sticky {
-                        principal.actor().1.as_bytes().to_vec()
+                        principal.as_ref().map_or(invocation_id, |p| p.actor().1).as_bytes().to_vec()
                     } else {
                         invocation_id.as_bytes().to_vec()
                     }

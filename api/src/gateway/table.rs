@@ -61,6 +61,8 @@ pub struct FunctionEntry {
     pub aliases: HashMap<String, RoutingConfig>,
     /// Its reserved concurrency: the most invocations in flight at once, when set.
     pub reserved_concurrency: Option<u32>,
+    /// Anyone may invoke it without credentials.
+    pub public_invoke: bool,
 }
 
 /// A node serving invocations.
@@ -208,8 +210,8 @@ impl Routes {
         self.clear_auth();
         let mut tx = db::begin(pool, &Scope { gateway: true, ..Scope::default() }).await?;
         let tenants: Vec<(Uuid, String)> = sqlx::query_as("SELECT id, name FROM tenants").fetch_all(&mut *tx).await?;
-        let functions: Vec<(Uuid, Uuid, String, Option<i32>)> =
-            sqlx::query_as("SELECT id, tenant_id, name, reserved_concurrency FROM functions")
+        let functions: Vec<(Uuid, Uuid, String, Option<i32>, bool)> =
+            sqlx::query_as("SELECT id, tenant_id, name, reserved_concurrency, public_invoke FROM functions")
                 .fetch_all(&mut *tx)
                 .await?;
         let versions: Vec<(Uuid, Uuid, i32, sqlx::types::Json<StoredConfig>)> =
@@ -224,13 +226,14 @@ impl Routes {
 
         let mut by_id: HashMap<Uuid, FunctionEntry> = functions
             .iter()
-            .map(|(id, tenant_id, _, reserved)| {
+            .map(|(id, tenant_id, _, reserved, public_invoke)| {
                 let entry = FunctionEntry {
                     id: *id,
                     tenant_id: *tenant_id,
                     versions: HashMap::new(),
                     aliases: HashMap::new(),
                     reserved_concurrency: reserved.and_then(|r| u32::try_from(r).ok()),
+                    public_invoke: *public_invoke,
                 };
                 (*id, entry)
             })
@@ -251,7 +254,7 @@ impl Routes {
             functions: HashMap::with_capacity(functions.len()),
             instances: HashMap::new(),
         };
-        for (id, tenant_id, name, _) in functions {
+        for (id, tenant_id, name, _, _) in functions {
             if let Some(f) = by_id.remove(&id) {
                 table.functions.insert((tenant_id, name), f);
             }

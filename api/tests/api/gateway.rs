@@ -179,6 +179,21 @@ async fn the_gateway_authorizes_routes_by_weight_and_pin_and_forwards_to_a_ready
         }
     }
     assert!((20..=65).contains(&to_v2), "version 2 got {to_v2} of 400 at a 10 % weight");
+    // Anonymous callers reach only public functions; everything else is the usual 401.
+    app.post("/fn/acme/thumbs:1").send().await.assert_problem(StatusCode::UNAUTHORIZED, "unauthenticated");
+    let res = app
+        .patch(&format!("{}/thumbs", functions_path(owner.tenant)))
+        .token(&owner.token)
+        .header("if-match", "*")
+        .json(json!({"public_invoke": true}))
+        .send()
+        .await;
+    assert_eq!(res.body["public_invoke"], true, "{}", res.text);
+    app.state.routes.reload(&app.state.pool).await.unwrap();
+    let anonymous = app.post("/fn/acme/thumbs:1").send().await;
+    assert_eq!((anonymous.status, anonymous.text.as_str()), (StatusCode::OK, format!("v={v1}").as_str()));
+    app.post("/fn/acme/other").send().await.assert_problem(StatusCode::UNAUTHORIZED, "unauthenticated");
+    app.post("/fn/nobody/thumbs").send().await.assert_problem(StatusCode::UNAUTHORIZED, "unauthenticated");
     // A pin to a version the alias serves wins.
     let pinned = app.post("/fn/acme/thumbs").token(&owner.token).header("x-nimbus-version", "2").send().await;
     assert_eq!(pinned.text, format!("v={v2}"));
