@@ -257,6 +257,7 @@ async fn route(state: &AppState, params: &[(String, String)], req: Request) -> R
     }
 
     target.outstanding.fetch_add(1, Ordering::Relaxed);
+    let forwarded = std::time::Instant::now();
     let sent = state
         .http
         .request(parts.method.clone(), &url)
@@ -266,9 +267,23 @@ async fn route(state: &AppState, params: &[(String, String)], req: Request) -> R
         .send()
         .await;
     target.outstanding.fetch_sub(1, Ordering::Relaxed);
+    // Per function and version (names from the routing table only, so callers cannot grow the
+    // label set): invocations by status class, and the time to the agent's response head.
+    let record = |class: &'static str| {
+        let labels = [
+            ("tenant", tenant_name.to_owned()),
+            ("function", function_name.to_owned()),
+            ("version", version.number.to_string()),
+        ];
+        metrics::counter!("nimbus_function_invocations_total", &labels).increment(1);
+        metrics::counter!("nimbus_function_invocations_by_status_total", "status" => class, "function" => function_name.to_owned())
+            .increment(1);
+        metrics::histogram!("nimbus_function_response_seconds", &labels).record(forwarded.elapsed().as_secs_f64());
+    };
     let upstream = match sent {
         Ok(r) => r,
         Err(e) if e.is_timeout() => {
+            record("5xx");
             return Ok(problem(
                 StatusCode::GATEWAY_TIMEOUT,
                 "function_timeout",
@@ -276,6 +291,7 @@ async fn route(state: &AppState, params: &[(String, String)], req: Request) -> R
             ));
         }
         Err(e) => {
+            record("5xx");
             target.failed_at.store(state.routes.now_ms().max(1), Ordering::Relaxed);
             metrics::counter!("nimbus_gateway_agent_failures_total").increment(1);
             tracing::warn!(node = %target.node_id, error = %e, "the agent could not be reached");
@@ -286,6 +302,14 @@ async fn route(state: &AppState, params: &[(String, String)], req: Request) -> R
             ));
         }
     };
+    record(match upstream.status().as_u16() {
+        200..=299 => "2xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    });
+    if upstream.headers().get(HEADER_COLD_START).is_some_and(|v| v == "true") {
+        metrics::counter!("nimbus_function_cold_starts_total", "function" => function_name.to_owned()).increment(1);
+    }
     let mut res = Response::builder().status(upstream.status());
     for (name, value) in upstream.headers() {
         if !HOP_BY_HOP.contains(&name.as_str()) && name != header::CONTENT_LENGTH {

@@ -197,6 +197,15 @@ async fn the_gateway_authorizes_routes_by_weight_and_pin_and_forwards_to_a_ready
     // A pin to a version the alias serves wins.
     let pinned = app.post("/fn/acme/thumbs").token(&owner.token).header("x-nimbus-version", "2").send().await;
     assert_eq!(pinned.text, format!("v={v2}"));
+    // Per-function metrics on /metrics, labelled with names the routing table knows.
+    let metrics = app.get("/metrics").send().await.text;
+    assert!(
+        metrics.lines().any(|l| l.starts_with("nimbus_function_invocations_total")
+            && l.contains("function=\"thumbs\"")
+            && l.contains("version=\"2\"")),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("function=\"nope\""), "unknown names never become labels");
 }
 
 #[tokio::test]
