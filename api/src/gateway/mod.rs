@@ -124,6 +124,22 @@ async fn role_in(
     Ok(role)
 }
 
+/// One request out to a node, counted in its outstanding requests until dropped.
+struct Outstanding<'a>(&'a std::sync::atomic::AtomicU32);
+
+impl<'a> Outstanding<'a> {
+    fn take(counter: &'a std::sync::atomic::AtomicU32) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Outstanding(counter)
+    }
+}
+
+impl Drop for Outstanding<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// `{function}[:{qualifier}]`.
 fn split_target(target: &str) -> (&str, Option<&str>) {
     match target.split_once(':') {
@@ -256,7 +272,9 @@ async fn route(state: &AppState, params: &[(String, String)], req: Request) -> R
         headers.insert(HeaderName::from_static("x-request-id"), id.clone());
     }
 
-    target.outstanding.fetch_add(1, Ordering::Relaxed);
+    // Counted while the request to the agent is out; the guard gives the count back even when
+    // the caller goes away and this future is dropped mid-request.
+    let outstanding = Outstanding::take(&target.outstanding);
     let forwarded = std::time::Instant::now();
     let sent = state
         .http
@@ -266,7 +284,7 @@ async fn route(state: &AppState, params: &[(String, String)], req: Request) -> R
         .body(reqwest::Body::wrap_stream(body.into_data_stream()))
         .send()
         .await;
-    target.outstanding.fetch_sub(1, Ordering::Relaxed);
+    drop(outstanding);
     // Per function and version (names from the routing table only, so callers cannot grow the
     // label set): invocations by status class, and the time to the agent's response head.
     let record = |class: &'static str| {
