@@ -111,6 +111,9 @@ impl AppState {
             routes: gateway::Routes::default(),
             limits: gateway::limits::Limits::default(),
             http: reqwest::Client::builder()
+                // A function's redirect is the caller's to follow, never the gateway's (it would
+                // carry the node's invoke secret to wherever the function points).
+                .redirect(reqwest::redirect::Policy::none())
                 .pool_max_idle_per_host(256)
                 .connect_timeout(Duration::from_secs(2))
                 .build()

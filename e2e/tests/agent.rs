@@ -218,6 +218,9 @@ fn start_agent(p: &Platform, token: &str, data: &Path, flush: &str) -> Agent {
             ("NIMBUS_AGENT_LISTEN", "127.0.0.1:0"),
             ("NIMBUS_AGENT_USAGE_FLUSH_INTERVAL", flush),
             ("NIMBUS_AGENT_WASM_POOL_SLOTS", "16"),
+            // A uid range of its own: agents of other tests on this machine sweep theirs.
+            ("NIMBUS_AGENT_PROCESS_UID_BASE", "610000"),
+            ("NIMBUS_AGENT_PROCESS_UIDS", "32"),
             ("NIMBUS_AGENT_LOG", "warn"),
         ],
     )

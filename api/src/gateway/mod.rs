@@ -168,7 +168,11 @@ async fn invoke(State(state): State<AppState>, Path(params): Path<Vec<(String, S
 async fn route(state: &AppState, params: &[(String, String)], req: Request) -> Result<Response, ApiError> {
     let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
     let (tenant_name, target) = (get("tenant").unwrap_or(""), get("target").unwrap_or(""));
-    let path = get("path").map(|p| format!("/{p}")).unwrap_or_default();
+    // The path after the function, as the caller sent it (still percent-encoded): the decoded
+    // form could carry `/`, `..` or `?` into the agent's URL.
+    let raw = req.uri().path();
+    let path = raw.splitn(5, '/').nth(4).map(|p| format!("/{p}")).unwrap_or_default();
+    let _ = get("path");
     let (function_name, qualifier) = split_target(target);
 
     let table = state.routes.table();
@@ -254,6 +258,27 @@ async fn route(state: &AppState, params: &[(String, String)], req: Request) -> R
     let (parts, body) = req.into_parts();
     let query = parts.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
     let url = format!("{}/invoke/{}{path}{query}", target.invoke_url, version.id);
+    // Whatever the path holds, the request must stay below this version's endpoint.
+    let prefix = format!("/invoke/{}", version.id);
+    let stays =
+        reqwest::Url::parse(&url).is_ok_and(|u| u.path() == prefix || u.path().starts_with(&format!("{prefix}/")));
+    if !stays
+        || path.split('/').any(|seg| {
+            let lower = seg.to_ascii_lowercase();
+            seg == "."
+                || seg == ".."
+                || lower.contains("%2e%2e")
+                || lower.contains("%2f")
+                || lower.contains("%5c")
+                || seg.contains('\\')
+        })
+    {
+        return Err(ApiError::InvalidPath(vec![crate::error::FieldError::new(
+            "path",
+            "no_dot_segments",
+            "the path after the function may not hold `.`/`..` segments or encoded slashes",
+        )]));
+    }
     let mut headers = HeaderMap::new();
     for (name, value) in &parts.headers {
         if !HOP_BY_HOP.contains(&name.as_str()) && !name.as_str().starts_with("x-nimbus-") {

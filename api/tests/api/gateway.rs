@@ -194,6 +194,21 @@ async fn the_gateway_authorizes_routes_by_weight_and_pin_and_forwards_to_a_ready
     assert_eq!((anonymous.status, anonymous.text.as_str()), (StatusCode::OK, format!("v={v1}").as_str()));
     app.post("/fn/acme/other").send().await.assert_problem(StatusCode::UNAUTHORIZED, "unauthenticated");
     app.post("/fn/nobody/thumbs").send().await.assert_problem(StatusCode::UNAUTHORIZED, "unauthenticated");
+    // A path cannot climb out of the version's endpoint, however it is encoded.
+    for bad in [
+        "/fn/acme/thumbs:1/%2e%2e/other",
+        "/fn/acme/thumbs:1/a/%2E%2E/b",
+        "/fn/acme/thumbs:1/x%2Fy",
+        "/fn/acme/thumbs:1/a%5cb",
+    ] {
+        let before = seen.lock().unwrap().len();
+        app.post(bad)
+            .token(&owner.token)
+            .send()
+            .await
+            .assert_problem(StatusCode::BAD_REQUEST, "invalid_path_parameter");
+        assert_eq!(seen.lock().unwrap().len(), before, "{bad} reached the agent");
+    }
     // A pin to a version the alias serves wins.
     let pinned = app.post("/fn/acme/thumbs").token(&owner.token).header("x-nimbus-version", "2").send().await;
     assert_eq!(pinned.text, format!("v={v2}"));
