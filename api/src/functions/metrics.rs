@@ -75,7 +75,7 @@ fn parse_window(w: Option<&str>) -> Result<i64, ApiError> {
     let n: i64 = n.parse().map_err(|_| bad())?;
     let minutes = match unit {
         "m" => n,
-        "h" => n * 60,
+        "h" => n.checked_mul(60).ok_or_else(bad)?,
         _ => return Err(bad()),
     };
     if (1..=MAX_WINDOW_MINUTES).contains(&minutes) { Ok(minutes) } else { Err(bad()) }
@@ -182,7 +182,7 @@ mod tests {
         assert_eq!(parse_window(None).unwrap(), 60);
         assert_eq!(parse_window(Some("15m")).unwrap(), 15);
         assert_eq!(parse_window(Some("24h")).unwrap(), 1440);
-        for bad in ["0m", "25h", "1d", "m", "x"] {
+        for bad in ["0m", "25h", "1d", "m", "x", "999999999999999999h"] {
             assert!(parse_window(Some(bad)).is_err(), "{bad}");
         }
         let mut b = vec![0i64; LATENCY_BUCKETS_MS.len() + 1];

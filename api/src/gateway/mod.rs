@@ -335,7 +335,11 @@ async fn route(state: &AppState, params: &[(String, String)], req: Request) -> R
         }
         Err(e) => {
             record("5xx");
-            target.failed_at.store(state.routes.now_ms().max(1), Ordering::Relaxed);
+            // Only a node that cannot be reached is marked; a caller's broken body is not the
+            // node's fault.
+            if e.is_connect() {
+                target.failed_at.store(state.routes.now_ms().max(1), Ordering::Relaxed);
+            }
             metrics::counter!("nimbus_gateway_agent_failures_total").increment(1);
             tracing::warn!(node = %target.node_id, error = %e, "the agent could not be reached");
             return Ok(problem(
@@ -359,7 +363,11 @@ async fn route(state: &AppState, params: &[(String, String)], req: Request) -> R
             res = res.header(name, value);
         }
     }
-    res = res.header(HEADER_VERSION, version.number.to_string());
+    let mut res = res;
+    if let Some(h) = res.headers_mut() {
+        // The platform's header, whatever the function said.
+        h.insert(HEADER_VERSION, HeaderValue::from(version.number));
+    }
     if !upstream.headers().contains_key(HEADER_COLD_START) {
         res = res.header(HEADER_COLD_START, "false");
     }
