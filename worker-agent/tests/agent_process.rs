@@ -408,8 +408,13 @@ async fn credentials_are_renewed_before_they_expire_and_a_refused_one_rejoins() 
     let agent = AgentProcess::start(&vars);
     agent.wait_line("joined as node ");
     until("the credential was renewed twice", || cp.state.renews.load(Ordering::Relaxed) >= 2).await;
-    let stored = std::fs::read_to_string(data.join("identity.json")).unwrap();
-    assert!(stored.contains(cp.state.credential.lock().unwrap().as_str()), "the renewed credential is stored");
+    // The agent writes the renewed credential after the control plane answered: wait for the file
+    // to hold the one the control plane handed out last.
+    until("the renewed credential is stored", || {
+        let current = cp.state.credential.lock().unwrap().clone();
+        std::fs::read_to_string(data.join("identity.json")).is_ok_and(|stored| stored.contains(current.as_str()))
+    })
+    .await;
 
     *cp.state.credential_ttl.lock().unwrap() = chrono::Duration::hours(1);
     cp.revoke();

@@ -140,6 +140,25 @@ impl Drop for Outstanding<'_> {
     }
 }
 
+/// Whether a `Set-Cookie` from a function is scoped below the function's own path (a cookie
+/// without `Path` defaults to the request's directory, which is below it).
+fn cookie_stays_below(value: &HeaderValue, own_path: &str) -> bool {
+    let Ok(text) = value.to_str() else { return false };
+    let mut below = true;
+    for attr in text.split(';').skip(1) {
+        let attr = attr.trim();
+        let starts = |p: &str| attr.len() >= p.len() && attr[..p.len()].eq_ignore_ascii_case(p);
+        if starts("domain=") {
+            return false;
+        }
+        if starts("path=") {
+            let path = &attr[5..];
+            below = path == own_path || path.starts_with(&format!("{own_path}/"));
+        }
+    }
+    below
+}
+
 /// `{function}[:{qualifier}]`.
 fn split_target(target: &str) -> (&str, Option<&str>) {
     match target.split_once(':') {
@@ -358,11 +377,23 @@ async fn route(state: &AppState, params: &[(String, String)], req: Request) -> R
         metrics::counter!("nimbus_function_cold_starts_total", "function" => function_name.to_owned()).increment(1);
     }
     let mut res = Response::builder().status(upstream.status());
+    // Functions share the console's origin until the gateway gets a host of its own: their pages
+    // run sandboxed (an opaque origin: no access to the console or its cookies), and a cookie a
+    // function sets may only be scoped below its own path.
+    let own_path = format!("/fn/{tenant_name}/{function_name}");
     for (name, value) in upstream.headers() {
-        if !HOP_BY_HOP.contains(&name.as_str()) && name != header::CONTENT_LENGTH {
-            res = res.header(name, value);
+        if HOP_BY_HOP.contains(&name.as_str())
+            || name == header::CONTENT_LENGTH
+            || name == header::CONTENT_SECURITY_POLICY
+        {
+            continue;
         }
+        if name == header::SET_COOKIE && !cookie_stays_below(value, &own_path) {
+            continue;
+        }
+        res = res.header(name, value);
     }
+    res = res.header(header::CONTENT_SECURITY_POLICY, "sandbox allow-scripts allow-forms allow-popups allow-downloads");
     let mut res = res;
     if let Some(h) = res.headers_mut() {
         // The platform's header, whatever the function said.
@@ -377,4 +408,21 @@ async fn route(state: &AppState, params: &[(String, String)], req: Request) -> R
         chunk
     });
     Ok(res.body(Body::from_stream(body)).map_err(|e| anyhow::anyhow!(e))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_functions_cookies_stay_below_its_path() {
+        let ok = |v: &str| cookie_stays_below(&HeaderValue::from_str(v).unwrap(), "/fn/acme/shop");
+        assert!(ok("cart=1"));
+        assert!(ok("cart=1; Path=/fn/acme/shop; HttpOnly"));
+        assert!(ok("cart=1; path=/fn/acme/shop/basket"));
+        assert!(!ok("nimbus_at=x; Path=/console"));
+        assert!(!ok("cart=1; Path=/"));
+        assert!(!ok("cart=1; Path=/fn/acme/shopping"));
+        assert!(!ok("cart=1; Path=/fn/acme/shop; Domain=example.com"));
+    }
 }

@@ -161,6 +161,7 @@ async fn the_gateway_authorizes_routes_by_weight_and_pin_and_forwards_to_a_ready
     assert_eq!(res.text, format!("v={v1}"));
     assert_eq!(res.headers["x-nimbus-version"], "1");
     assert_eq!(res.headers["x-nimbus-cold-start"], "true");
+    assert!(res.headers["content-security-policy"].to_str().unwrap().starts_with("sandbox"), "functions run sandboxed");
     let first = seen.lock().unwrap()[0].clone();
     assert_eq!(first.path, format!("/invoke/{v1}/resize/x?w=100"));
     assert_eq!(first.authorization, format!("Bearer {secret}"));
