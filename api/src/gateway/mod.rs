@@ -191,7 +191,6 @@ async fn route(state: &AppState, params: &[(String, String)], req: Request) -> R
     // form could carry `/`, `..` or `?` into the agent's URL.
     let raw = req.uri().path();
     let path = raw.splitn(5, '/').nth(4).map(|p| format!("/{p}")).unwrap_or_default();
-    let _ = get("path");
     let (function_name, qualifier) = split_target(target);
 
     let table = state.routes.table();

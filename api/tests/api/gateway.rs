@@ -64,17 +64,6 @@ async fn stand_in_agent() -> (String, Arc<Mutex<Vec<Seen>>>) {
     (url, seen)
 }
 
-async fn platform_admin(app: &TestApp) -> User {
-    let admin = app.sign_up("ops@example.com", "ops").await;
-    let mut c = app.admin_conn().await;
-    sqlx::query("UPDATE users SET is_platform_admin = true WHERE id = $1")
-        .bind(admin.id)
-        .execute(&mut c)
-        .await
-        .unwrap();
-    admin
-}
-
 /// A node at `invoke_url` that reports `versions` ready; returns its invoke secret.
 async fn ready_node(app: &TestApp, admin: &User, name: &str, invoke_url: &str, versions: &[Uuid]) -> String {
     let token = app.post("/v1/join-tokens").token(&admin.token).json(json!({"name": name})).send().await;
@@ -124,7 +113,7 @@ async fn two_versions(app: &TestApp, owner: &User) -> (Uuid, Uuid) {
 #[tokio::test]
 async fn the_gateway_authorizes_routes_by_weight_and_pin_and_forwards_to_a_ready_node() {
     let app = spawn_app().await;
-    let admin = platform_admin(&app).await;
+    let admin = app.platform_admin().await;
     let owner = app.sign_up("owner@example.com", "acme").await;
     let stranger = app.sign_up("stranger@example.com", "globex").await;
     let viewer = app.sign_up("viewer@example.com", "viewers").await;
@@ -227,7 +216,7 @@ async fn the_gateway_authorizes_routes_by_weight_and_pin_and_forwards_to_a_ready
 #[tokio::test]
 async fn no_ready_node_is_503_and_an_unreachable_node_is_502() {
     let app = spawn_app().await;
-    let admin = platform_admin(&app).await;
+    let admin = app.platform_admin().await;
     let owner = app.sign_up("owner@example.com", "acme").await;
     let (v1, _) = two_versions(&app, &owner).await;
     app.state.routes.reload(&app.state.pool).await.unwrap();
@@ -316,7 +305,7 @@ async fn the_routing_table_follows_changes_through_listen_notify() {
 #[tokio::test]
 async fn limits_answer_429_with_retry_after_and_give_their_slots_back() {
     let app = crate::helpers::spawn_app_with(&["--tenant-rate-limit=2"]).await;
-    let admin = platform_admin(&app).await;
+    let admin = app.platform_admin().await;
     let owner = app.sign_up("owner@example.com", "acme").await;
     let (v1, _) = two_versions(&app, &owner).await;
     // A stand-in agent that holds each request until the test lets it go.

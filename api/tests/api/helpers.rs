@@ -238,6 +238,18 @@ impl TestApp {
         (res.body["id"].as_str().unwrap().parse().unwrap(), res.body["secret"].as_str().unwrap().to_owned())
     }
 
+    /// Signs up `ops@example.com` and makes it a platform admin (with the privileged connection).
+    pub async fn platform_admin(&self) -> User {
+        let admin = self.sign_up("ops@example.com", "ops").await;
+        let mut c = self.admin_conn().await;
+        sqlx::query("UPDATE users SET is_platform_admin = true WHERE id = $1")
+            .bind(admin.id)
+            .execute(&mut c)
+            .await
+            .unwrap();
+        admin
+    }
+
     /// A privileged connection to the test database (bypasses RLS: for setting up and checking).
     pub async fn admin_conn(&self) -> PgConnection {
         PgConnection::connect(&self.db_url).await.unwrap()

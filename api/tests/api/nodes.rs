@@ -16,18 +16,6 @@ use crate::{
     helpers::{TestApp, User, spawn_app},
 };
 
-/// Signs up a user and makes it a platform admin (with the privileged connection).
-async fn platform_admin(app: &TestApp) -> User {
-    let admin = app.sign_up("ops@example.com", "ops").await;
-    let mut c = app.admin_conn().await;
-    sqlx::query("UPDATE users SET is_platform_admin = true WHERE id = $1")
-        .bind(admin.id)
-        .execute(&mut c)
-        .await
-        .unwrap();
-    admin
-}
-
 async fn join_token(app: &TestApp, admin: &User, body: Value) -> (Uuid, String) {
     let res = app.post("/v1/join-tokens").token(&admin.token).json(body).send().await;
     assert_eq!(res.status, StatusCode::CREATED, "{}", res.text);
@@ -86,7 +74,7 @@ async fn assign(app: &TestApp, admin: &User, node: Uuid, body: Value) -> crate::
 #[tokio::test]
 async fn join_tokens_are_for_platform_admins_and_bad_revoked_expired_or_used_up_tokens_are_refused() {
     let app = spawn_app().await;
-    let admin = platform_admin(&app).await;
+    let admin = app.platform_admin().await;
     let user = app.sign_up("dev@example.com", "acme").await;
     let (_, key) = app.create_key(&user.token, user.tenant, "admin").await;
     for who in [&user.token, &key] {
@@ -155,7 +143,7 @@ async fn join_tokens_are_for_platform_admins_and_bad_revoked_expired_or_used_up_
 #[tokio::test]
 async fn credentials_renew_with_a_grace_period_and_stop_when_the_node_is_removed() {
     let app = spawn_app().await;
-    let admin = platform_admin(&app).await;
+    let admin = app.platform_admin().await;
     let (_, token) = join_token(&app, &admin, json!({"name": "t"})).await;
     let node = join(&app, &token, "w1").await;
     app.post("/agent/v1/reports").send().await.assert_problem(StatusCode::UNAUTHORIZED, "unauthenticated");
@@ -203,7 +191,7 @@ async fn credentials_renew_with_a_grace_period_and_stop_when_the_node_is_removed
 #[tokio::test]
 async fn desired_state_carries_assignments_wakes_long_polls_and_shows_a_node_only_its_versions() {
     let app = spawn_app().await;
-    let admin = platform_admin(&app).await;
+    let admin = app.platform_admin().await;
     let owner = app.sign_up("owner@example.com", "acme").await;
     let other = app.sign_up("other@example.com", "globex").await;
     let version = deployed(&app, &owner, "thumbs").await;
@@ -332,7 +320,7 @@ async fn desired_state_carries_assignments_wakes_long_polls_and_shows_a_node_onl
 #[tokio::test]
 async fn a_version_whose_secret_cannot_be_opened_is_left_out_and_the_rest_still_reconciles() {
     let app = spawn_app().await;
-    let admin = platform_admin(&app).await;
+    let admin = app.platform_admin().await;
     let owner = app.sign_up("owner@example.com", "acme").await;
     let broken = deployed_with(&app, &owner, "broken", 7).await;
     let fine = deployed_with(&app, &owner, "fine", 8).await;
@@ -365,7 +353,7 @@ async fn a_version_whose_secret_cannot_be_opened_is_left_out_and_the_rest_still_
 #[tokio::test]
 async fn a_live_nodes_name_cannot_be_taken_over_and_a_node_that_left_renews_without_a_token() {
     let app = spawn_app().await;
-    let admin = platform_admin(&app).await;
+    let admin = app.platform_admin().await;
     let (_, token) = join_token(&app, &admin, json!({"name": "t"})).await;
     let node = join(&app, &token, "w1").await;
     app.post("/agent/v1/join")
@@ -416,7 +404,7 @@ fn record(invocation: Uuid, owner: &User, function: Uuid, version: Uuid) -> Valu
 #[tokio::test]
 async fn usage_batches_are_stored_once_and_logs_are_listed_newest_first() {
     let app = spawn_app().await;
-    let admin = platform_admin(&app).await;
+    let admin = app.platform_admin().await;
     let owner = app.sign_up("owner@example.com", "acme").await;
     let stranger = app.sign_up("stranger@example.com", "globex").await;
     let version = deployed(&app, &owner, "thumbs").await;
@@ -498,7 +486,7 @@ async fn usage_batches_are_stored_once_and_logs_are_listed_newest_first() {
 #[tokio::test]
 async fn silent_nodes_are_marked_lost_and_come_back_when_they_report() {
     let app = spawn_app().await;
-    let admin = platform_admin(&app).await;
+    let admin = app.platform_admin().await;
     let (_, token) = join_token(&app, &admin, json!({"name": "t"})).await;
     let quiet = join(&app, &token, "quiet").await;
     let alive = join(&app, &token, "alive").await;
@@ -532,7 +520,7 @@ async fn silent_nodes_are_marked_lost_and_come_back_when_they_report() {
 #[tokio::test]
 async fn reported_metrics_are_rolled_up_per_minute_for_assigned_versions_only() {
     let app = spawn_app().await;
-    let admin = platform_admin(&app).await;
+    let admin = app.platform_admin().await;
     let owner = app.sign_up("owner@example.com", "acme").await;
     let version = deployed(&app, &owner, "thumbs").await;
     let (_, token) = join_token(&app, &admin, json!({"name": "t"})).await;
