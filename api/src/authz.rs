@@ -124,6 +124,14 @@ pub enum Action {
     RemoveNode,
     /// Set the versions a node keeps warm (platform).
     PutAssignments,
+    /// Change a node's labels (platform).
+    UpdateNode,
+    /// List the pools nodes form with their `pool` label, and their dedications (platform).
+    ListPools,
+    /// Dedicate a pool to one tenant (platform).
+    DedicatePool,
+    /// End a pool's dedication (platform).
+    UndedicatePool,
 }
 
 impl Action {
@@ -162,6 +170,10 @@ impl Action {
         Action::DrainNode,
         Action::RemoveNode,
         Action::PutAssignments,
+        Action::UpdateNode,
+        Action::ListPools,
+        Action::DedicatePool,
+        Action::UndedicatePool,
     ];
 
     /// The action's name, `<service>:<Verb><Noun>`.
@@ -200,6 +212,10 @@ impl Action {
             Action::DrainNode => "nodes:DrainNode",
             Action::RemoveNode => "nodes:RemoveNode",
             Action::PutAssignments => "nodes:PutAssignments",
+            Action::UpdateNode => "nodes:UpdateNode",
+            Action::ListPools => "nodes:ListPools",
+            Action::DedicatePool => "nodes:DedicatePool",
+            Action::UndedicatePool => "nodes:UndedicatePool",
         }
     }
 
@@ -236,7 +252,11 @@ impl Action {
             | Action::ListNodes
             | Action::DrainNode
             | Action::RemoveNode
-            | Action::PutAssignments => Role::Admin,
+            | Action::PutAssignments
+            | Action::UpdateNode
+            | Action::ListPools
+            | Action::DedicatePool
+            | Action::UndedicatePool => Role::Admin,
         }
     }
 
@@ -298,6 +318,10 @@ pub mod nrn {
     /// A join token, or every token with `*`.
     pub fn join_token(token: impl std::fmt::Display) -> String {
         format!("nrn:nimbus:nodes::join-token/{token}")
+    }
+    /// A pool of nodes (the value of their `pool` label), or every pool with `*`.
+    pub fn pool(pool: &str) -> String {
+        format!("nrn:nimbus:nodes::pool/{pool}")
     }
 }
 

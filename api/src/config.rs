@@ -199,6 +199,17 @@ pub struct ServerArgs {
     /// twice as many (429 beyond; 0: no rate limit).
     #[arg(long, env = "NIMBUS_TENANT_RATE_LIMIT", default_value_t = 10_000)]
     pub tenant_rate_limit: u32,
+    /// Run the autoscaler (in the one replica holding its lock): it decides instance counts and
+    /// writes nodes' assignments. `false` leaves assignments to `PUT /v1/nodes/{id}/assignments`.
+    #[arg(long, env = "NIMBUS_AUTOSCALER", default_value_t = true, action = clap::ArgAction::Set)]
+    pub autoscaler: bool,
+    /// Longest a gateway holds a request for a version no node serves yet (scale from zero)
+    /// before answering 503.
+    #[arg(long, env = "NIMBUS_GATEWAY_HOLD_TIMEOUT", default_value = "10s")]
+    pub gateway_hold_timeout: HumanDuration,
+    /// Most requests a gateway holds per version while an instance starts (503 beyond).
+    #[arg(long, env = "NIMBUS_GATEWAY_HOLD_QUEUE", default_value_t = 1000)]
+    pub gateway_hold_queue: u32,
     /// How long function log lines are kept.
     #[arg(long, env = "NIMBUS_LOG_RETENTION", default_value = "7d")]
     pub log_retention: HumanDuration,

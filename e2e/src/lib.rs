@@ -178,3 +178,28 @@ impl Drop for Running {
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().expect("HTTP client")
 }
+
+/// A WASI command answering through the CGI contract and writing one log line.
+pub fn hello_wasm() -> Vec<u8> {
+    let out = "Status: 200 OK\nContent-Type: text/plain\nX-Runtime: wasm\n\nhello from wasm\n";
+    let log = "a log line from wasm\n";
+    wat::parse_str(format!(
+        r#"(module
+             (import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
+             (memory (export "memory") 1)
+             (data (i32.const 64) "{}")
+             (data (i32.const 512) "{}")
+             (func (export "_start")
+               (i32.store (i32.const 0) (i32.const 64))
+               (i32.store (i32.const 4) (i32.const {}))
+               (drop (call $w (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 32)))
+               (i32.store (i32.const 8) (i32.const 512))
+               (i32.store (i32.const 12) (i32.const {}))
+               (drop (call $w (i32.const 2) (i32.const 8) (i32.const 1) (i32.const 32)))))"#,
+        out.replace('\n', "\\0a"),
+        log.replace('\n', "\\0a"),
+        out.len(),
+        log.len()
+    ))
+    .unwrap()
+}

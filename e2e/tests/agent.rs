@@ -4,37 +4,12 @@
 
 use std::{collections::BTreeSet, path::Path, time::Duration};
 
-use nimbus_e2e::{Running, client, drop_database, fresh_database};
+use nimbus_e2e::{Running, client, drop_database, fresh_database, hello_wasm};
 use serde_json::{Value, json};
 use sqlx::Connection;
 use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(60);
-
-/// A WASI command answering through the CGI contract and writing one log line.
-fn hello_wasm() -> Vec<u8> {
-    let out = "Status: 200 OK\nContent-Type: text/plain\nX-Runtime: wasm\n\nhello from wasm\n";
-    let log = "a log line from wasm\n";
-    wat::parse_str(format!(
-        r#"(module
-             (import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
-             (memory (export "memory") 1)
-             (data (i32.const 64) "{}")
-             (data (i32.const 512) "{}")
-             (func (export "_start")
-               (i32.store (i32.const 0) (i32.const 64))
-               (i32.store (i32.const 4) (i32.const {}))
-               (drop (call $w (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 32)))
-               (i32.store (i32.const 8) (i32.const 512))
-               (i32.store (i32.const 12) (i32.const {}))
-               (drop (call $w (i32.const 2) (i32.const 8) (i32.const 1) (i32.const 32)))))"#,
-        out.replace('\n', "\\0a"),
-        log.replace('\n', "\\0a"),
-        out.len(),
-        log.len()
-    ))
-    .unwrap()
-}
 
 /// A gzip tarball holding one executable shell script `handler.sh`.
 fn hello_process() -> Vec<u8> {
@@ -70,6 +45,8 @@ impl Platform {
                 ("NIMBUS_PACKAGE_DIR", packages.to_str().unwrap()),
                 ("NIMBUS_SECRETS_KEYS", &secrets),
                 ("NIMBUS_NODE_HEARTBEAT_TIMEOUT", "3s"),
+                // This test places versions itself (`PUT /v1/nodes/{id}/assignments`).
+                ("NIMBUS_AUTOSCALER", "false"),
             ],
         )
         .unwrap();

@@ -80,6 +80,12 @@ pub struct JoinRequest {
     pub capacity: Capacity,
     /// Where the gateway reaches its invocation listener (`http(s)://host:port`).
     pub invoke_url: String,
+    /// Labels the node carries (`pool=spot`, `accelerator=gpu`, ...), which placement rules
+    /// match. Stored at every join, replacing what the node had (an admin may change them in
+    /// between). Keys: 1–63 letters, digits, `.`, `_`, `-`, `/`; values: 0–63 without `/`; both
+    /// start with a letter or digit; at most 32.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// A node credential: short-lived, renewed through `POST /agent/v1/renew` before it expires.

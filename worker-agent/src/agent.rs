@@ -12,7 +12,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicI64, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -185,7 +185,13 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
     println!("listening on http://{bound}");
     tracing::info!(%bound, %invoke_url, pooled = engine.pooled(), "invocation listener bound");
 
-    let node = NodeInfo { name, zone: settings.zone.clone(), capacity: settings.capacity(), invoke_url };
+    let node = NodeInfo {
+        name,
+        zone: settings.zone.clone(),
+        capacity: settings.capacity(),
+        invoke_url,
+        labels: settings.labels(),
+    };
     let client = Arc::new(ControlPlane::new(base, settings.join_token.clone(), node, paths.identity.clone())?);
     tokio::pin!(shutdown);
     let identity = tokio::select! {
@@ -227,7 +233,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
         }
     });
 
-    let reconciled = Arc::new(AtomicI64::new(0));
+    let reconciled = Arc::new(crate::report::Reconciled::default());
     let (latest, desired) = watch::channel(None);
     let shipper = Shipper::new(spool.clone(), client.clone());
     let reporter = Arc::new(Reporter {

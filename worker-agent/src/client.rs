@@ -9,7 +9,7 @@
 //! against the control-plane URL and the only kind of URL the node credential is sent to; an
 //! absolute `http(s)://` URL (presigned S3) gets no credential ([`ControlPlane::code_download`]).
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, path::PathBuf, sync::Arc, time::Duration};
 
 use chrono::Utc;
 use nimbus_protocol::{Capacity, Credential, DesiredState, JoinRequest, JoinResponse, Report, UsageAck, UsageBatch};
@@ -127,6 +127,8 @@ pub struct NodeInfo {
     pub capacity: Capacity,
     /// Where the gateway reaches it.
     pub invoke_url: String,
+    /// Its labels.
+    pub labels: BTreeMap<String, String>,
 }
 
 /// A connection to the control plane on behalf of one node.
@@ -321,6 +323,7 @@ impl ControlPlane {
             zone: self.node.zone.clone(),
             capacity: self.node.capacity,
             invoke_url: self.node.invoke_url.clone(),
+            labels: self.node.labels.clone(),
         };
         let response = self
             .http

@@ -2,13 +2,17 @@
 //! documented default. The agent reads only `NIMBUS_AGENT_*` variables and rejects unknown ones,
 //! so a typo is an error; other `NIMBUS_*` variables belong to the control plane and are ignored.
 
-use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
+use std::{collections::BTreeMap, fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
 use clap::{CommandFactory, Parser, ValueEnum};
 use nimbus_protocol::{Capacity, MAX_NODE_NAME};
 
 /// Prefix of every environment variable the agent reads.
 pub const ENV_PREFIX: &str = "NIMBUS_AGENT_";
+/// Most labels on a node (the control plane's limit).
+pub const MAX_LABELS: usize = 32;
+/// Longest label key and value (the control plane's limit).
+pub const MAX_LABEL_LEN: usize = 63;
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -48,6 +52,11 @@ pub struct Settings {
     /// Zone this node is in (a DNS label).
     #[arg(long, env = "NIMBUS_AGENT_ZONE", default_value = "local")]
     pub zone: String,
+    /// A label of this node, `key=value` (repeatable; the environment variable takes a
+    /// comma-separated list), e.g. `pool=spot`. Placement rules match labels; the `pool` label
+    /// names the node's pool. Sent at every join.
+    #[arg(long = "label", env = "NIMBUS_AGENT_LABELS", value_name = "KEY=VALUE", value_delimiter = ',')]
+    pub labels: Vec<Label>,
     /// Memory offered to functions, MiB.
     #[arg(long, env = "NIMBUS_AGENT_MEMORY_MB", default_value_t = 4096)]
     pub memory_mb: u64,
@@ -133,6 +142,15 @@ impl Settings {
         if !is_dns_label(&self.zone) {
             return Err(format!("--zone must be a DNS label (a-z, 0-9, '-', at most 63), not {:?}", self.zone));
         }
+        let mut keys = std::collections::BTreeSet::new();
+        for label in &self.labels {
+            if !keys.insert(&label.key) {
+                return Err(format!("--label {} is given twice", label.key));
+            }
+        }
+        if self.labels.len() > MAX_LABELS {
+            return Err(format!("at most {MAX_LABELS} --label settings"));
+        }
         let name = match &self.name {
             Some(name) if is_dns_label(name) => name.clone(),
             Some(name) => {
@@ -175,6 +193,11 @@ impl Settings {
             cpu_millis: self.cpu_millis.unwrap_or(cpus.saturating_mul(1000)),
             instance_slots: self.instance_slots,
         }
+    }
+
+    /// The node's labels, by key.
+    pub fn labels(&self) -> BTreeMap<String, String> {
+        self.labels.iter().map(|l| (l.key.clone(), l.value.clone())).collect()
     }
 
     /// The URL the gateway uses, given the address the listener is bound to.
@@ -233,6 +256,42 @@ fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .or_else(|_| std::fs::read_to_string("/etc/hostname"))
         .unwrap_or_default()
+}
+
+/// A node label, `key=value`: keys of 1–63 letters, digits, `.`, `_`, `-` or `/`, values of up to
+/// 63 letters, digits, `.`, `_` or `-`, both starting with a letter or digit (the control plane's
+/// rules).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Label {
+    /// Key.
+    pub key: String,
+    /// Value (may be empty).
+    pub value: String,
+}
+
+impl FromStr for Label {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (key, value) = s.split_once('=').ok_or_else(|| format!("`{s}` is not key=value"))?;
+        let ok = |s: &str, slash: bool| {
+            s.len() <= MAX_LABEL_LEN
+                && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b) || (slash && b == b'/'))
+                && s.bytes().next().is_none_or(|b| b.is_ascii_alphanumeric())
+        };
+        if key.is_empty() || !ok(key, true) {
+            return Err(format!(
+                "label key `{key}` must be 1-{MAX_LABEL_LEN} letters, digits, '.', '_', '-' or '/', \
+                 starting with a letter or digit"
+            ));
+        }
+        if !ok(value, false) {
+            return Err(format!(
+                "label value `{value}` must be up to {MAX_LABEL_LEN} letters, digits, '.', '_' or '-', \
+                 starting with a letter or digit"
+            ));
+        }
+        Ok(Self { key: key.to_owned(), value: value.to_owned() })
+    }
 }
 
 /// A secret setting: never printed by `Debug`.
@@ -374,6 +433,23 @@ mod tests {
         ]);
         assert_eq!(s.process_isolation, ProcessIsolation::None);
         assert!(s.validate().is_ok());
+    }
+
+    #[test]
+    fn labels_are_repeatable_or_a_comma_separated_list_and_checked() {
+        let s =
+            Settings::parse_from(["nimbus-worker-agent", "--name", "n1", "--label", "pool=spot", "--label", "gpu="]);
+        assert_eq!(s.labels(), BTreeMap::from([("pool".into(), "spot".into()), ("gpu".into(), String::new())]));
+        assert!(s.validate().is_ok());
+        let s = Settings::parse_from(["nimbus-worker-agent", "--label", "pool=spot,nimbus.dev/zone=eu-1"]);
+        assert_eq!(s.labels().len(), 2);
+        let twice = Settings::parse_from(["nimbus-worker-agent", "--name", "n1", "--label", "a=1,a=2"]);
+        assert!(twice.validate().unwrap_err().contains("--label a"));
+        for bad in ["pool", "=x", "-a=b", "a=b/c", "a=-b", "a b=c"] {
+            assert!(Settings::try_parse_from(["nimbus-worker-agent", "--label", bad]).is_err(), "{bad}");
+            assert!(bad.parse::<Label>().is_err(), "{bad}");
+        }
+        assert!(format!("k={}", "v".repeat(64)).parse::<Label>().is_err());
     }
 
     #[test]

@@ -89,7 +89,7 @@ pub struct Reconciler {
     engine: Arc<WasmEngine>,
     registry: Arc<Registry>,
     max_queued: usize,
-    reconciled: Arc<AtomicI64>,
+    reconciled: Arc<crate::report::Reconciled>,
     /// Versions taken out while invocations still ran; their code stays cached until those end.
     retired: std::sync::Mutex<Vec<Arc<Version>>>,
     /// Failed versions and when they may be tried again.
@@ -126,7 +126,7 @@ impl Reconciler {
         engine: Arc<WasmEngine>,
         registry: Arc<Registry>,
         max_queued: usize,
-        reconciled: Arc<AtomicI64>,
+        reconciled: Arc<crate::report::Reconciled>,
     ) -> Arc<Reconciler> {
         Arc::new(Reconciler {
             client,
@@ -203,7 +203,8 @@ impl Reconciler {
         while loads.join_next().await.is_some() {}
 
         self.evict(doc).await;
-        self.reconciled.store(doc.revision, Ordering::Relaxed);
+        self.reconciled.revision.store(doc.revision, Ordering::Relaxed);
+        self.reconciled.changed.notify_one();
     }
 
     /// Brings a ready version to the wanted instance count.

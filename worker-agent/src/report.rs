@@ -31,7 +31,18 @@ pub struct Reporter {
     /// The metrics.
     pub stats: Arc<Stats>,
     /// The revision the last reconcile pass finished.
-    pub reconciled: Arc<AtomicI64>,
+    pub reconciled: Arc<Reconciled>,
+}
+
+/// The revision the last reconcile pass finished, and a signal that one did: a pass that made a
+/// version ready is reported at once (a request may be held at a gateway waiting for it), not at
+/// the next interval.
+#[derive(Debug, Default)]
+pub struct Reconciled {
+    /// The revision.
+    pub revision: AtomicI64,
+    /// Notified after each pass.
+    pub changed: tokio::sync::Notify,
 }
 
 impl Reporter {
@@ -43,7 +54,7 @@ impl Reporter {
             self.stats.restore(metrics.split_off(MAX_METRICS));
         }
         Report {
-            revision: self.reconciled.load(Ordering::Relaxed),
+            revision: self.reconciled.revision.load(Ordering::Relaxed),
             in_flight: self.registry.in_flight(),
             versions: self.registry.statuses(),
             metrics,
@@ -64,7 +75,10 @@ impl Reporter {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failing = false;
         loop {
-            ticker.tick().await;
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = self.reconciled.changed.notified() => {}
+            }
             let report = self.report();
             match self.client.report(&report).await {
                 Ok(()) => {

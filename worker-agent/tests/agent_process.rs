@@ -145,6 +145,7 @@ async fn joins_reports_drains_on_sigterm_and_renews_after_a_restart() {
     let data = scratch("lifecycle");
     let mut vars = env(&cp, &data);
     vars.push(("NIMBUS_AGENT_JOIN_TOKEN", TOKEN));
+    vars.push(("NIMBUS_AGENT_LABELS", "pool=spot,accelerator=gpu"));
     let agent = AgentProcess::start(&vars);
     let listen = agent.wait_line("listening on ");
     assert!(listen.starts_with("http://127.0.0.1:"), "{listen}");
@@ -154,6 +155,8 @@ async fn joins_reports_drains_on_sigterm_and_renews_after_a_restart() {
         assert_eq!(joins.len(), 1);
         assert_eq!((joins[0].name.as_str(), joins[0].zone.as_str()), ("test-node", "zone-a"));
         assert_eq!(joins[0].invoke_url, listen, "the advertised URL defaults to the bound address");
+        let labels: Vec<(&str, &str)> = joins[0].labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(labels, [("accelerator", "gpu"), ("pool", "spot")], "labels from NIMBUS_AGENT_LABELS");
     }
     // Functions run as other users: they may pass through the data directory to their
     // packages and working directories, and read nothing else.

@@ -74,6 +74,7 @@ async fn client(cp: &FakeCp, dir: &std::path::Path) -> Arc<ControlPlane> {
         zone: "local".into(),
         capacity: Capacity { memory_mb: 1024, cpu_millis: 1000, instance_slots: 8 },
         invoke_url: "http://127.0.0.1:1".into(),
+        labels: Default::default(),
     };
     let client = ControlPlane::new(cp.url.clone(), Some(Secret::new(TOKEN)), node, dir.join("identity.json")).unwrap();
     client.establish().await.unwrap();

@@ -93,6 +93,7 @@ pub struct Observation {
 
 /// What a decision carries to the next tick.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct State {
     /// Since when the version is in panic mode (last time the threshold was met), ms.
     pub panic_since_ms: Option<u64>,
@@ -102,6 +103,11 @@ pub struct State {
     pub delay_window: VecDeque<(u64, u32)>,
     /// Last time there was any demand, ms.
     pub last_active_ms: Option<u64>,
+    /// When the autoscaler first saw the version, ms: seconds before it do not dilute the
+    /// windows' averages, and the initial scale holds from then until it is reached.
+    pub first_seen_ms: Option<u64>,
+    /// Whether the initial scale was reached (or demand was seen) once.
+    pub initial_done: bool,
 }
 
 /// The decision of one tick.

@@ -6,6 +6,10 @@
 //! Everything lives under `/v1/tenants/{tenant_id}/functions`. Updates of a function and of an
 //! alias need `If-Match` with the ETag they are based on, so two editors never silently overwrite
 //! each other.
+//!
+//! A function's scaling settings ([`Scaling`]) and placement rules ([`PlacementRules`]) are the
+//! function's, not its versions': they are not frozen at publishing, and a change applies to every
+//! version at the autoscaler's next tick.
 
 pub mod aliases;
 pub mod env;
@@ -33,6 +37,7 @@ use crate::{
     audit,
     auth::{Principal, RequestContext},
     authz::{self, Action, nrn},
+    autoscaler::{PlacementRules, Scaling},
     db::Tx,
     error::{ApiError, ApiResult, FieldError, on_constraint},
     extract::{self, Path, Query},
@@ -153,6 +158,15 @@ pub struct Function {
     /// Configuration.
     #[serde(flatten)]
     pub config: FunctionConfig,
+    /// Autoscaler settings beyond `min_scale`/`max_scale` (absent ones take the defaults). Not
+    /// frozen into versions: they apply to every version, live.
+    pub scaling: Scaling,
+    /// Where instances may and should run. Not frozen into versions: they apply to every
+    /// version, live.
+    pub placement: PlacementRules,
+    /// What the autoscaler last decided for each version it scales (read-only; empty until it
+    /// has scaled one).
+    pub scale: Vec<VersionScale>,
     /// The current code package, once one is uploaded.
     pub package: Option<PackageRef>,
     /// The ETag of this state; send it as `If-Match` to update.
@@ -165,6 +179,50 @@ pub struct Function {
     pub created_at: DateTime<Utc>,
     /// Last changed at.
     pub updated_at: DateTime<Utc>,
+}
+
+/// Whether the autoscaler could place what it decided for a version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ScaleStatus {
+    /// Every desired instance is placed.
+    Ok,
+    /// Some are not: the nodes that match have no room.
+    Unplaced,
+    /// No node matches the placement rules (or the tenant's dedicated pool) at all.
+    Unschedulable,
+}
+
+impl TryFrom<String> for ScaleStatus {
+    type Error = anyhow::Error;
+    fn try_from(s: String) -> anyhow::Result<ScaleStatus> {
+        match s.as_str() {
+            "ok" => Ok(ScaleStatus::Ok),
+            "unplaced" => Ok(ScaleStatus::Unplaced),
+            "unschedulable" => Ok(ScaleStatus::Unschedulable),
+            other => Err(anyhow::anyhow!("unknown autoscaler status {other:?} in the database")),
+        }
+    }
+}
+
+/// The autoscaler's last decision for one version.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
+pub struct VersionScale {
+    /// The version number.
+    pub version: i32,
+    /// Instances the autoscaler wants.
+    pub desired: i32,
+    /// Instances assigned to nodes.
+    pub placed: i32,
+    /// Instances the nodes report ready.
+    pub ready: i32,
+    /// Whether the version is in panic mode (scaling on the short window, never down).
+    pub panicking: bool,
+    /// Whether what it wants could be placed.
+    #[sqlx(try_from = "String")]
+    pub status: ScaleStatus,
+    /// Why not, when it could not.
+    pub reason: Option<String>,
 }
 
 /// Body of function creation.
@@ -208,6 +266,12 @@ pub struct CreateFunctionRequest {
     /// Environment variables [default none].
     #[serde(default)]
     pub environment: Option<BTreeMap<String, EnvVarInput>>,
+    /// Autoscaler settings [default: every one at its default].
+    #[serde(default)]
+    pub scaling: Option<Scaling>,
+    /// Placement rules [default: no required or preferred labels, priority `normal`].
+    #[serde(default)]
+    pub placement: Option<PlacementRules>,
 }
 
 /// Body of a function update: the fields given are replaced, the rest stay.
@@ -251,6 +315,12 @@ pub struct UpdateFunctionRequest {
     /// Switch the code to another package uploaded to this function.
     #[serde(default)]
     pub package_id: Option<Uuid>,
+    /// Autoscaler settings (replace all: settings left out return to their defaults).
+    #[serde(default)]
+    pub scaling: Option<Scaling>,
+    /// Placement rules (replace all).
+    #[serde(default)]
+    pub placement: Option<PlacementRules>,
 }
 
 /// Distinguishes an absent field (`None`) from an explicit `null` (`Some(None)`).
@@ -314,6 +384,8 @@ pub(crate) struct FunctionRow {
     pub description: String,
     pub tags: sqlx::types::Json<BTreeMap<String, String>>,
     pub environment: sqlx::types::Json<BTreeMap<String, env::StoredVar>>,
+    pub scaling: sqlx::types::Json<Scaling>,
+    pub placement: sqlx::types::Json<PlacementRules>,
     pub package_id: Option<Uuid>,
     pub revision: i64,
     pub next_version: i32,
@@ -323,8 +395,8 @@ pub(crate) struct FunctionRow {
 }
 
 pub(crate) const FUNCTION_COLUMNS: &str = "id, tenant_id, name, runtime, entry, memory_mb, timeout_ms, concurrency, \
-     min_scale, max_scale, reserved_concurrency, public_invoke, description, tags, environment, package_id, revision, \
-     next_version, created_by, created_at, updated_at";
+     min_scale, max_scale, reserved_concurrency, public_invoke, description, tags, environment, scaling, placement, \
+     package_id, revision, next_version, created_by, created_at, updated_at";
 
 /// A stored non-negative integer (the columns only ever hold checked values).
 fn unsigned(v: i32) -> u32 {
@@ -348,8 +420,8 @@ impl FunctionRow {
         }
     }
 
-    /// The API form.
-    pub fn into_function(self, package: Option<PackageRef>) -> Function {
+    /// The API form, with the autoscaler's last decisions for its versions.
+    pub fn into_function(self, package: Option<PackageRef>, scale: Vec<VersionScale>) -> Function {
         Function {
             id: self.id,
             tenant_id: self.tenant_id,
@@ -357,6 +429,9 @@ impl FunctionRow {
             name: self.name,
             description: self.description,
             public_invoke: self.public_invoke,
+            scaling: self.scaling.0,
+            placement: self.placement.0,
+            scale,
             package,
             etag: etag(self.revision),
             next_version: self.next_version,
@@ -386,6 +461,30 @@ pub(crate) async fn package_ref(tx: &mut Tx, tenant: Uuid, id: Option<Uuid>) -> 
         .bind(id)
         .fetch_optional(&mut **tx)
         .await?)
+}
+
+/// The columns of a [`VersionScale`], from `autoscaler_state s` joined with `versions v`.
+const SCALE_COLUMNS: &str = "v.number AS version, s.desired, s.placed, s.ready, s.panicking, s.status, s.reason";
+
+/// A [`VersionScale`] with its function, for lists.
+#[derive(sqlx::FromRow)]
+struct ScaleRow {
+    function_id: Uuid,
+    #[sqlx(flatten)]
+    scale: VersionScale,
+}
+
+/// What the autoscaler last decided for each version of a function, by version number (the
+/// tenant scope reads its own rows).
+async fn version_scale(tx: &mut Tx, tenant: Uuid, function: Uuid) -> Result<Vec<VersionScale>, ApiError> {
+    Ok(sqlx::query_as(&format!(
+        "SELECT {SCALE_COLUMNS} FROM autoscaler_state s JOIN versions v ON v.id = s.version_id \
+         WHERE s.tenant_id = $1 AND s.function_id = $2 ORDER BY v.number"
+    ))
+    .bind(tenant)
+    .bind(function)
+    .fetch_all(&mut **tx)
+    .await?)
 }
 
 /// Checks every limit of a configuration; every broken rule is named by its field.
@@ -471,7 +570,9 @@ fn check_config(c: &FunctionConfig, description: &str, errors: &mut Vec<FieldErr
     request_body(content = CreateFunctionRequest, example = json!({
         "name": "resize-image", "runtime": "wasm", "memory_mb": 256, "timeout_ms": 5000,
         "tags": {"team": "media"},
-        "environment": {"LOG_LEVEL": {"value": "info"}, "API_TOKEN": {"value": "s3cr3t", "secret": true}}
+        "environment": {"LOG_LEVEL": {"value": "info"}, "API_TOKEN": {"value": "s3cr3t", "secret": true}},
+        "scaling": {"target_utilization": 0.8, "scale_down_delay_s": 60},
+        "placement": {"preferred": {"region": "eu"}, "priority": "critical"}
     })),
     responses(
         (status = 201, description = "Created; the ETag header carries its version", body = Function),
@@ -504,8 +605,12 @@ pub async fn create_function(
         environment: BTreeMap::new(),
     };
     let description = req.description.unwrap_or_default();
+    let scaling = req.scaling.unwrap_or_default();
+    let placement = req.placement.unwrap_or_default();
     let mut errors = Vec::new();
     check_config(&config, &description, &mut errors);
+    errors.extend(scaling.validate("scaling"));
+    errors.extend(placement.validate("placement"));
     let environment =
         env::apply(&state, tenant_id, id, &BTreeMap::new(), req.environment.unwrap_or_default(), &mut errors)?;
     if !errors.is_empty() {
@@ -525,8 +630,10 @@ pub async fn create_function(
     }
     let row: FunctionRow = sqlx::query_as(&format!(
         "INSERT INTO functions (id, tenant_id, name, runtime, entry, memory_mb, timeout_ms, concurrency, min_scale, \
-         max_scale, reserved_concurrency, description, tags, environment, created_by, public_invoke) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) RETURNING {FUNCTION_COLUMNS}"
+         max_scale, reserved_concurrency, description, tags, environment, created_by, public_invoke, scaling, \
+         placement) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) \
+         RETURNING {FUNCTION_COLUMNS}"
     ))
     .bind(id)
     .bind(tenant_id)
@@ -547,6 +654,8 @@ pub async fn create_function(
         Principal::User { .. } => None,
     }))
     .bind(req.public_invoke.unwrap_or(false))
+    .bind(sqlx::types::Json(&scaling))
+    .bind(sqlx::types::Json(&placement))
     .fetch_one(&mut *tx)
     .await
     .map_err(|e| {
@@ -558,7 +667,7 @@ pub async fn create_function(
             )],
         )
     })?;
-    let function = row.into_function(None);
+    let function = row.into_function(None, Vec::new());
     audit::record_action(
         &mut tx,
         &ctx,
@@ -610,6 +719,15 @@ pub async fn list_functions(
             .bind(&ids)
             .fetch_all(&mut *tx)
             .await?;
+    let function_ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
+    let scales: Vec<ScaleRow> = sqlx::query_as(&format!(
+        "SELECT s.function_id, {SCALE_COLUMNS} FROM autoscaler_state s JOIN versions v ON v.id = s.version_id \
+         WHERE s.tenant_id = $1 AND s.function_id = ANY($2) ORDER BY v.number"
+    ))
+    .bind(tenant_id)
+    .bind(&function_ids)
+    .fetch_all(&mut *tx)
+    .await?;
     tx.commit().await?;
     let page = Page::from_rows(rows, limit, |r| r.id);
     Ok(Json(Page {
@@ -618,7 +736,8 @@ pub async fn list_functions(
             .into_iter()
             .map(|r| {
                 let package = packages.iter().find(|p| Some(p.id) == r.package_id).cloned();
-                r.into_function(package)
+                let scale = scales.iter().filter(|s| s.function_id == r.id).map(|s| s.scale.clone()).collect();
+                r.into_function(package, scale)
             })
             .collect(),
         next_cursor: page.next_cursor,
@@ -646,8 +765,9 @@ pub async fn get_function(
     let (mut tx, _) = authz::begin(&state.pool, &principal, Action::GetFunction, tenant_id, &resource).await?;
     let row = load(&mut tx, tenant_id, name.as_str(), false).await?;
     let package = package_ref(&mut tx, tenant_id, row.package_id).await?;
+    let scale = version_scale(&mut tx, tenant_id, row.id).await?;
     tx.commit().await?;
-    let function = row.into_function(package);
+    let function = row.into_function(package, scale);
     Ok((etag_header(&function.etag), Json(function)))
 }
 
@@ -717,6 +837,22 @@ pub async fn update_function(
     }
     let mut errors = Vec::new();
     check_config(&config, &description, &mut errors);
+    let scaling = match req.scaling {
+        Some(s) => {
+            changed.push("scaling");
+            errors.extend(s.validate("scaling"));
+            s
+        }
+        None => row.scaling.0.clone(),
+    };
+    let placement = match req.placement {
+        Some(p) => {
+            changed.push("placement");
+            errors.extend(p.validate("placement"));
+            p
+        }
+        None => row.placement.0.clone(),
+    };
     let environment = match req.environment {
         Some(input) => {
             changed.push("environment");
@@ -752,7 +888,8 @@ pub async fn update_function(
     let updated: FunctionRow = sqlx::query_as(&format!(
         "UPDATE functions SET entry = $2, memory_mb = $3, timeout_ms = $4, concurrency = $5, min_scale = $6, \
          max_scale = $7, reserved_concurrency = $8, description = $9, tags = $10, environment = $11, package_id = $12, \
-         public_invoke = $13, revision = revision + 1, updated_at = now() WHERE id = $1 RETURNING {FUNCTION_COLUMNS}"
+         public_invoke = $13, scaling = $14, placement = $15, revision = revision + 1, updated_at = now() \
+         WHERE id = $1 RETURNING {FUNCTION_COLUMNS}"
     ))
     .bind(row.id)
     .bind(&config.entry)
@@ -767,9 +904,12 @@ pub async fn update_function(
     .bind(sqlx::types::Json(&environment))
     .bind(package_id)
     .bind(public_invoke)
+    .bind(sqlx::types::Json(&scaling))
+    .bind(sqlx::types::Json(&placement))
     .fetch_one(&mut *tx)
     .await?;
     let package = package_ref(&mut tx, tenant_id, updated.package_id).await?;
+    let scale = version_scale(&mut tx, tenant_id, updated.id).await?;
     audit::record_action(
         &mut tx,
         &ctx,
@@ -781,7 +921,7 @@ pub async fn update_function(
     )
     .await?;
     tx.commit().await?;
-    let function = updated.into_function(package);
+    let function = updated.into_function(package, scale);
     Ok((etag_header(&function.etag), Json(function)))
 }
 

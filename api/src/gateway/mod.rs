@@ -23,7 +23,7 @@ use axum::{
     Router,
     body::Body,
     extract::{Path, Request, State},
-    http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header},
+    http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header},
     response::{IntoResponse, Response},
     routing::any,
 };
@@ -262,20 +262,66 @@ async fn route(state: &AppState, params: &[(String, String)], req: Request) -> R
     };
 
     let zone = req.headers().get(HEADER_ZONE).and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let Some(target) = table.pick(version.id, zone.as_deref(), state.routes.now_ms()) else {
-        metrics::counter!("nimbus_gateway_no_capacity_total").increment(1);
-        let mut res = problem(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no_capacity",
-            format!("no node has version {} of {function_name} ready; try again shortly", version.number),
-        );
-        res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        return Ok(res);
+    let target = match table.pick(version.id, zone.as_deref(), state.routes.now_ms()) {
+        Some(t) => t,
+        None => {
+            // The cold path: hold the request while the autoscaler starts an instance.
+            let held_at = std::time::Instant::now();
+            let (pool, version_id) = (state.pool.clone(), version.id);
+            let poke = move |held: u32| {
+                let pool = pool.clone();
+                tokio::spawn(async move {
+                    let payload = format!("{version_id} {held}");
+                    let sent = async {
+                        let mut tx = crate::db::begin(&pool, &crate::db::Scope::default()).await?;
+                        sqlx::query("SELECT pg_notify($1, $2)")
+                            .bind(crate::autoscaler::run::CHANNEL)
+                            .bind(payload)
+                            .execute(&mut *tx)
+                            .await?;
+                        tx.commit().await
+                    }
+                    .await;
+                    if let Err(e) = sent {
+                        tracing::warn!(error = %e, "poking the autoscaler failed");
+                    }
+                });
+            };
+            let settings = &state.settings;
+            let held = state
+                .routes
+                .hold(version.id, zone.as_deref(), settings.gateway_hold_queue, settings.gateway_hold_timeout.0, poke)
+                .await;
+            let queued = held_at.elapsed();
+            metrics::histogram!("nimbus_gateway_queue_seconds", "function" => function_name.to_owned())
+                .record(queued.as_secs_f64());
+            state.stats.record_queue(tenant, version.id, queued);
+            match held {
+                Ok(t) => t,
+                Err(refusal) => {
+                    let (code, detail) = match refusal {
+                        table::HoldRefusal::Full => {
+                            ("hold_queue_full", "too many requests are waiting for an instance")
+                        }
+                        table::HoldRefusal::Timeout => ("no_capacity", "no instance became ready in time"),
+                    };
+                    metrics::counter!("nimbus_gateway_no_capacity_total", "reason" => code).increment(1);
+                    let mut res = problem(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        code,
+                        format!("version {} of {function_name}: {detail}; try again shortly", version.number),
+                    );
+                    res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                    return Ok(res);
+                }
+            }
+        }
     };
 
     let (parts, body) = req.into_parts();
     let query = parts.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
-    let url = format!("{}/invoke/{}{path}{query}", target.invoke_url, version.id);
+    let relative = format!("/invoke/{}{path}{query}", version.id);
+    let url = format!("{}{relative}", target.invoke_url);
     // Whatever the path holds, the request must stay below this version's endpoint.
     let prefix = format!("/invoke/{}", version.id);
     let stays =
@@ -304,10 +350,6 @@ async fn route(state: &AppState, params: &[(String, String)], req: Request) -> R
         }
     }
     headers.insert(
-        header::AUTHORIZATION,
-        HeaderValue::from_str(&format!("Bearer {}", target.invoke_secret)).map_err(|e| anyhow::anyhow!(e))?,
-    );
-    headers.insert(
         HeaderName::from_static(HEADER_INVOCATION_ID),
         HeaderValue::from_str(&invocation_id.to_string()).map_err(|e| anyhow::anyhow!(e))?,
     );
@@ -315,19 +357,58 @@ async fn route(state: &AppState, params: &[(String, String)], req: Request) -> R
         headers.insert(HeaderName::from_static("x-request-id"), id.clone());
     }
 
-    // Counted while the request to the agent is out; the guard gives the count back even when
-    // the caller goes away and this future is dropped mid-request.
-    let outstanding = Outstanding::take(&target.outstanding);
+    // A request that is safe to send twice (an idempotent method without a body) goes to another
+    // node when the first cannot be reached or drops the connection before answering.
+    let retry_safe = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS)
+        && !parts.headers.contains_key(header::TRANSFER_ENCODING)
+        && parts.headers.get(header::CONTENT_LENGTH).is_none_or(|v| v == "0");
+    let mut body = Some(body);
+    let mut target = target;
+    let mut retried = false;
     let forwarded = std::time::Instant::now();
-    let sent = state
-        .http
-        .request(parts.method.clone(), &url)
-        .headers(headers)
-        .timeout(version.timeout + TIMEOUT_MARGIN)
-        .body(reqwest::Body::wrap_stream(body.into_data_stream()))
-        .send()
-        .await;
-    drop(outstanding);
+    let sent = loop {
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {}", target.invoke_secret)).map_err(|e| anyhow::anyhow!(e))?,
+        );
+        let request_body = match body.take() {
+            Some(b) if !retry_safe => reqwest::Body::wrap_stream(b.into_data_stream()),
+            _ => reqwest::Body::from(Vec::new()),
+        };
+        // Counted while the request to the agent is out; the guard gives the count back even
+        // when the caller goes away and this future is dropped mid-request.
+        let outstanding = Outstanding::take(&target.outstanding);
+        let sent = state
+            .http
+            .request(parts.method.clone(), format!("{}{relative}", target.invoke_url))
+            .headers(headers.clone())
+            .timeout(version.timeout + TIMEOUT_MARGIN)
+            .body(request_body)
+            .send()
+            .await;
+        drop(outstanding);
+        match sent {
+            Err(e) if retry_safe && !retried && !e.is_timeout() => {
+                if e.is_connect() {
+                    target.failed_at.store(state.routes.now_ms().max(1), Ordering::Relaxed);
+                }
+                let other =
+                    state.routes.table().pick_other(version.id, zone.as_deref(), state.routes.now_ms(), target.node_id);
+                match other {
+                    // One retry: the next failure is the answer.
+                    Some(t) if forwarded.elapsed() < version.timeout => {
+                        metrics::counter!("nimbus_gateway_retries_total").increment(1);
+                        tracing::info!(node = %target.node_id, error = %e, "retrying an idempotent request on another node");
+                        target = t;
+                        retried = true;
+                        continue;
+                    }
+                    _ => break Err(e),
+                }
+            }
+            sent => break sent,
+        }
+    };
     // Per function and version (names from the routing table only, so callers cannot grow the
     // label set): invocations by status class, and the time to the agent's response head.
     let record = |class: &'static str| {

@@ -97,16 +97,68 @@ impl Table {
     /// The target for `version`: the fewest outstanding requests, ties broken toward `zone`,
     /// skipping nodes that failed within [`FAILURE_HOLD`] unless no other is left.
     pub fn pick(&self, version: Uuid, zone: Option<&str>, now_ms: u64) -> Option<Arc<Target>> {
-        let targets = self.instances.get(&version)?;
+        self.pick_among(version, zone, now_ms, None)
+    }
+
+    /// Like [`Table::pick`], but never `node` (a retry goes elsewhere).
+    pub fn pick_other(&self, version: Uuid, zone: Option<&str>, now_ms: u64, node: Uuid) -> Option<Arc<Target>> {
+        self.pick_among(version, zone, now_ms, Some(node))
+    }
+
+    fn pick_among(&self, version: Uuid, zone: Option<&str>, now_ms: u64, not: Option<Uuid>) -> Option<Arc<Target>> {
+        let targets: Vec<&Arc<Target>> =
+            self.instances.get(&version)?.iter().filter(|t| Some(t.node_id) != not).collect();
         let hold = FAILURE_HOLD.as_millis() as u64;
         let healthy = |t: &&Arc<Target>| {
             let f = t.failed_at.load(Ordering::Relaxed);
             f == 0 || now_ms.saturating_sub(f) > hold
         };
-        let best = |it: &mut dyn Iterator<Item = &Arc<Target>>| {
-            it.min_by_key(|t| (t.outstanding.load(Ordering::Relaxed), zone.is_some_and(|z| z != t.zone))).cloned()
+        let best = |it: &mut dyn Iterator<Item = &&Arc<Target>>| {
+            it.min_by_key(|t| (t.outstanding.load(Ordering::Relaxed), zone.is_some_and(|z| z != t.zone)))
+                .map(|t| Arc::clone(t))
         };
-        best(&mut targets.iter().filter(healthy)).or_else(|| best(&mut targets.iter()))
+        best(&mut targets.iter().filter(|t| healthy(t))).or_else(|| best(&mut targets.iter()))
+    }
+}
+
+/// Requests held for one version while an instance starts.
+#[derive(Debug, Default)]
+struct HoldEntry {
+    /// Held now.
+    held: u32,
+    /// When the autoscaler was last poked for it, and with what count.
+    poked: Option<(Instant, u32)>,
+}
+
+/// Why a request could not be held until an instance was ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldRefusal {
+    /// The version's hold queue is full.
+    Full,
+    /// No instance became ready in time.
+    Timeout,
+}
+
+/// Pokes go out at most this often per version while its held count does not grow ...
+const POKE_EVERY: Duration = Duration::from_millis(500);
+/// ... and at most this often while it grows.
+const POKE_GROWTH: Duration = Duration::from_millis(20);
+
+/// Gives a held request's place back when it is answered or dropped.
+struct HoldGuard<'a> {
+    routes: &'a Routes,
+    version: Uuid,
+}
+
+impl Drop for HoldGuard<'_> {
+    fn drop(&mut self) {
+        let mut holds = self.routes.holds.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = holds.get_mut(&self.version) {
+            e.held = e.held.saturating_sub(1);
+            if e.held == 0 {
+                holds.remove(&self.version);
+            }
+        }
     }
 }
 
@@ -130,6 +182,9 @@ type RoleCache = HashMap<(Uuid, Uuid), (Option<Role>, Instant)>;
 #[derive(Clone)]
 pub struct Routes {
     table: Arc<RwLock<Arc<Table>>>,
+    /// Bumped after every rebuild; held requests wait on it.
+    generation: Arc<tokio::sync::watch::Sender<u64>>,
+    holds: Arc<Mutex<HashMap<Uuid, HoldEntry>>>,
     counters: Arc<Mutex<HashMap<Uuid, NodeCounters>>>,
     keys: Arc<Mutex<KeyCache>>,
     roles: Arc<Mutex<RoleCache>>,
@@ -140,6 +195,8 @@ impl Default for Routes {
     fn default() -> Self {
         Routes {
             table: Arc::default(),
+            generation: Arc::new(tokio::sync::watch::Sender::new(0)),
+            holds: Arc::default(),
             counters: Arc::default(),
             keys: Arc::default(),
             roles: Arc::default(),
@@ -197,6 +254,69 @@ impl Routes {
     pub fn clear_auth(&self) {
         self.keys.lock().unwrap_or_else(|p| p.into_inner()).clear();
         self.roles.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    /// Whether any request is held.
+    pub fn holding(&self) -> bool {
+        !self.holds.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+    }
+
+    /// Requests held per version now.
+    pub fn held(&self) -> HashMap<Uuid, u32> {
+        self.holds.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(v, e)| (*v, e.held)).collect()
+    }
+
+    /// Holds a request for `version` until a node has it ready (the cold path): at most `max`
+    /// requests per version, for at most `timeout`. `poke(held)` asks the autoscaler for an
+    /// instance: once at once, again as the held count grows (so that a burst asks for as many
+    /// instances as it needs, not one per request), and every [`POKE_EVERY`] while waiting.
+    pub async fn hold(
+        &self,
+        version: Uuid,
+        zone: Option<&str>,
+        max: u32,
+        timeout: Duration,
+        poke: impl Fn(u32),
+    ) -> Result<Arc<Target>, HoldRefusal> {
+        let mut generation = self.generation.subscribe();
+        {
+            let mut holds = self.holds.lock().unwrap_or_else(|p| p.into_inner());
+            let e = holds.entry(version).or_default();
+            if e.held >= max {
+                return Err(HoldRefusal::Full);
+            }
+            e.held += 1;
+        }
+        let _guard = HoldGuard { routes: self, version };
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(t) = self.table().pick(version, zone, self.now_ms()) {
+                return Ok(t);
+            }
+            let due = {
+                let mut holds = self.holds.lock().unwrap_or_else(|p| p.into_inner());
+                let e = holds.entry(version).or_default();
+                let due = match e.poked {
+                    None => true,
+                    Some((at, count)) => at.elapsed() >= POKE_EVERY || (e.held > count && at.elapsed() >= POKE_GROWTH),
+                };
+                if due {
+                    e.poked = Some((Instant::now(), e.held));
+                }
+                due.then_some(e.held)
+            };
+            if let Some(held) = due {
+                poke(held);
+            }
+            let wait =
+                tokio::time::timeout_at(deadline.min(tokio::time::Instant::now() + POKE_GROWTH), generation.changed());
+            match wait.await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(HoldRefusal::Timeout),
+                Err(_) if tokio::time::Instant::now() >= deadline => return Err(HoldRefusal::Timeout),
+                Err(_) => {}
+            }
+        }
     }
 
     /// Milliseconds since this replica's gateway started (the clock of `failed_at`).
@@ -277,6 +397,7 @@ impl Routes {
         }
         drop(counters);
         *self.table.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
+        self.generation.send_modify(|g| *g += 1);
         metrics::histogram!("nimbus_gateway_table_reload_seconds").record(started.elapsed().as_secs_f64());
         Ok(())
     }
@@ -307,8 +428,11 @@ impl Routes {
             loop {
                 match tokio::time::timeout(FULL_RELOAD, listener.recv()).await {
                     Ok(Ok(_)) => {
-                        // Coalesce a burst (one transaction touching several tables).
-                        tokio::time::sleep(DEBOUNCE).await;
+                        // Coalesce a burst (one transaction touching several tables), unless
+                        // requests are held waiting for an instance.
+                        if !self.holding() {
+                            tokio::time::sleep(DEBOUNCE).await;
+                        }
                         while listener.next_buffered().is_some() {}
                         self.reload_logged(&pool).await;
                     }

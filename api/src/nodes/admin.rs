@@ -1,6 +1,8 @@
-//! The platform admin's view of the fleet: nodes with state, zone, capacity, load and warm
-//! instances; draining and removing nodes; setting a node's assignments (the desired state until
-//! the autoscaler and placement take that over).
+//! The platform admin's view of the fleet: nodes with state, zone, labels, capacity, load and
+//! warm instances; changing a node's labels; draining and removing nodes; setting a node's
+//! assignments (the desired state until the autoscaler and placement take that over).
+
+use std::collections::BTreeMap;
 
 use axum::{Json, extract::State, http::StatusCode};
 use chrono::{DateTime, Utc};
@@ -15,6 +17,7 @@ use crate::{
     audit::{self, Entry},
     auth::{Principal, RequestContext},
     authz::{self, Action, nrn},
+    autoscaler::validate_labels,
     db::{self, Scope, Tx},
     error::{ApiError, ApiResult, FieldError},
     extract::{self, Path, Query},
@@ -61,6 +64,9 @@ pub struct Node {
     pub name: String,
     /// Zone.
     pub zone: String,
+    /// Labels (`pool=spot`, `accelerator=gpu`, ...) that placement rules match; the `pool` label
+    /// names the node's pool.
+    pub labels: BTreeMap<String, String>,
     /// `ready`, `lost`, `left` or `removed`.
     pub state: String,
     /// Drained by an admin: takes no new assignments, keeps serving what it has.
@@ -92,6 +98,7 @@ struct NodeRow {
     id: Uuid,
     name: String,
     zone: String,
+    labels: sqlx::types::Json<BTreeMap<String, String>>,
     state: String,
     draining: bool,
     memory_mb: i64,
@@ -128,6 +135,7 @@ impl From<NodeRow> for Node {
             id: r.id,
             name: r.name,
             zone: r.zone,
+            labels: r.labels.0,
             state: r.state,
             draining: r.draining,
             capacity: NodeCapacity {
@@ -148,8 +156,19 @@ impl From<NodeRow> for Node {
     }
 }
 
-const NODE_COLUMNS: &str = "id, name, zone, state, draining, memory_mb, cpu_millis, instance_slots, invoke_url, in_flight, \
-    versions, revision, reported_revision, last_heartbeat_at, joined_at, state_changed_at";
+const NODE_COLUMNS: &str = "id, name, zone, labels, state, draining, memory_mb, cpu_millis, instance_slots, \
+    invoke_url, in_flight, versions, revision, reported_revision, last_heartbeat_at, joined_at, state_changed_at";
+
+/// Body of `PATCH /v1/nodes/{node_id}`: the fields given are replaced, the rest stay.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateNodeRequest {
+    /// The node's labels (replace all; `{}` removes every label). At most 32; keys of 1–63
+    /// letters, digits, `.`, `_`, `-` or `/`, values of up to 63 without `/`, both starting with
+    /// a letter or digit.
+    #[serde(default)]
+    pub labels: Option<BTreeMap<String, String>>,
+}
 
 /// One version a node should keep.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -203,7 +222,7 @@ pub struct NodeAssignments {
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(list_nodes))
-        .routes(routes!(get_node, remove_node))
+        .routes(routes!(get_node, update_node, remove_node))
         .routes(routes!(drain_node))
         .routes(routes!(get_assignments, put_assignments))
 }
@@ -293,6 +312,66 @@ async fn audit_node(
         },
     )
     .await
+}
+
+/// Change a node (platform admins): its labels, which the autoscaler's placement reads at its
+/// next tick. The labels an agent joins with replace these when it joins again.
+#[utoipa::path(
+    patch,
+    path = "/v1/nodes/{node_id}",
+    tag = "nodes",
+    params(("node_id" = Uuid, Path, description = "Node id")),
+    request_body(content = UpdateNodeRequest, example = json!({"labels": {"pool": "reserved", "accelerator": "gpu"}})),
+    responses(
+        (status = 200, description = "The changed node", body = Node),
+        (status = 403, description = "Not a platform admin", body = crate::error::Problem),
+        (status = 404, description = "No such node", body = crate::error::Problem),
+        (status = 409, description = "The node was removed", body = crate::error::Problem),
+        (status = 422, description = "Invalid field", body = crate::error::Problem),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn update_node(
+    State(state): State<AppState>,
+    principal: Principal,
+    ctx: RequestContext,
+    Path(node_id): Path<Uuid>,
+    extract::Json(req): extract::Json<UpdateNodeRequest>,
+) -> ApiResult<Json<Node>> {
+    let mut tx = authz::begin_platform(&state.pool, &principal, Action::UpdateNode, &nrn::node(node_id)).await?;
+    if let Some(labels) = &req.labels {
+        let errors = validate_labels(labels, "labels");
+        if !errors.is_empty() {
+            return Err(ApiError::Validation(errors));
+        }
+    }
+    let node = load_node(&mut tx, node_id, true).await?;
+    if node.state == "removed" {
+        return Err(ApiError::conflict("node_gone", "the node was removed"));
+    }
+    let mut changed = Vec::new();
+    if let Some(labels) = &req.labels {
+        changed.push("labels");
+        // Labels are not part of the desired state: no revision bump, the autoscaler reads them
+        // every tick.
+        sqlx::query("UPDATE nodes SET labels = $2 WHERE id = $1")
+            .bind(node_id)
+            .bind(sqlx::types::Json(labels))
+            .execute(&mut *tx)
+            .await?;
+    }
+    audit_node(
+        &mut tx,
+        &ctx,
+        &principal,
+        Action::UpdateNode,
+        node_id,
+        json!({ "changed": changed, "labels": req.labels, "previous_labels": node.labels.0 }),
+    )
+    .await?;
+    let row = load_node(&mut tx, node_id, false).await?;
+    tx.commit().await?;
+    Ok(Json(row.into()))
 }
 
 /// Drain a node (platform admins): it takes no new assignments and keeps serving what it has.

@@ -26,6 +26,7 @@ use crate::{
     audit::{self, Actor, Entry},
     auth::{RequestContext, secret},
     authz::nrn,
+    autoscaler::validate_labels,
     db::{self, Scope},
     error::{ApiError, ApiResult, FieldError},
     extract::{self, Path, Query},
@@ -91,11 +92,13 @@ fn validate_join(req: &JoinRequest) -> Result<(), ApiError> {
     if !(1..=100_000).contains(&c.instance_slots) {
         errors.push(FieldError::new("capacity.instance_slots", "range", "must be 1 to 100000"));
     }
+    errors.extend(validate_labels(&req.labels, "labels"));
     if errors.is_empty() { Ok(()) } else { Err(ApiError::Validation(errors)) }
 }
 
 /// Join the platform with a join token: returns the node's id and credential. Joining again
-/// under a known name takes that node over (new credential, same id).
+/// under a known name takes that node over (new credential, same id), and its labels replace the
+/// node's.
 #[utoipa::path(
     post,
     path = "/agent/v1/join",
@@ -103,7 +106,7 @@ fn validate_join(req: &JoinRequest) -> Result<(), ApiError> {
     request_body(content = Object, description = "`nimbus_protocol::JoinRequest`", example = json!({
         "token": "njt_0123456789ab_...", "name": "worker-1", "zone": "eu-1",
         "capacity": {"memory_mb": 8192, "cpu_millis": 2000, "instance_slots": 256},
-        "invoke_url": "http://10.0.0.5:9090"})),
+        "invoke_url": "http://10.0.0.5:9090", "labels": {"pool": "spot"}})),
     responses(
         (status = 201, description = "Joined: `nimbus_protocol::JoinResponse`", body = Object),
         (status = 401, description = "Unknown, revoked, expired or used-up join token", body = crate::error::Problem),
@@ -164,10 +167,10 @@ pub async fn join(
     let invoke_secret = secret::random_token();
     let node_id: Uuid = sqlx::query_scalar(
         "INSERT INTO nodes (id, name, zone, memory_mb, cpu_millis, instance_slots, invoke_url, invoke_secret, state, \
-         credential_hash, credential_expires_at, join_token_id) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'ready', $9, $10, $11) \
-         ON CONFLICT (name) DO UPDATE SET zone = EXCLUDED.zone, memory_mb = EXCLUDED.memory_mb, \
-           cpu_millis = EXCLUDED.cpu_millis, instance_slots = EXCLUDED.instance_slots, \
+         credential_hash, credential_expires_at, join_token_id, labels) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'ready', $9, $10, $11, $12) \
+         ON CONFLICT (name) DO UPDATE SET zone = EXCLUDED.zone, labels = EXCLUDED.labels, \
+           memory_mb = EXCLUDED.memory_mb, cpu_millis = EXCLUDED.cpu_millis, instance_slots = EXCLUDED.instance_slots, \
            invoke_url = EXCLUDED.invoke_url, invoke_secret = EXCLUDED.invoke_secret, state = 'ready', \
            credential_hash = EXCLUDED.credential_hash, credential_expires_at = EXCLUDED.credential_expires_at, \
            previous_credential_hash = NULL, previous_valid_until = NULL, join_token_id = EXCLUDED.join_token_id, \
@@ -185,6 +188,7 @@ pub async fn join(
     .bind(&credential_hash)
     .bind(expires)
     .bind(token_id)
+    .bind(sqlx::types::Json(&req.labels))
     .fetch_one(&mut *tx)
     .await?;
     sqlx::query("UPDATE join_tokens SET uses = uses + 1 WHERE id = $1").bind(token_id).execute(&mut *tx).await?;
@@ -197,7 +201,10 @@ pub async fn join(
             action: "nodes:JoinNode",
             resource: nrn::node(node_id),
             success: true,
-            details: json!({ "name": req.name, "zone": req.zone, "join_token_id": token_id, "invoke_url": req.invoke_url }),
+            details: json!({
+                "name": req.name, "zone": req.zone, "labels": req.labels, "join_token_id": token_id,
+                "invoke_url": req.invoke_url
+            }),
         },
     )
     .await?;

@@ -1,7 +1,7 @@
 //! Worker nodes: join tokens, nodes and their credentials, desired state, the agent protocol's
 //! control-plane side (DESIGN §5), usage ingest, and the watchdog that marks silent nodes lost.
 //!
-//! Nodes and join tokens are platform objects: only platform admins manage them
+//! Nodes, their pools and join tokens are platform objects: only platform admins manage them
 //! ([`crate::authz::begin_platform`]). Agents authenticate with node credentials ([`NodeAuth`])
 //! and every query they cause runs with the `nimbus.node_id` scope, which row-level security
 //! uses to show a node exactly the versions assigned to it.
@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod agent;
 pub mod desired;
+pub mod pools;
 pub mod stats;
 pub mod tokens;
 pub mod usage;
@@ -35,9 +36,9 @@ pub const CREDENTIAL_PREFIX: &str = "nnc_";
 /// does not lock the agent out).
 pub const RENEWAL_GRACE: Duration = Duration::from_secs(60);
 
-/// Routes of this module: the admin API and the agent protocol.
+/// Routes of this module: the admin API (tokens, nodes, pools) and the agent protocol.
 pub fn router() -> utoipa_axum::router::OpenApiRouter<AppState> {
-    tokens::router().merge(admin::router()).merge(agent::router())
+    tokens::router().merge(admin::router()).merge(pools::router()).merge(agent::router())
 }
 
 /// A fresh node credential: the token to hand out, its hash to store, its expiry.

@@ -45,6 +45,8 @@ struct Rollup {
     cold_starts: i64,
     concurrency_sum: f64,
     buckets: [i64; BUCKETS],
+    queued: i64,
+    queue_ms_sum: f64,
 }
 
 /// Largest count one rollup row takes in a minute; far above any real traffic, far below what
@@ -67,6 +69,25 @@ impl Rollup {
         for (b, n) in self.buckets.iter_mut().zip(buckets) {
             *b = b.saturating_add(n).min(MAX_COUNT);
         }
+    }
+
+    fn empty(tenant: Uuid) -> Rollup {
+        Rollup {
+            tenant,
+            requests: 0,
+            errors: 0,
+            cold_starts: 0,
+            concurrency_sum: 0.0,
+            buckets: [0; BUCKETS],
+            queued: 0,
+            queue_ms_sum: 0.0,
+        }
+    }
+
+    fn merge(&mut self, other: &Rollup) {
+        self.add(other.requests, other.errors, other.cold_starts, other.concurrency_sum, other.buckets.into_iter());
+        self.queued = self.queued.saturating_add(other.queued).min(MAX_COUNT);
+        self.queue_ms_sum += other.queue_ms_sum;
     }
 }
 
@@ -109,14 +130,7 @@ impl Stats {
             }
         }
         let minute = m.second.duration_trunc(TimeDelta::minutes(1)).unwrap_or(m.second);
-        let r = inner.pending.entry((m.version_id, minute)).or_insert_with(|| Rollup {
-            tenant,
-            requests: 0,
-            errors: 0,
-            cold_starts: 0,
-            concurrency_sum: 0.0,
-            buckets: [0; BUCKETS],
-        });
+        let r = inner.pending.entry((m.version_id, minute)).or_insert_with(|| Rollup::empty(tenant));
         // Counts are a node's word: saturate rather than overflow (a value that overflows
         // `bigint` in the upsert would fail every later flush of this replica).
         let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX).min(MAX_COUNT);
@@ -129,10 +143,41 @@ impl Stats {
         );
     }
 
+    /// Counts a request the gateway held for `waited` while an instance started.
+    pub fn record_queue(&self, tenant: Uuid, version: Uuid, waited: std::time::Duration) {
+        let now = Utc::now();
+        let minute = now.duration_trunc(TimeDelta::minutes(1)).unwrap_or(now);
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let r = inner.pending.entry((version, minute)).or_insert_with(|| Rollup::empty(tenant));
+        r.queued = r.queued.saturating_add(1).min(MAX_COUNT);
+        r.queue_ms_sum += waited.as_secs_f64() * 1000.0;
+    }
+
     /// The recent seconds of a version, oldest first.
     pub fn recent(&self, version: Uuid) -> Vec<Second> {
         let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         inner.recent.get(&version).map(|r| r.iter().cloned().collect()).unwrap_or_default()
+    }
+
+    /// The concurrency of every version with traffic in the last [`RECENT_SECONDS`], as
+    /// `(second in ms since the epoch, concurrency)` oldest first (what the autoscaler averages),
+    /// in one pass under one lock. Versions whose newest second is older than that are
+    /// forgotten here.
+    pub fn concurrency(&self, now: DateTime<Utc>) -> HashMap<Uuid, Vec<(u64, f64)>> {
+        let horizon = now - TimeDelta::seconds(RECENT_SECONDS as i64);
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.recent.retain(|_, r| r.back().is_some_and(|s| s.second > horizon));
+        inner
+            .recent
+            .iter()
+            .map(|(v, r)| {
+                let samples = r
+                    .iter()
+                    .map(|s| (u64::try_from(s.second.timestamp_millis()).unwrap_or(0), s.concurrency))
+                    .collect();
+                (*v, samples)
+            })
+            .collect()
     }
 
     /// Writes the pending rollups to PostgreSQL, adding to rows other replicas wrote. On failure
@@ -148,7 +193,7 @@ impl Stats {
             // Merge with what arrived meanwhile: nothing counted twice, nothing dropped.
             for (k, v) in pending {
                 match inner.pending.get_mut(&k) {
-                    Some(r) => r.add(v.requests, v.errors, v.cold_starts, v.concurrency_sum, v.buckets.into_iter()),
+                    Some(r) => r.merge(&v),
                     None => {
                         inner.pending.insert(k, v);
                     }
@@ -164,8 +209,10 @@ async fn write(pool: &db::Db, pending: &HashMap<(Uuid, DateTime<Utc>), Rollup>) 
     for ((version, minute), r) in pending {
         sqlx::query(
             "INSERT INTO version_metrics (tenant_id, version_id, minute, requests, errors, cold_starts, \
-             concurrency_sum, latency_buckets) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+             concurrency_sum, latency_buckets, queued, queue_ms_sum) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
              ON CONFLICT (version_id, minute) DO UPDATE SET \
+               queued = version_metrics.queued + EXCLUDED.queued, \
+               queue_ms_sum = version_metrics.queue_ms_sum + EXCLUDED.queue_ms_sum, \
                requests = version_metrics.requests + EXCLUDED.requests, \
                errors = version_metrics.errors + EXCLUDED.errors, \
                cold_starts = version_metrics.cold_starts + EXCLUDED.cold_starts, \
@@ -181,6 +228,8 @@ async fn write(pool: &db::Db, pending: &HashMap<(Uuid, DateTime<Utc>), Rollup>) 
         .bind(r.cold_starts)
         .bind(r.concurrency_sum)
         .bind(&r.buckets[..])
+        .bind(r.queued)
+        .bind(r.queue_ms_sum)
         .execute(&mut *tx)
         .await?;
     }

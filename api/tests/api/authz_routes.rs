@@ -52,7 +52,8 @@ async fn every_route_is_public_by_design_or_authorized() {
                 .replace("{upload_id}", &uuid::Uuid::now_v7().to_string())
                 .replace("{node_id}", &uuid::Uuid::now_v7().to_string())
                 .replace("{token_id}", &uuid::Uuid::now_v7().to_string())
-                .replace("{sha256}", &"a".repeat(64));
+                .replace("{sha256}", &"a".repeat(64))
+                .replace("{pool}", "spot");
             assert!(!concrete.contains('{'), "no test value for a parameter of {path}");
             let m: Method = method.to_uppercase().parse().unwrap();
             let example = op

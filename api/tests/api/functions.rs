@@ -619,3 +619,147 @@ async fn rows_of_one_tenant_cannot_point_at_another_tenants_rows() {
         assert!(msg.contains("foreign key") || msg.contains("row-level security"), "{sql}: {msg}");
     }
 }
+
+#[tokio::test]
+async fn scaling_settings_and_placement_rules_are_the_functions_live_and_shown_with_the_autoscalers_state() {
+    let app = spawn_app().await;
+    let owner = app.sign_up("owner@example.com", "acme").await;
+    let res = create_function(
+        &app,
+        &owner,
+        json!({"name": "thumbs", "runtime": "wasm",
+               "scaling": {"target_utilization": 0.5, "stable_window_s": 120, "panic_window_s": 12},
+               "placement": {"required": {"accelerator": "gpu"}, "preferred": {"region": "eu"},
+                             "priority": "critical"}}),
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::CREATED, "{}", res.text);
+    assert_eq!(res.body["scaling"], json!({"target_utilization": 0.5, "stable_window_s": 120, "panic_window_s": 12}));
+    assert_eq!(
+        res.body["placement"],
+        json!({"required": {"accelerator": "gpu"}, "preferred": {"region": "eu"}, "priority": "critical"})
+    );
+    assert_eq!(res.body["scale"], json!([]));
+    // Defaults when left out.
+    let plain = create_function(&app, &owner, json!({"name": "plain", "runtime": "wasm"})).await;
+    assert_eq!(plain.body["scaling"], json!({}), "{}", plain.text);
+    assert_eq!(plain.body["placement"], json!({"priority": "normal"}));
+
+    let path = format!("{}/thumbs", functions_path(owner.tenant));
+    let got = app.get(&path).token(&owner.token).send().await;
+    assert_eq!(got.body["scaling"]["stable_window_s"], 120, "{}", got.text);
+    assert_eq!(got.body["placement"]["required"]["accelerator"], "gpu");
+    upload(&app, &owner, "thumbs", "application/wasm", wasm_module(3)).await;
+    let v1 = publish(&app, &owner, "thumbs").await;
+    assert_eq!(v1.status, StatusCode::CREATED, "{}", v1.text);
+
+    // PATCH replaces the whole object, needs If-Match like every other field, and is audited.
+    let etag = got.headers["etag"].to_str().unwrap().to_owned();
+    let patched = app
+        .patch(&path)
+        .token(&owner.token)
+        .header("if-match", "*")
+        .json(json!({"scaling": {"panic_threshold": 3.0}, "placement": {"priority": "low"}}))
+        .send()
+        .await;
+    assert_eq!(patched.status, StatusCode::OK, "{}", patched.text);
+    assert_eq!(patched.body["scaling"], json!({"panic_threshold": 3.0}), "the whole object is replaced");
+    assert_eq!(patched.body["placement"], json!({"priority": "low"}));
+    assert_ne!(patched.body["etag"], etag.as_str());
+    app.patch(&path)
+        .token(&owner.token)
+        .header("if-match", &etag)
+        .json(json!({"scaling": {}}))
+        .send()
+        .await
+        .assert_problem(StatusCode::PRECONDITION_FAILED, "precondition_failed");
+    let mut c = app.admin_conn().await;
+    let changed: Value = sqlx::query_scalar(
+        "SELECT details->'changed' FROM audit_log WHERE action = 'functions:UpdateFunction' ORDER BY id DESC LIMIT 1",
+    )
+    .fetch_one(&mut c)
+    .await
+    .unwrap();
+    assert_eq!(changed, json!(["scaling", "placement"]));
+    // Other fields leave them alone.
+    let other =
+        app.patch(&path).token(&owner.token).header("if-match", "*").json(json!({"memory_mb": 256})).send().await;
+    assert_eq!(other.body["scaling"], json!({"panic_threshold": 3.0}), "{}", other.text);
+
+    // Live, not frozen: the published version carries neither.
+    let version = app.get(&format!("{path}/versions/1")).token(&owner.token).send().await;
+    assert_eq!(version.status, StatusCode::OK, "{}", version.text);
+    assert!(version.body["config"].get("scaling").is_none(), "{}", version.text);
+    assert!(version.body["config"].get("placement").is_none(), "{}", version.text);
+
+    // What the autoscaler decided shows per version, on the function and in the list.
+    let (version_id, function_id): (Uuid, Uuid) =
+        sqlx::query_as("SELECT id, function_id FROM versions WHERE tenant_id = $1")
+            .bind(owner.tenant)
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+    sqlx::query(
+        "INSERT INTO autoscaler_state (version_id, tenant_id, function_id, state, desired, placed, ready, panicking, \
+         status, reason) VALUES ($1, $2, $3, '{}', 3, 1, 1, true, 'unplaced', 'no room on nodes with accelerator=gpu')",
+    )
+    .bind(version_id)
+    .bind(owner.tenant)
+    .bind(function_id)
+    .execute(&mut c)
+    .await
+    .unwrap();
+    let expected = json!([{"version": 1, "desired": 3, "placed": 1, "ready": 1, "panicking": true,
+                           "status": "unplaced", "reason": "no room on nodes with accelerator=gpu"}]);
+    let got = app.get(&path).token(&owner.token).send().await;
+    assert_eq!(got.body["scale"], expected, "{}", got.text);
+    let list = app.get(&functions_path(owner.tenant)).token(&owner.token).send().await;
+    let items = list.body["items"].as_array().unwrap();
+    let by_name = |n: &str| items.iter().find(|f| f["name"] == n).unwrap().clone();
+    assert_eq!(by_name("thumbs")["scale"], expected, "{}", list.text);
+    assert_eq!(by_name("plain")["scale"], json!([]));
+    assert_eq!(by_name("thumbs")["placement"]["priority"], "low");
+
+    // Invalid settings are named, on create and on update; nothing is stored.
+    let bad = create_function(
+        &app,
+        &owner,
+        json!({"name": "bad", "runtime": "wasm", "scaling": {"target_utilization": 1.5},
+               "placement": {"required": {"-gpu": "yes"}}}),
+    )
+    .await;
+    bad.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+    let fields: Vec<(&str, &str)> = bad.body["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["field"].as_str().unwrap(), e["rule"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        fields,
+        [("scaling.target_utilization", "out_of_range"), ("placement.required.-gpu", "invalid_label_key")],
+        "{}",
+        bad.text
+    );
+    let bad = app
+        .patch(&path)
+        .token(&owner.token)
+        .header("if-match", "*")
+        .json(json!({"scaling": {"target_utilization": 0}}))
+        .send()
+        .await;
+    bad.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+    assert_eq!(bad.body["errors"][0]["field"], "scaling.target_utilization", "{}", bad.text);
+    let unknown = app
+        .patch(&path)
+        .token(&owner.token)
+        .header("if-match", "*")
+        .json(json!({"scaling": {"target_utilisation": 0.5}}))
+        .send()
+        .await;
+    unknown.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+    assert_eq!(unknown.body["errors"][0]["rule"], "unknown_field", "{}", unknown.text);
+    let now = app.get(&path).token(&owner.token).send().await;
+    assert_eq!(now.body["scaling"], json!({"panic_threshold": 3.0}), "refused updates change nothing");
+    assert_eq!(count(&app, "functions").await, 2);
+}

@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use crate::{
     functions::{create_function, functions_path, publish, upload, wasm_module},
-    helpers::{TestApp, User, spawn_app},
+    helpers::{TestApp, User, spawn_app, spawn_app_with},
 };
 
 /// What the stand-in agent saw of one request.
@@ -375,4 +375,49 @@ async fn limits_answer_429_with_retry_after_and_give_their_slots_back() {
     }
     assert!(statuses.contains(&200) && statuses.contains(&429), "{statuses:?}");
     assert!(statuses.iter().filter(|s| **s == 200).count() <= 6, "{statuses:?}");
+}
+
+#[tokio::test]
+async fn a_request_for_a_version_nobody_serves_is_held_until_a_node_has_it_ready() {
+    let app = spawn_app_with(&["--gateway-hold-timeout=30s", "--gateway-hold-queue=3"]).await;
+    let admin = app.platform_admin().await;
+    let owner = app.sign_up("owner@example.com", "acme").await;
+    let (v1, v2) = two_versions(&app, &owner).await;
+    app.state.routes.reload(&app.state.pool).await.unwrap();
+    let mut pokes = sqlx::postgres::PgListener::connect(&app.db_url).await.unwrap();
+    pokes.listen(nimbus_api::autoscaler::run::CHANNEL).await.unwrap();
+    let (agent_url, seen) = stand_in_agent().await;
+
+    // Held: the autoscaler is poked with the version and the count held, and the request is
+    // answered by the node that reports the version ready, without the caller retrying.
+    let held = app.post("/fn/acme/thumbs:1").token(&owner.token).send();
+    let release = async {
+        let poke = pokes.recv().await.unwrap();
+        assert_eq!(poke.payload(), format!("{v1} 1"));
+        assert!(seen.lock().unwrap().is_empty(), "nothing was forwarded while no node had the version");
+        ready_node(&app, &admin, "w1", &agent_url, &[v1]).await;
+        app.state.routes.reload(&app.state.pool).await.unwrap();
+    };
+    let (res, ()) = tokio::join!(held, release);
+    assert_eq!((res.status, res.text.as_str()), (StatusCode::OK, format!("v={v1}").as_str()));
+
+    // The hold queue is bounded per version: the fourth of four waiting requests is refused at
+    // once with 503 and Retry-After, the three held are answered once the version is ready.
+    let send = || app.post("/fn/acme/thumbs:2").token(&owner.token).send();
+    let (a, b, c, d, ()) = tokio::join!(send(), send(), send(), send(), async {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while app.state.routes.held().get(&v2) != Some(&3) {
+            assert!(tokio::time::Instant::now() < deadline, "three requests were never held");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        ready_node(&app, &admin, "w2", &agent_url, &[v2]).await;
+        app.state.routes.reload(&app.state.pool).await.unwrap();
+    });
+    let mut statuses: Vec<u16> = [&a, &b, &c, &d].iter().map(|r| r.status.as_u16()).collect();
+    statuses.sort();
+    assert_eq!(statuses, [200, 200, 200, 503]);
+    let refused = [a, b, c, d].into_iter().find(|r| r.status == StatusCode::SERVICE_UNAVAILABLE).unwrap();
+    assert_eq!(refused.headers["retry-after"], "1");
+    refused.assert_problem(StatusCode::SERVICE_UNAVAILABLE, "hold_queue_full");
+    assert!(app.state.routes.held().is_empty(), "every held place was given back");
 }

@@ -83,6 +83,10 @@ pub async fn spawn_app_with(flags: &[&str]) -> TestApp {
     if !flags.iter().any(|f| f.starts_with("--secrets-keys")) {
         args.push(&secrets_flag);
     }
+    // Requests for versions nobody serves wait briefly here (no autoscaler runs in-process).
+    if !flags.iter().any(|f| f.starts_with("--gateway-hold-timeout")) {
+        args.push("--gateway-hold-timeout=200ms");
+    }
     args.extend_from_slice(flags);
     let settings = Flags::parse_from(args).server;
     let keys = KeyRing::load(pool.clone(), "http://nimbus.test".into(), settings.access_token_ttl.0).await.unwrap();

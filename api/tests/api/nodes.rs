@@ -590,3 +590,232 @@ async fn reported_metrics_are_rolled_up_per_minute_for_assigned_versions_only() 
         .await
         .assert_problem(StatusCode::BAD_REQUEST, "invalid_query");
 }
+
+fn labels_of(res: &crate::helpers::TestResponse) -> Value {
+    res.body["labels"].clone()
+}
+
+#[tokio::test]
+async fn nodes_carry_the_labels_they_join_with_and_platform_admins_replace_them() {
+    let app = spawn_app().await;
+    let admin = app.platform_admin().await;
+    let user = app.sign_up("dev@example.com", "acme").await;
+    let (_, token) = join_token(&app, &admin, json!({"name": "t"})).await;
+    let mut body = join_body(&token, "w1");
+    body["labels"] = json!({"pool": "spot", "accelerator": "gpu", "nimbus.dev/rack": "r3"});
+    let res = app.post("/agent/v1/join").json(body).send().await;
+    assert_eq!(res.status, StatusCode::CREATED, "{}", res.text);
+    let id: Uuid = res.body["node_id"].as_str().unwrap().parse().unwrap();
+    let node_path = format!("/v1/nodes/{id}");
+    let shown = app.get(&node_path).token(&admin.token).send().await;
+    assert_eq!(
+        labels_of(&shown),
+        json!({"pool": "spot", "accelerator": "gpu", "nimbus.dev/rack": "r3"}),
+        "{}",
+        shown.text
+    );
+    let list = app.get("/v1/nodes").token(&admin.token).send().await;
+    assert_eq!(list.body["items"][0]["labels"]["pool"], "spot", "{}", list.text);
+    // A join without labels has none.
+    let plain = join(&app, &token, "w2").await;
+    let shown = app.get(&format!("/v1/nodes/{}", plain.id)).token(&admin.token).send().await;
+    assert_eq!(labels_of(&shown), json!({}), "{}", shown.text);
+
+    // Bad labels at join are named and refused.
+    let mut bad = join_body(&token, "w3");
+    bad["labels"] = json!({"-pool": "spot", "zone": "a/b"});
+    let res = app.post("/agent/v1/join").json(bad).send().await;
+    res.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+    let errors: Vec<(&str, &str)> = res.body["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["field"].as_str().unwrap(), e["rule"].as_str().unwrap()))
+        .collect();
+    assert_eq!(errors, [("labels.-pool", "invalid_label_key"), ("labels.zone", "invalid_label_value")], "{}", res.text);
+    let mut many = join_body(&token, "w3");
+    many["labels"] = Value::Object((0..33).map(|i| (format!("k{i}"), json!("v"))).collect());
+    let res = app.post("/agent/v1/join").json(many).send().await;
+    res.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+    assert_eq!(res.body["errors"][0]["field"], "labels", "{}", res.text);
+
+    // A platform admin replaces them; the desired-state revision does not move.
+    let revision = app.get(&node_path).token(&admin.token).send().await.body["revision"].clone();
+    let patched =
+        app.patch(&node_path).token(&admin.token).json(json!({"labels": {"pool": "reserved", "ssd": ""}})).send().await;
+    assert_eq!(patched.status, StatusCode::OK, "{}", patched.text);
+    assert_eq!(labels_of(&patched), json!({"pool": "reserved", "ssd": ""}));
+    let shown = app.get(&node_path).token(&admin.token).send().await;
+    assert_eq!(labels_of(&shown), json!({"pool": "reserved", "ssd": ""}));
+    assert_eq!(shown.body["revision"], revision);
+    let unchanged = app.patch(&node_path).token(&admin.token).json(json!({})).send().await;
+    assert_eq!(labels_of(&unchanged), json!({"pool": "reserved", "ssd": ""}), "{}", unchanged.text);
+    // Invalid ones are named and change nothing; others may not change labels at all.
+    let res = app
+        .patch(&node_path)
+        .token(&admin.token)
+        .json(json!({"labels": {"pool": "spot", "bad key": "x"}}))
+        .send()
+        .await;
+    res.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+    assert_eq!(res.body["errors"][0]["field"], "labels.bad key", "{}", res.text);
+    assert_eq!(res.body["errors"][0]["rule"], "invalid_label_key");
+    let res = app.patch(&node_path).token(&admin.token).json(json!({"zone": "b"})).send().await;
+    res.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+    assert_eq!(res.body["errors"][0]["rule"], "unknown_field");
+    let (_, key) = app.create_key(&user.token, user.tenant, "admin").await;
+    for who in [&user.token, &key] {
+        let res = app.patch(&node_path).token(who).json(json!({"labels": {}})).send().await;
+        res.assert_problem(StatusCode::FORBIDDEN, "forbidden");
+        assert_eq!(res.body["action"], "nodes:UpdateNode");
+    }
+    let shown = app.get(&node_path).token(&admin.token).send().await;
+    assert_eq!(labels_of(&shown), json!({"pool": "reserved", "ssd": ""}));
+    let actions: Vec<String> = app.audit_actions(None).await.into_iter().map(|(a, _)| a).collect();
+    assert_eq!(actions.iter().filter(|a| *a == "nodes:UpdateNode").count(), 2, "{actions:?}");
+
+    // Joining again replaces them with the agent's.
+    let mut c = app.admin_conn().await;
+    sqlx::query("UPDATE nodes SET last_heartbeat_at = now() - interval '1 minute'").execute(&mut c).await.unwrap();
+    let mut again = join_body(&token, "w1");
+    again["labels"] = json!({"pool": "spot"});
+    let res = app.post("/agent/v1/join").json(again).send().await;
+    assert_eq!(res.status, StatusCode::CREATED, "{}", res.text);
+    assert_eq!(res.body["node_id"], id.to_string());
+    let shown = app.get(&node_path).token(&admin.token).send().await;
+    assert_eq!(labels_of(&shown), json!({"pool": "spot"}), "{}", shown.text);
+    // A removed node's labels cannot be changed.
+    assert_eq!(app.delete(&node_path).token(&admin.token).send().await.status, StatusCode::NO_CONTENT);
+    app.patch(&node_path)
+        .token(&admin.token)
+        .json(json!({"labels": {}}))
+        .send()
+        .await
+        .assert_problem(StatusCode::CONFLICT, "node_gone");
+}
+
+#[tokio::test]
+async fn pools_come_from_node_labels_and_platform_admins_dedicate_them_to_a_tenant() {
+    let app = spawn_app().await;
+    let admin = app.platform_admin().await;
+    let acme = app.sign_up("owner@example.com", "acme").await;
+    let globex = app.sign_up("other@example.com", "globex").await;
+    let (_, token) = join_token(&app, &admin, json!({"name": "t"})).await;
+    let mut ids = Vec::new();
+    for (name, pool) in [("w1", Some("spot")), ("w2", Some("spot")), ("w3", Some("reserved")), ("w4", None)] {
+        let mut body = join_body(&token, name);
+        if let Some(pool) = pool {
+            body["labels"] = json!({"pool": pool});
+        }
+        let res = app.post("/agent/v1/join").json(body).send().await;
+        assert_eq!(res.status, StatusCode::CREATED, "{}", res.text);
+        ids.push(res.body["node_id"].as_str().unwrap().to_owned());
+    }
+    // Removed nodes do not count.
+    assert_eq!(
+        app.delete(&format!("/v1/nodes/{}", ids[1])).token(&admin.token).send().await.status,
+        StatusCode::NO_CONTENT
+    );
+    let pools = app.get("/v1/pools").token(&admin.token).send().await;
+    assert_eq!(pools.status, StatusCode::OK, "{}", pools.text);
+    assert_eq!(
+        pools.body["items"],
+        json!([{"name": "reserved", "nodes": 1, "dedicated_to": null, "dedicated_at": null},
+               {"name": "spot", "nodes": 1, "dedicated_to": null, "dedicated_at": null}])
+    );
+
+    // Dedicate, by tenant id; again to another tenant replaces it.
+    let dedication = "/v1/pools/spot/dedication";
+    let res = app.req(Method::PUT, dedication).token(&admin.token).json(json!({"tenant_id": acme.tenant})).send().await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.text);
+    assert_eq!(res.body["name"], "spot");
+    assert_eq!(res.body["nodes"], 1);
+    assert_eq!(res.body["dedicated_to"], json!({"id": acme.tenant, "name": "acme"}));
+    assert!(res.body["dedicated_at"].is_string(), "{}", res.text);
+    let res =
+        app.req(Method::PUT, dedication).token(&admin.token).json(json!({"tenant_id": globex.tenant})).send().await;
+    assert_eq!(res.body["dedicated_to"], json!({"id": globex.tenant, "name": "globex"}), "{}", res.text);
+    // A pool without nodes yet can be dedicated, and is listed.
+    let res = app
+        .req(Method::PUT, "/v1/pools/gpu.eu_1/dedication")
+        .token(&admin.token)
+        .json(json!({"tenant_id": acme.tenant}))
+        .send()
+        .await;
+    assert_eq!((res.body["name"].as_str(), res.body["nodes"].as_i64()), (Some("gpu.eu_1"), Some(0)), "{}", res.text);
+    let pools = app.get("/v1/pools").token(&admin.token).send().await;
+    let listed: Vec<(String, i64, Value)> = pools.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (p["name"].as_str().unwrap().to_owned(), p["nodes"].as_i64().unwrap(), p["dedicated_to"]["name"].clone())
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("gpu.eu_1".to_owned(), 0, json!("acme")),
+            ("reserved".to_owned(), 1, Value::Null),
+            ("spot".to_owned(), 1, json!("globex"))
+        ]
+    );
+    let mut c = app.admin_conn().await;
+    let stored: Vec<(String, Uuid, Option<Uuid>)> =
+        sqlx::query_as("SELECT pool, tenant_id, created_by FROM pool_dedications ORDER BY pool")
+            .fetch_all(&mut c)
+            .await
+            .unwrap();
+    assert_eq!(
+        stored,
+        [("gpu.eu_1".to_owned(), acme.tenant, Some(admin.id)), ("spot".to_owned(), globex.tenant, Some(admin.id))]
+    );
+
+    // Unknown tenants and bad pool names are refused, naming them.
+    let res =
+        app.req(Method::PUT, dedication).token(&admin.token).json(json!({"tenant_id": Uuid::now_v7()})).send().await;
+    res.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+    assert_eq!(res.body["errors"][0]["field"], "tenant_id", "{}", res.text);
+    let long = format!("/v1/pools/{}/dedication", "p".repeat(64));
+    for path in
+        ["/v1/pools/-spot/dedication", "/v1/pools/a%2Fb/dedication", "/v1/pools/sp%20ot/dedication", long.as_str()]
+    {
+        let res = app.req(Method::PUT, path).token(&admin.token).json(json!({"tenant_id": acme.tenant})).send().await;
+        res.assert_problem(StatusCode::BAD_REQUEST, "invalid_path_parameter");
+        assert_eq!(res.body["errors"][0]["field"], "pool", "{path}: {}", res.text);
+        let res = app.delete(path).token(&admin.token).send().await;
+        res.assert_problem(StatusCode::BAD_REQUEST, "invalid_path_parameter");
+        assert_eq!(res.body["errors"][0]["field"], "pool", "{path}: {}", res.text);
+    }
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM pool_dedications").fetch_one(&mut c).await.unwrap();
+    assert_eq!(count, 2, "nothing refused was stored");
+
+    // Only platform admins: tenant admins and API keys get 403 naming the action.
+    let (_, key) = app.create_key(&acme.token, acme.tenant, "admin").await;
+    for who in [&acme.token, &key] {
+        let res = app.get("/v1/pools").token(who).send().await;
+        res.assert_problem(StatusCode::FORBIDDEN, "forbidden");
+        assert_eq!(res.body["action"], "nodes:ListPools");
+        let res = app.req(Method::PUT, dedication).token(who).json(json!({"tenant_id": acme.tenant})).send().await;
+        res.assert_problem(StatusCode::FORBIDDEN, "forbidden");
+        assert_eq!(res.body["action"], "nodes:DedicatePool");
+        let res = app.delete(dedication).token(who).send().await;
+        res.assert_problem(StatusCode::FORBIDDEN, "forbidden");
+        assert_eq!(res.body["action"], "nodes:UndedicatePool");
+    }
+    // Row-level security: pool dedications are the platform's alone, even below the API.
+    let mut tx = db::begin(&app.state.pool, &Scope::tenant(globex.tenant, Some(globex.id))).await.unwrap();
+    let seen: i64 = sqlx::query_scalar("SELECT count(*) FROM pool_dedications").fetch_one(&mut *tx).await.unwrap();
+    tx.rollback().await.unwrap();
+    assert_eq!(seen, 0);
+
+    // Ending a dedication: 204, then 404; the pool is listed without it.
+    assert_eq!(app.delete(dedication).token(&admin.token).send().await.status, StatusCode::NO_CONTENT);
+    app.delete(dedication).token(&admin.token).send().await.assert_problem(StatusCode::NOT_FOUND, "not_found");
+    let pools = app.get("/v1/pools").token(&admin.token).send().await;
+    let spot = pools.body["items"].as_array().unwrap().iter().find(|p| p["name"] == "spot").unwrap().clone();
+    assert_eq!(spot["dedicated_to"], Value::Null, "{}", pools.text);
+    let actions: Vec<String> = app.audit_actions(None).await.into_iter().map(|(a, _)| a).collect();
+    assert_eq!(actions.iter().filter(|a| *a == "nodes:DedicatePool").count(), 3, "{actions:?}");
+    assert_eq!(actions.iter().filter(|a| *a == "nodes:UndedicatePool").count(), 1, "{actions:?}");
+}

@@ -1,0 +1,685 @@
+//! The autoscaler loop: every [`TICK`] (and at once when a gateway holds requests for a version
+//! nobody serves), in the one replica holding the advisory lock [`LOCK_KEY`]:
+//!
+//! 1. read the versions that matter (routed by an alias, assigned somewhere, with recent traffic
+//!    or held requests), their functions' scaling settings and placement rules, the nodes with
+//!    their labels, capacity and what they report ready, pool dedications and the assignments;
+//! 2. decide each version's desired instances with [`kpa::decide`] over the concurrency agents
+//!    reported ([`nodes::Stats`]), with requests held by gateways counted as concurrency (as
+//!    Knative's activator reports its queue);
+//! 3. place the counts on nodes ([`placement::place`]) and write what changed to `assignments`
+//!    (triggers bump the nodes' revisions and wake their long-polls) and each version's decision
+//!    and KPA state to `autoscaler_state`, from which a new leader resumes.
+//!
+//! A version scaled to zero keeps its assignment rows with 0 instances ("parked"): the node keeps
+//! the code on disk and the version routable, so the next request starts an instance from the
+//! on-disk artifact in well under a millisecond instead of waiting for a placement round.
+//!
+//! Times are wall-clock milliseconds since the epoch, so a state stored by one replica means the
+//! same to the next.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use chrono::Utc;
+use nimbus_protocol::{InstanceState, VersionStatus};
+use sqlx::{Connection, postgres::PgListener};
+use uuid::Uuid;
+
+use super::{PlacementRules, Scaling, kpa, placement};
+use crate::{
+    db::{self, Scope},
+    functions::versions::StoredConfig,
+    nodes::Stats,
+    routing::RoutingConfig,
+};
+
+/// How often the autoscaler decides.
+pub const TICK: Duration = Duration::from_secs(2);
+/// The channel gateways poke the autoscaler on: `"<version id> <requests held>"`.
+pub const CHANNEL: &str = "nimbus_autoscaler";
+/// The advisory lock whose holder is the autoscaler (`"nimbus.as"` in ASCII).
+pub const LOCK_KEY: i64 = 0x6e_69_6d_62_75_73_61_73;
+/// Pokes arriving within this window cause one tick.
+const POKE_DEBOUNCE: Duration = Duration::from_millis(2);
+/// Held requests a poke reported count this long.
+const POKE_TTL_MS: u64 = 4_000;
+
+/// A version as the autoscaler sees it.
+#[derive(Debug, Clone)]
+pub struct VersionInput {
+    /// The version.
+    pub id: Uuid,
+    /// Its tenant.
+    pub tenant: Uuid,
+    /// Its function.
+    pub function: Uuid,
+    /// Its function's name and its number (for metrics labels).
+    pub label: (String, u32),
+    /// Memory of one instance, MiB.
+    pub memory_mb: u64,
+    /// Its KPA settings.
+    pub kpa: kpa::Config,
+    /// Its function's placement rules.
+    pub rules: PlacementRules,
+    /// An alias routes to it.
+    pub routed: bool,
+}
+
+/// Everything one tick reads.
+#[derive(Debug, Clone, Default)]
+pub struct Inputs {
+    /// Every version.
+    pub versions: Vec<VersionInput>,
+    /// Every node not removed.
+    pub nodes: Vec<placement::Node>,
+    /// Ready instances per version, over ready nodes.
+    pub ready: HashMap<Uuid, u32>,
+    /// Tenants with a dedicated pool.
+    pub dedicated: HashSet<Uuid>,
+    /// The assignments now.
+    pub current: placement::Assignments,
+}
+
+/// One version's decision, as stored in `autoscaler_state`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decided {
+    /// The version.
+    pub version: Uuid,
+    /// Its tenant.
+    pub tenant: Uuid,
+    /// Its function.
+    pub function: Uuid,
+    /// Instances wanted.
+    pub desired: u32,
+    /// Instances placed.
+    pub placed: u32,
+    /// Instances ready.
+    pub ready: u32,
+    /// In panic mode.
+    pub panicking: bool,
+    /// `ok`, `unplaced` or `unschedulable`.
+    pub status: &'static str,
+    /// Why not ok.
+    pub reason: Option<String>,
+}
+
+/// What one tick decided.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    /// The new assignments.
+    pub assignments: placement::Assignments,
+    /// Per active version.
+    pub decided: Vec<Decided>,
+}
+
+/// One tick's decisions, without I/O: `states` carries each version's KPA state between ticks,
+/// `samples` is the concurrency agents reported per version and `held` the requests gateways
+/// hold per version.
+pub fn compute(
+    inputs: &Inputs,
+    states: &mut HashMap<Uuid, kpa::State>,
+    samples: &HashMap<Uuid, Vec<(u64, f64)>>,
+    held: &HashMap<Uuid, u32>,
+    now_ms: u64,
+) -> Outcome {
+    let assigned: HashSet<Uuid> = inputs.current.keys().map(|(_, v)| *v).collect();
+    let mut demands = Vec::new();
+    let mut decided = Vec::new();
+    for v in &inputs.versions {
+        let held_now = held.get(&v.id).copied().unwrap_or(0);
+        let traffic = samples.get(&v.id);
+        let active = v.routed
+            || assigned.contains(&v.id)
+            || traffic.is_some()
+            || held_now > 0
+            || states.contains_key(&v.id) && v.kpa.min_scale > 0;
+        if !active {
+            states.remove(&v.id);
+            continue;
+        }
+        let state = states.entry(v.id).or_insert_with(|| kpa::State {
+            first_seen_ms: Some(now_ms),
+            last_active_ms: Some(now_ms),
+            ..kpa::State::default()
+        });
+        let first_seen = *state.first_seen_ms.get_or_insert(now_ms);
+        let ready = inputs.ready.get(&v.id).copied().unwrap_or(0);
+        let mut series: Vec<(u64, f64)> = traffic.cloned().unwrap_or_default();
+        if held_now > 0 {
+            // Held requests are demand now: one sample in the second that just ended.
+            series.push((now_ms.saturating_sub(1), f64::from(held_now)));
+        }
+        if !state.initial_done
+            && (held_now > 0
+                || traffic.is_some()
+                || ready >= v.kpa.initial_scale
+                || now_ms.saturating_sub(first_seen) >= v.kpa.stable_window_ms)
+        {
+            state.initial_done = true;
+        }
+        let first = series.first().map_or(first_seen, |(t, _)| (*t).min(first_seen));
+        let (stable, panic) = if state.initial_done {
+            let avg = |window| kpa::window_average(&series, Some(first), now_ms, window);
+            (avg(v.kpa.stable_window_ms), avg(v.kpa.panic_window_ms))
+        } else {
+            (None, None)
+        };
+        let mut d = kpa::decide(&v.kpa, state, &kpa::Observation { now_ms, ready, stable, panic });
+        // Requests held now need capacity now, whatever the windows' averages say: one
+        // instance per `target` of them (bounded by the version's max scale).
+        if held_now > 0 {
+            let need = (f64::from(held_now) / v.kpa.target()).ceil() as u32;
+            let need = if v.kpa.max_scale > 0 { need.min(v.kpa.max_scale) } else { need };
+            d.desired = d.desired.max(need.max(1));
+        }
+        demands.push(placement::Demand {
+            version: v.id,
+            tenant: v.tenant,
+            instances: d.desired,
+            memory_mb: v.memory_mb,
+            rules: v.rules.clone(),
+            dedicated: inputs.dedicated.contains(&v.tenant),
+        });
+        decided.push(Decided {
+            version: v.id,
+            tenant: v.tenant,
+            function: v.function,
+            desired: d.desired,
+            placed: 0,
+            ready,
+            panicking: d.panicking,
+            status: "ok",
+            reason: None,
+        });
+    }
+    let placed = placement::place(&inputs.nodes, &demands, &inputs.current);
+    let mut per_version: HashMap<Uuid, u32> = HashMap::new();
+    for ((_, v), n) in &placed.assignments {
+        *per_version.entry(*v).or_insert(0) += n;
+    }
+    for d in &mut decided {
+        d.placed = per_version.get(&d.version).copied().unwrap_or(0);
+        if let Some(reason) = placed.unschedulable.get(&d.version) {
+            d.status = "unschedulable";
+            d.reason = Some(reason.clone());
+        } else if let Some(short) = placed.unplaced.get(&d.version) {
+            d.status = "unplaced";
+            d.reason = Some(format!("{short} instance(s) found no node with room"));
+        }
+    }
+    Outcome { assignments: placed.assignments, decided }
+}
+
+#[derive(sqlx::FromRow)]
+struct VersionRow {
+    id: Uuid,
+    tenant_id: Uuid,
+    function_id: Uuid,
+    number: i32,
+    config: sqlx::types::Json<StoredConfig>,
+    name: String,
+    scaling: sqlx::types::Json<Scaling>,
+    placement: sqlx::types::Json<PlacementRules>,
+}
+
+#[derive(sqlx::FromRow)]
+struct NodeRow {
+    id: Uuid,
+    zone: String,
+    memory_mb: i64,
+    instance_slots: i32,
+    state: String,
+    draining: bool,
+    labels: sqlx::types::Json<BTreeMap<String, String>>,
+    versions: sqlx::types::Json<Vec<VersionStatus>>,
+}
+
+/// Reads one tick's inputs (the gateway scope reads functions, versions and aliases of every
+/// tenant; the platform scope nodes, assignments and dedications).
+pub async fn load(pool: &db::Db) -> Result<Inputs, sqlx::Error> {
+    let mut tx = db::begin(pool, &Scope { platform: true, gateway: true, ..Scope::default() }).await?;
+    let versions: Vec<VersionRow> = sqlx::query_as(
+        "SELECT v.id, v.tenant_id, v.function_id, v.number, v.config, f.name, f.scaling, f.placement \
+         FROM versions v JOIN functions f ON f.id = v.function_id",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let aliases: Vec<(Uuid, sqlx::types::Json<RoutingConfig>)> =
+        sqlx::query_as("SELECT function_id, routing FROM aliases").fetch_all(&mut *tx).await?;
+    let nodes: Vec<NodeRow> = sqlx::query_as(
+        "SELECT id, zone, memory_mb, instance_slots, state, draining, labels, versions FROM nodes \
+         WHERE state <> 'removed'",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let dedications: Vec<(String, Uuid)> =
+        sqlx::query_as("SELECT pool, tenant_id FROM pool_dedications").fetch_all(&mut *tx).await?;
+    let current: Vec<(Uuid, Uuid, i32)> =
+        sqlx::query_as("SELECT node_id, version_id, instances FROM assignments").fetch_all(&mut *tx).await?;
+    tx.commit().await?;
+
+    let routed: HashSet<(Uuid, u32)> = aliases.iter().flat_map(|(f, r)| r.0.versions().map(move |n| (*f, n))).collect();
+    let dedicated_pools: HashMap<String, Uuid> = dedications.into_iter().collect();
+    let mut ready: HashMap<Uuid, u32> = HashMap::new();
+    let nodes = nodes
+        .into_iter()
+        .map(|n| {
+            if n.state == "ready" {
+                for v in n.versions.0.iter().filter(|v| v.state == InstanceState::Ready) {
+                    *ready.entry(v.version_id).or_insert(0) += v.instances;
+                }
+            }
+            let dedicated_to = n.labels.0.get("pool").and_then(|p| dedicated_pools.get(p)).copied();
+            placement::Node {
+                id: n.id,
+                zone: n.zone,
+                memory_mb: u64::try_from(n.memory_mb).unwrap_or(0),
+                slots: u32::try_from(n.instance_slots).unwrap_or(0),
+                schedulable: n.state == "ready" && !n.draining,
+                labels: n.labels.0,
+                dedicated_to,
+            }
+        })
+        .collect();
+    let versions = versions
+        .into_iter()
+        .map(|r| {
+            let c = &r.config.0;
+            let number = u32::try_from(r.number).unwrap_or(0);
+            VersionInput {
+                id: r.id,
+                tenant: r.tenant_id,
+                function: r.function_id,
+                routed: routed.contains(&(r.function_id, number)),
+                label: (r.name, number),
+                memory_mb: u64::from(c.memory_mb),
+                kpa: r.scaling.0.config(c.concurrency, c.min_scale, c.max_scale),
+                rules: r.placement.0,
+            }
+        })
+        .collect();
+    Ok(Inputs {
+        versions,
+        nodes,
+        ready,
+        dedicated: dedicated_pools.into_values().collect(),
+        current: current.into_iter().map(|(n, v, c)| ((n, v), u32::try_from(c).unwrap_or(0))).collect(),
+    })
+}
+
+/// Writes what changed: assignments (one statement for removals, one for the rest) and the
+/// decisions that differ from `written` (what this leader wrote last), in one transaction.
+pub async fn store(
+    pool: &db::Db,
+    inputs: &Inputs,
+    outcome: &Outcome,
+    states: &HashMap<Uuid, kpa::State>,
+    written: &mut HashMap<Uuid, (Decided, kpa::State)>,
+) -> Result<usize, sqlx::Error> {
+    let tenant_of: HashMap<Uuid, Uuid> = inputs.versions.iter().map(|v| (v.id, v.tenant)).collect();
+    let (mut gone_nodes, mut gone_versions) = (Vec::new(), Vec::new());
+    for key in inputs.current.keys() {
+        if !outcome.assignments.contains_key(key) {
+            gone_nodes.push(key.0);
+            gone_versions.push(key.1);
+        }
+    }
+    let (mut nodes, mut tenants, mut versions, mut counts) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (key, n) in &outcome.assignments {
+        if inputs.current.get(key) != Some(n)
+            && let Some(t) = tenant_of.get(&key.1)
+        {
+            nodes.push(key.0);
+            tenants.push(*t);
+            versions.push(key.1);
+            counts.push(i32::try_from(*n).unwrap_or(i32::MAX));
+        }
+    }
+    let changed: Vec<&Decided> = outcome
+        .decided
+        .iter()
+        .filter(|d| written.get(&d.version).is_none_or(|(w, s)| w != *d || Some(s) != states.get(&d.version)))
+        .collect();
+    let active: HashSet<Uuid> = outcome.decided.iter().map(|d| d.version).collect();
+    let stale: Vec<Uuid> = written.keys().filter(|v| !active.contains(v)).copied().collect();
+    let writes = gone_nodes.len() + nodes.len() + changed.len() + stale.len();
+    if writes == 0 {
+        return Ok(0);
+    }
+
+    let mut tx = db::begin(pool, &Scope::platform(None)).await?;
+    if !gone_nodes.is_empty() {
+        sqlx::query(
+            "DELETE FROM assignments a USING unnest($1::uuid[], $2::uuid[]) AS g(node_id, version_id) \
+             WHERE a.node_id = g.node_id AND a.version_id = g.version_id",
+        )
+        .bind(&gone_nodes)
+        .bind(&gone_versions)
+        .execute(&mut *tx)
+        .await?;
+    }
+    if !nodes.is_empty() {
+        sqlx::query(
+            "INSERT INTO assignments (node_id, tenant_id, version_id, instances) \
+             SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::int[]) \
+             ON CONFLICT (node_id, version_id) DO UPDATE SET instances = EXCLUDED.instances \
+             WHERE assignments.instances IS DISTINCT FROM EXCLUDED.instances",
+        )
+        .bind(&nodes)
+        .bind(&tenants)
+        .bind(&versions)
+        .bind(&counts)
+        .execute(&mut *tx)
+        .await?;
+    }
+    if !changed.is_empty() {
+        let int = |n: u32| i32::try_from(n).unwrap_or(i32::MAX);
+        let col = |f: &dyn Fn(&Decided) -> i32| changed.iter().map(|d| f(d)).collect::<Vec<i32>>();
+        let state_json = |d: &Decided| {
+            serde_json::to_string(&states.get(&d.version).cloned().unwrap_or_default()).unwrap_or_else(|_| "{}".into())
+        };
+        sqlx::query(
+            "INSERT INTO autoscaler_state (version_id, tenant_id, function_id, state, desired, placed, ready, \
+             panicking, status, reason, updated_at) \
+             SELECT v, t, f, s::jsonb, d, p, r, pa, st, re, now() FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], \
+             $4::text[], $5::int[], $6::int[], $7::int[], $8::bool[], $9::text[], $10::text[]) \
+             AS u(v, t, f, s, d, p, r, pa, st, re) \
+             WHERE EXISTS (SELECT 1 FROM versions WHERE versions.id = u.v) \
+             ON CONFLICT (version_id) DO UPDATE SET state = EXCLUDED.state, desired = EXCLUDED.desired, \
+             placed = EXCLUDED.placed, ready = EXCLUDED.ready, panicking = EXCLUDED.panicking, \
+             status = EXCLUDED.status, reason = EXCLUDED.reason, updated_at = now()",
+        )
+        .bind(changed.iter().map(|d| d.version).collect::<Vec<_>>())
+        .bind(changed.iter().map(|d| d.tenant).collect::<Vec<_>>())
+        .bind(changed.iter().map(|d| d.function).collect::<Vec<_>>())
+        .bind(changed.iter().map(|d| state_json(d)).collect::<Vec<_>>())
+        .bind(col(&|d| int(d.desired)))
+        .bind(col(&|d| int(d.placed)))
+        .bind(col(&|d| int(d.ready)))
+        .bind(changed.iter().map(|d| d.panicking).collect::<Vec<_>>())
+        .bind(changed.iter().map(|d| d.status).collect::<Vec<_>>())
+        .bind(changed.iter().map(|d| d.reason.clone()).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
+    }
+    if !stale.is_empty() {
+        sqlx::query("DELETE FROM autoscaler_state WHERE version_id = ANY($1)").bind(&stale).execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    for d in changed {
+        written.insert(d.version, (d.clone(), states.get(&d.version).cloned().unwrap_or_default()));
+    }
+    for v in stale {
+        written.remove(&v);
+    }
+    Ok(writes)
+}
+
+/// Requests held by gateways, per version, with when they were reported.
+#[derive(Clone, Default)]
+pub struct Held {
+    inner: Arc<Mutex<HashMap<Uuid, (u32, u64)>>>,
+}
+
+impl Held {
+    /// Records a poke.
+    pub fn poke(&self, version: Uuid, held: u32, now_ms: u64) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let e = inner.entry(version).or_insert((0, now_ms));
+        *e = (if now_ms.saturating_sub(e.1) < POKE_TTL_MS { e.0.max(held) } else { held }, now_ms);
+    }
+
+    /// The held counts still fresh at `now_ms`.
+    pub fn current(&self, now_ms: u64) -> HashMap<Uuid, u32> {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.retain(|_, (_, at)| now_ms.saturating_sub(*at) < POKE_TTL_MS);
+        inner.iter().map(|(v, (n, _))| (*v, *n)).collect()
+    }
+}
+
+/// Parses a poke payload, `"<version id> <held>"`.
+pub fn parse_poke(payload: &str) -> Option<(Uuid, u32)> {
+    let (v, n) = payload.split_once(' ')?;
+    Some((v.parse().ok()?, n.parse().ok()?))
+}
+
+/// The autoscaler of this replica: it runs ticks while it holds the lock.
+pub struct Autoscaler {
+    pool: db::Db,
+    database_url: String,
+    stats: Stats,
+    held: Held,
+    states: HashMap<Uuid, kpa::State>,
+    written: HashMap<Uuid, (Decided, kpa::State)>,
+}
+
+fn now_ms() -> u64 {
+    u64::try_from(Utc::now().timestamp_millis()).unwrap_or(0)
+}
+
+impl Autoscaler {
+    /// An autoscaler reading `stats`.
+    pub fn new(pool: db::Db, database_url: String, stats: Stats) -> Self {
+        Autoscaler { pool, database_url, stats, held: Held::default(), states: HashMap::new(), written: HashMap::new() }
+    }
+
+    /// Runs one tick: load, decide, place, store. Returns the rows written.
+    pub async fn tick(&mut self) -> anyhow::Result<usize> {
+        let started = Instant::now();
+        let now = now_ms();
+        let inputs = load(&self.pool).await?;
+        let samples = self.stats.concurrency(Utc::now());
+        let held = self.held.current(now);
+        let outcome = compute(&inputs, &mut self.states, &samples, &held, now);
+        let written = store(&self.pool, &inputs, &outcome, &self.states, &mut self.written).await?;
+        for d in &outcome.decided {
+            if let Some(v) = inputs.versions.iter().find(|v| v.id == d.version).filter(|_| d.desired > 0 || d.ready > 0)
+            {
+                let labels = [
+                    ("tenant_id", d.tenant.to_string()),
+                    ("function", v.label.0.clone()),
+                    ("version", v.label.1.to_string()),
+                ];
+                metrics::gauge!("nimbus_autoscaler_desired_instances", &labels).set(f64::from(d.desired));
+                metrics::gauge!("nimbus_autoscaler_ready_instances", &labels).set(f64::from(d.ready));
+            }
+        }
+        metrics::histogram!("nimbus_autoscaler_tick_seconds").record(started.elapsed().as_secs_f64());
+        Ok(written)
+    }
+
+    /// Resumes from the stored state (a new leader).
+    async fn resume(&mut self) -> Result<(), sqlx::Error> {
+        let mut tx = db::begin(&self.pool, &Scope::platform(None)).await?;
+        let rows: Vec<(Uuid, sqlx::types::Json<kpa::State>)> =
+            sqlx::query_as("SELECT version_id, state FROM autoscaler_state").fetch_all(&mut *tx).await?;
+        tx.commit().await?;
+        self.states = rows.into_iter().map(|(v, s)| (v, s.0)).collect();
+        self.written.clear();
+        Ok(())
+    }
+
+    /// Forever: wait for the lock, then tick every [`TICK`] and on pokes while holding it.
+    pub async fn run(mut self) {
+        loop {
+            match self.lead().await {
+                Ok(()) => {}
+                Err(e) => tracing::warn!(error = %e, "the autoscaler lost its lock connection; retrying"),
+            }
+            tokio::time::sleep(TICK).await;
+        }
+    }
+
+    async fn lead(&mut self) -> anyhow::Result<()> {
+        let mut lock = sqlx::PgConnection::connect(&self.database_url).await?;
+        loop {
+            let (got,): (bool,) =
+                sqlx::query_as("SELECT pg_try_advisory_lock($1)").bind(LOCK_KEY).fetch_one(&mut lock).await?;
+            if got {
+                break;
+            }
+            tokio::time::sleep(TICK).await;
+        }
+        tracing::info!("this replica runs the autoscaler");
+        metrics::gauge!("nimbus_autoscaler_leader").set(1.0);
+        let result = self.lead_locked(&mut lock).await;
+        metrics::gauge!("nimbus_autoscaler_leader").set(0.0);
+        result
+    }
+
+    async fn lead_locked(&mut self, lock: &mut sqlx::PgConnection) -> anyhow::Result<()> {
+        self.resume().await?;
+        let mut listener = PgListener::connect(&self.database_url).await?;
+        listener.listen(CHANNEL).await?;
+        let mut ticker = tokio::time::interval(TICK);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {
+                    // The lock lives as long as its connection: a tick only runs while it does.
+                    sqlx::query("SELECT 1").execute(&mut *lock).await?;
+                }
+                n = listener.try_recv() => {
+                    match n? {
+                        Some(n) => {
+                            if let Some((v, held)) = parse_poke(n.payload()) {
+                                self.held.poke(v, held, now_ms());
+                            }
+                            tokio::time::sleep(POKE_DEBOUNCE).await;
+                            while let Some(n) = listener.next_buffered() {
+                                if let Some((v, held)) = parse_poke(n.payload()) {
+                                    self.held.poke(v, held, now_ms());
+                                }
+                            }
+                        }
+                        // The listener reconnected: pokes may be lost, the next tick covers them.
+                        None => continue,
+                    }
+                }
+            }
+            if let Err(e) = self.tick().await {
+                metrics::counter!("nimbus_autoscaler_tick_failures_total").increment(1);
+                tracing::warn!(error = %e, "an autoscaler tick failed");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(n: u128, zone: &str) -> placement::Node {
+        placement::Node {
+            id: Uuid::from_u128(n),
+            zone: zone.into(),
+            memory_mb: 4096,
+            slots: 100,
+            schedulable: true,
+            labels: BTreeMap::new(),
+            dedicated_to: None,
+        }
+    }
+
+    fn version(n: u128, scaling: Scaling, routed: bool) -> VersionInput {
+        VersionInput {
+            id: Uuid::from_u128(n),
+            tenant: Uuid::from_u128(1),
+            function: Uuid::from_u128(n + 1000),
+            label: ("f".into(), 1),
+            memory_mb: 128,
+            kpa: scaling.config(10, 0, 0),
+            rules: PlacementRules::default(),
+            routed,
+        }
+    }
+
+    fn inputs(versions: Vec<VersionInput>) -> Inputs {
+        Inputs { versions, nodes: vec![node(1, "a"), node(2, "b")], ..Inputs::default() }
+    }
+
+    fn placed(o: &Outcome, v: u128) -> u32 {
+        o.assignments.iter().filter(|((_, x), _)| *x == Uuid::from_u128(v)).map(|(_, n)| n).sum()
+    }
+
+    #[test]
+    fn a_routed_version_starts_at_its_initial_scale_and_an_unrouted_idle_one_is_left_alone() {
+        let mut states = HashMap::new();
+        let i = inputs(vec![version(10, Scaling::default(), true), version(20, Scaling::default(), false)]);
+        let o = compute(&i, &mut states, &HashMap::new(), &HashMap::new(), 1_000_000);
+        assert_eq!((placed(&o, 10), placed(&o, 20)), (1, 0));
+        assert_eq!(o.decided.len(), 1, "only the routed version is active");
+        assert!(states.contains_key(&Uuid::from_u128(10)) && !states.contains_key(&Uuid::from_u128(20)));
+    }
+
+    #[test]
+    fn held_requests_ask_for_as_many_instances_as_they_need_spread_over_zones() {
+        let mut states = HashMap::new();
+        let zero = Scaling { initial_scale: Some(0), ..Scaling::default() };
+        let i = inputs(vec![version(10, zero, true)]);
+        let o = compute(&i, &mut states, &HashMap::new(), &HashMap::new(), 1_000_000);
+        assert_eq!(placed(&o, 10), 0, "initial scale 0: nothing until demand");
+        // 200 held, 7 per instance (10 × 0.7): 29 instances at once, in panic mode.
+        let held = HashMap::from([(Uuid::from_u128(10), 200)]);
+        let o = compute(&i, &mut states, &HashMap::new(), &held, 1_002_000);
+        assert_eq!(placed(&o, 10), 29);
+        assert!(o.decided[0].panicking);
+        let per_node: Vec<u32> = o.assignments.values().copied().collect();
+        assert_eq!(per_node.len(), 2, "both zones: {per_node:?}");
+        assert!(per_node.iter().all(|n| *n >= 14), "{per_node:?}");
+    }
+
+    #[test]
+    fn without_demand_a_version_parks_after_the_grace_period_and_keeps_its_nodes() {
+        let mut states = HashMap::new();
+        let s = Scaling {
+            scale_to_zero_grace_s: Some(10),
+            stable_window_s: Some(6),
+            panic_window_s: Some(6),
+            ..Scaling::default()
+        };
+        let mut i = inputs(vec![version(10, s, true)]);
+        let t0 = 1_000_000;
+        let o = compute(&i, &mut states, &HashMap::new(), &HashMap::new(), t0);
+        assert_eq!(placed(&o, 10), 1);
+        i.current = o.assignments.clone();
+        i.ready = HashMap::from([(Uuid::from_u128(10), 1)]);
+        let o = compute(&i, &mut states, &HashMap::new(), &HashMap::new(), t0 + 4_000);
+        assert_eq!(placed(&o, 10), 1, "within the grace period");
+        let o = compute(&i, &mut states, &HashMap::new(), &HashMap::new(), t0 + 12_000);
+        assert_eq!(placed(&o, 10), 0, "scaled to zero after the grace period");
+        assert_eq!(o.assignments.len(), 1, "parked: the node keeps the version at 0 instances");
+    }
+
+    #[test]
+    fn observed_concurrency_scales_up_and_the_state_survives_a_new_leader() {
+        let mut states = HashMap::new();
+        let i = inputs(vec![version(10, Scaling::default(), true)]);
+        let now = 2_000_000u64;
+        // 35 in flight for the last 60 seconds: 5 instances at 7 each.
+        let samples = HashMap::from([(Uuid::from_u128(10), (1..=60).map(|s| (now - s * 1000, 35.0)).collect())]);
+        let o = compute(&i, &mut states, &samples, &HashMap::new(), now);
+        assert_eq!(placed(&o, 10), 5);
+        // A new leader reads the stored state (JSON) and decides the same.
+        let stored = serde_json::to_string(&states[&Uuid::from_u128(10)]).unwrap();
+        let mut resumed = HashMap::from([(Uuid::from_u128(10), serde_json::from_str(&stored).unwrap())]);
+        let again = compute(&i, &mut resumed, &samples, &HashMap::new(), now + 2000);
+        assert_eq!(placed(&again, 10), 5);
+    }
+
+    #[test]
+    fn pokes_parse_and_keep_the_largest_count_while_fresh() {
+        let v = Uuid::from_u128(7);
+        assert_eq!(parse_poke(&format!("{v} 12")), Some((v, 12)));
+        assert_eq!(parse_poke("nope 1"), None);
+        let held = Held::default();
+        held.poke(v, 5, 1000);
+        held.poke(v, 3, 1500);
+        assert_eq!(held.current(2000)[&v], 5);
+        assert!(held.current(1500 + POKE_TTL_MS).is_empty(), "stale pokes are forgotten");
+    }
+}
