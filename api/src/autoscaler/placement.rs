@@ -260,6 +260,13 @@ fn unschedulable_reason(nodes: &[Node], d: &Demand) -> String {
         };
     }
     let labels: Vec<String> = d.rules.required.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let labelled = |n: &&&Node| d.rules.required.iter().all(|(k, v)| n.labels.get(k) == Some(v));
+    if !d.dedicated && ready.iter().filter(labelled).count() > 0 {
+        return format!(
+            "the only ready nodes with the labels {} are in other tenants' dedicated pools",
+            labels.join(", ")
+        );
+    }
     let pool = if d.dedicated { " in the tenant's dedicated pool" } else { "" };
     format!("no ready node{pool} has the labels {}", labels.join(", "))
 }
@@ -601,10 +608,10 @@ mod tests {
         let all = vec![shared.clone(), others.clone(), down];
         let cases = [
             (
-                "required label nowhere ready and shared",
+                "required label on no ready node",
                 all.clone(),
-                demand(10, 2, 128).requiring("accelerator", "gpu"),
-                "no ready node has the labels accelerator=gpu",
+                demand(10, 2, 128).requiring("accelerator", "tpu"),
+                "no ready node has the labels accelerator=tpu",
             ),
             (
                 "tenant without a ready pool node",
@@ -623,6 +630,12 @@ mod tests {
                 vec![others.clone()],
                 demand(10, 2, 128),
                 "no ready node outside other tenants' dedicated pools",
+            ),
+            (
+                "the labelled nodes are other tenants'",
+                all.clone(),
+                demand(10, 2, 128).requiring("accelerator", "gpu"),
+                "the only ready nodes with the labels accelerator=gpu are in other tenants' dedicated pools",
             ),
         ];
         for (name, nodes, d, reason) in cases {

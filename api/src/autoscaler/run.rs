@@ -351,7 +351,9 @@ pub async fn store(
         return Ok(0);
     }
 
-    let mut tx = db::begin(pool, &Scope::platform(None)).await?;
+    // The gateway scope reads versions: a decision for a version deleted since the load is
+    // skipped rather than failing the transaction on the foreign key.
+    let mut tx = db::begin(pool, &Scope { platform: true, gateway: true, ..Scope::default() }).await?;
     if !gone_nodes.is_empty() {
         sqlx::query(
             "DELETE FROM assignments a USING unnest($1::uuid[], $2::uuid[]) AS g(node_id, version_id) \
@@ -492,8 +494,8 @@ impl Autoscaler {
         Ok(written)
     }
 
-    /// Resumes from the stored state (a new leader).
-    async fn resume(&mut self) -> Result<(), sqlx::Error> {
+    /// Resumes from the stored state (what a new leader does first).
+    pub async fn resume(&mut self) -> Result<(), sqlx::Error> {
         let mut tx = db::begin(&self.pool, &Scope::platform(None)).await?;
         let rows: Vec<(Uuid, sqlx::types::Json<kpa::State>)> =
             sqlx::query_as("SELECT version_id, state FROM autoscaler_state").fetch_all(&mut *tx).await?;

@@ -1,6 +1,7 @@
 //! A function's metrics: per version, the requests, errors, cold starts, average concurrency and
 //! latency percentiles of a recent window, from the per-minute rollups agents' reports become
-//! (`version_metrics`), plus the seconds this replica holds that are not rolled up yet.
+//! (`version_metrics`), the requests gateways held while an instance started (queue time), and
+//! the autoscaler's desired and ready instances now (`autoscaler_state`).
 
 use axum::{Json, extract::State};
 use chrono::{DateTime, DurationRound, TimeDelta, Utc};
@@ -43,6 +44,29 @@ pub struct VersionFigures {
     pub p50_ms: Option<f64>,
     /// 99th percentile latency, ms (same resolution).
     pub p99_ms: Option<f64>,
+    /// Requests the gateways held while an instance started (the cold path).
+    pub queued: i64,
+    /// Their average wait, ms.
+    pub queue_ms_avg: Option<f64>,
+    /// Instances the autoscaler wants now (absent when it does not track the version).
+    pub desired_instances: Option<i32>,
+    /// Instances ready on nodes now, as the autoscaler last saw them.
+    pub ready_instances: Option<i32>,
+}
+
+#[derive(sqlx::FromRow)]
+struct FiguresRow {
+    id: Uuid,
+    number: i32,
+    requests: i64,
+    errors: i64,
+    cold_starts: i64,
+    concurrency_sum: f64,
+    buckets: Vec<i64>,
+    queued: i64,
+    queue_ms_sum: f64,
+    desired: Option<i32>,
+    ready: Option<i32>,
 }
 
 /// A function's metrics.
@@ -52,7 +76,7 @@ pub struct FunctionMetrics {
     pub from: DateTime<Utc>,
     /// End of the window (now).
     pub to: DateTime<Utc>,
-    /// Per version that had traffic.
+    /// Per version that had traffic in the window or that the autoscaler tracks.
     pub versions: Vec<VersionFigures>,
 }
 
@@ -102,8 +126,6 @@ fn quantile(buckets: &[i64], q: f64) -> Option<f64> {
 }
 
 /// Version id, number, requests, errors, cold starts, concurrency sum, latency buckets.
-type FiguresRow = (Uuid, i32, i64, i64, i64, f64, Vec<i64>);
-
 /// Routes of this module.
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(get_metrics))
@@ -141,13 +163,18 @@ pub async fn get_metrics(
     .await?;
     let function = super::load(&mut tx, tenant_id, name.as_str(), false).await?;
     let rows: Vec<FiguresRow> = sqlx::query_as(
-        "SELECT v.id, v.number, coalesce(sum(m.requests), 0)::bigint, coalesce(sum(m.errors), 0)::bigint, \
-         coalesce(sum(m.cold_starts), 0)::bigint, coalesce(sum(m.concurrency_sum), 0)::float8, \
+        "SELECT v.id, v.number, coalesce(sum(m.requests), 0)::bigint AS requests, \
+         coalesce(sum(m.errors), 0)::bigint AS errors, coalesce(sum(m.cold_starts), 0)::bigint AS cold_starts, \
+         coalesce(sum(m.concurrency_sum), 0)::float8 AS concurrency_sum, \
          coalesce((SELECT array_agg(b ORDER BY i) FROM (SELECT i, sum(x)::bigint AS b FROM version_metrics m2, \
            unnest(m2.latency_buckets) WITH ORDINALITY AS u(x, i) \
-           WHERE m2.version_id = v.id AND m2.minute >= $3 GROUP BY i) t), '{}') \
-         FROM versions v JOIN version_metrics m ON m.version_id = v.id AND m.minute >= $3 \
-         WHERE v.tenant_id = $1 AND v.function_id = $2 GROUP BY v.id, v.number ORDER BY v.number",
+           WHERE m2.version_id = v.id AND m2.minute >= $3 GROUP BY i) t), '{}') AS buckets, \
+         coalesce(sum(m.queued), 0)::bigint AS queued, coalesce(sum(m.queue_ms_sum), 0)::float8 AS queue_ms_sum, \
+         s.desired, s.ready \
+         FROM versions v LEFT JOIN version_metrics m ON m.version_id = v.id AND m.minute >= $3 \
+         LEFT JOIN autoscaler_state s ON s.version_id = v.id \
+         WHERE v.tenant_id = $1 AND v.function_id = $2 AND (m.version_id IS NOT NULL OR s.version_id IS NOT NULL) \
+         GROUP BY v.id, v.number, s.desired, s.ready ORDER BY v.number",
     )
     .bind(tenant_id)
     .bind(function.id)
@@ -158,16 +185,20 @@ pub async fn get_metrics(
     let seconds = (to - from).num_seconds().max(1) as f64;
     let versions = rows
         .into_iter()
-        .map(|(version_id, version, requests, errors, cold_starts, concurrency_sum, buckets)| VersionFigures {
-            version,
-            version_id,
-            requests,
-            errors,
-            cold_starts,
-            requests_per_second: requests as f64 / seconds,
-            concurrency: concurrency_sum / seconds,
-            p50_ms: quantile(&buckets, 0.5),
-            p99_ms: quantile(&buckets, 0.99),
+        .map(|r| VersionFigures {
+            version: r.number,
+            version_id: r.id,
+            requests: r.requests,
+            errors: r.errors,
+            cold_starts: r.cold_starts,
+            requests_per_second: r.requests as f64 / seconds,
+            concurrency: r.concurrency_sum / seconds,
+            p50_ms: quantile(&r.buckets, 0.5),
+            p99_ms: quantile(&r.buckets, 0.99),
+            queued: r.queued,
+            queue_ms_avg: (r.queued > 0).then(|| r.queue_ms_sum / r.queued as f64),
+            desired_instances: r.desired,
+            ready_instances: r.ready,
         })
         .collect();
     Ok(Json(FunctionMetrics { from, to, versions }))

@@ -4,6 +4,7 @@
 mod helpers;
 
 mod api_keys;
+mod autoscaler;
 mod auth;
 mod authz_routes;
 mod conventions;

@@ -1,0 +1,211 @@
+//! The autoscaler's tick against a real PostgreSQL: it places a routed version on a matching
+//! node, reports versions no node matches as unschedulable with the reason, keeps tenants out of
+//! pools dedicated to others, and a new leader resumes from the state the last one stored. The
+//! function's metrics show desired vs ready instances and the requests gateways held.
+
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use nimbus_api::autoscaler::run::Autoscaler;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::{
+    functions::{create_function, functions_path, publish, upload, wasm_module},
+    helpers::{TestApp, User, spawn_app},
+};
+
+/// A ready node in `zone` with `labels`; returns its id.
+async fn node(app: &TestApp, admin: &User, name: &str, labels: Value) -> Uuid {
+    let token = app.post("/v1/join-tokens").token(&admin.token).json(json!({"name": name})).send().await;
+    let joined = app
+        .post("/agent/v1/join")
+        .json(json!({"token": token.body["secret"], "name": name, "zone": "zone-a", "labels": labels,
+                     "capacity": {"memory_mb": 4096, "cpu_millis": 2000, "instance_slots": 16},
+                     "invoke_url": "http://127.0.0.1:9"}))
+        .send()
+        .await;
+    assert_eq!(joined.status, StatusCode::CREATED, "{}", joined.text);
+    joined.body["node_id"].as_str().unwrap().parse().unwrap()
+}
+
+async fn assigned(app: &TestApp, admin: &User, node: Uuid) -> Vec<(String, u64)> {
+    let res = app.get(&format!("/v1/nodes/{node}/assignments")).token(&admin.token).send().await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.text);
+    res.body["assignments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| (a["version_id"].as_str().unwrap().to_owned(), a["instances"].as_u64().unwrap()))
+        .collect()
+}
+
+async fn scale(app: &TestApp, owner: &User) -> Value {
+    let f = app.get(&format!("{}/thumbs", functions_path(owner.tenant))).token(&owner.token).send().await;
+    assert_eq!(f.status, StatusCode::OK, "{}", f.text);
+    f.body["scale"].clone()
+}
+
+async fn set_placement(app: &TestApp, owner: &User, placement: Value) {
+    let res = app
+        .patch(&format!("{}/thumbs", functions_path(owner.tenant)))
+        .token(&owner.token)
+        .header("if-match", "*")
+        .json(json!({"placement": placement}))
+        .send()
+        .await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.text);
+}
+
+#[tokio::test]
+async fn a_tick_places_matching_nodes_only_reports_unschedulable_versions_and_resumes_as_a_new_leader() {
+    let app = spawn_app().await;
+    let admin = app.platform_admin().await;
+    let owner = app.sign_up("owner@example.com", "acme").await;
+    let other = app.sign_up("other@example.com", "globex").await;
+    assert_eq!(
+        create_function(&app, &owner, json!({"name": "thumbs", "runtime": "wasm"})).await.status,
+        StatusCode::CREATED
+    );
+    assert!(upload(&app, &owner, "thumbs", "application/wasm", wasm_module(1)).await.status.is_success());
+    let v1: Uuid = publish(&app, &owner, "thumbs").await.body["id"].as_str().unwrap().parse().unwrap();
+    let alias = app
+        .post(&format!("{}/thumbs/aliases", functions_path(owner.tenant)))
+        .token(&owner.token)
+        .json(json!({"name": "live", "routing": {"weights": [{"version": 1, "weight": 100}]}}))
+        .send()
+        .await;
+    assert_eq!(alias.status, StatusCode::CREATED, "{}", alias.text);
+    let spot = node(&app, &admin, "spot-1", json!({"pool": "spot"})).await;
+    let gpu = node(&app, &admin, "gpu-1", json!({"pool": "gpu", "accelerator": "gpu"})).await;
+    let mut autoscaler = Autoscaler::new(app.state.pool.clone(), app.db_url.clone(), app.state.stats.clone());
+
+    // Required labels no ready node has: unschedulable, with the reason, and nothing placed.
+    set_placement(&app, &owner, json!({"required": {"accelerator": "tpu"}})).await;
+    autoscaler.tick().await.unwrap();
+    let s = scale(&app, &owner).await;
+    assert_eq!(s[0]["status"], "unschedulable", "{s}");
+    assert!(s[0]["reason"].as_str().unwrap().contains("accelerator=tpu"), "{s}");
+    assert!(assigned(&app, &admin, spot).await.is_empty() && assigned(&app, &admin, gpu).await.is_empty());
+
+    // A matching node: the routed version gets its initial scale there, and only there.
+    set_placement(&app, &owner, json!({"required": {"accelerator": "gpu"}})).await;
+    autoscaler.tick().await.unwrap();
+    assert_eq!(assigned(&app, &admin, gpu).await, [(v1.to_string(), 1)]);
+    assert!(assigned(&app, &admin, spot).await.is_empty());
+    let s = scale(&app, &owner).await;
+    assert_eq!(
+        (s[0]["status"].as_str(), s[0]["desired"].as_u64(), s[0]["placed"].as_u64()),
+        (Some("ok"), Some(1), Some(1)),
+        "{s}"
+    );
+
+    // The gpu pool dedicated to another tenant: acme's version may no longer run there.
+    let dedicate = app
+        .req(axum::http::Method::PUT, "/v1/pools/gpu/dedication")
+        .token(&admin.token)
+        .json(json!({"tenant_id": other.tenant}))
+        .send()
+        .await;
+    assert_eq!(dedicate.status, StatusCode::OK, "{}", dedicate.text);
+    autoscaler.tick().await.unwrap();
+    assert!(assigned(&app, &admin, gpu).await.is_empty(), "never on another tenant's pool");
+    let s = scale(&app, &owner).await;
+    assert_eq!(s[0]["status"], "unschedulable", "{s}");
+    assert!(s[0]["reason"].as_str().unwrap().contains("other tenants' dedicated pools"), "{s}");
+
+    // Without rules it runs on the shared node; a new leader resumes from the stored state (the
+    // version keeps the time it was first seen) instead of starting over.
+    set_placement(&app, &owner, json!({})).await;
+    autoscaler.tick().await.unwrap();
+    assert_eq!(assigned(&app, &admin, spot).await, [(v1.to_string(), 1)]);
+    let before = stored(&app, v1).await;
+    assert!(before["first_seen_ms"].as_u64().is_some(), "{before}");
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let mut leader = Autoscaler::new(app.state.pool.clone(), app.db_url.clone(), app.state.stats.clone());
+    leader.resume().await.unwrap();
+    leader.tick().await.unwrap();
+    assert_eq!(stored(&app, v1).await["first_seen_ms"], before["first_seen_ms"], "the new leader resumed");
+    assert_eq!(assigned(&app, &admin, spot).await, [(v1.to_string(), 1)], "and decided the same");
+
+    // The function's metrics: desired vs ready now, and the requests gateways held.
+    app.state.stats.record_queue(owner.tenant, v1, Duration::from_millis(4));
+    app.state.stats.flush(&app.state.pool).await.unwrap();
+    let m = app
+        .get(&format!("{}/thumbs/metrics?window=15m", functions_path(owner.tenant)))
+        .token(&owner.token)
+        .send()
+        .await;
+    assert_eq!(m.status, StatusCode::OK, "{}", m.text);
+    let v = &m.body["versions"][0];
+    assert_eq!(
+        (v["desired_instances"].as_i64(), v["ready_instances"].as_i64(), v["queued"].as_i64()),
+        (Some(1), Some(0), Some(1)),
+        "{v}"
+    );
+    assert!((v["queue_ms_avg"].as_f64().unwrap() - 4.0).abs() < 0.5, "{v}");
+}
+
+async fn stored(app: &TestApp, version: Uuid) -> Value {
+    let mut c = app.admin_conn().await;
+    sqlx::query_scalar::<_, Value>("SELECT state FROM autoscaler_state WHERE version_id = $1")
+        .bind(version)
+        .fetch_one(&mut c)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn one_replica_leads_at_a_time_and_another_takes_over_when_it_dies() {
+    let app = spawn_app().await;
+    let admin = app.platform_admin().await;
+    let owner = app.sign_up("owner@example.com", "acme").await;
+    assert_eq!(
+        create_function(&app, &owner, json!({"name": "thumbs", "runtime": "wasm"})).await.status,
+        StatusCode::CREATED
+    );
+    assert!(upload(&app, &owner, "thumbs", "application/wasm", wasm_module(1)).await.status.is_success());
+    let v1: Uuid = publish(&app, &owner, "thumbs").await.body["id"].as_str().unwrap().parse().unwrap();
+    let alias = app
+        .post(&format!("{}/thumbs/aliases", functions_path(owner.tenant)))
+        .token(&owner.token)
+        .json(json!({"name": "live", "routing": {"weights": [{"version": 1, "weight": 100}]}}))
+        .send()
+        .await;
+    assert_eq!(alias.status, StatusCode::CREATED, "{}", alias.text);
+    let n = node(&app, &admin, "w1", json!({})).await;
+    let replica = || Autoscaler::new(app.state.pool.clone(), app.db_url.clone(), app.state.stats.clone()).run();
+    let wait_assigned = || async {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while assigned(&app, &admin, n).await != [(v1.to_string(), 1)] {
+            assert!(tokio::time::Instant::now() < deadline, "the version was never placed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let holders = || async {
+        let mut c = app.admin_conn().await;
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted \
+             AND ((classid::bigint << 32) | objid::bigint) = $1",
+        )
+        .bind(nimbus_api::autoscaler::run::LOCK_KEY)
+        .fetch_one(&mut c)
+        .await
+        .unwrap()
+    };
+
+    let first = tokio::spawn(replica());
+    wait_assigned().await;
+    let second = tokio::spawn(replica());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(holders().await, 1, "one leader");
+
+    // The leader dies (its lock connection with it); the other takes over and places again.
+    first.abort();
+    let _ = first.await;
+    let mut c = app.admin_conn().await;
+    sqlx::query("DELETE FROM assignments").execute(&mut c).await.unwrap();
+    wait_assigned().await;
+    assert_eq!(holders().await, 1, "the second replica leads now");
+    second.abort();
+}
