@@ -20,6 +20,38 @@ const WAIT: Duration = Duration::from_secs(60);
 /// Longest any single invocation may take in these tests before it counts as hanging.
 const NO_HANG: Duration = Duration::from_secs(20);
 
+/// `hello_wasm` with thousands of extra functions: its first compile takes long enough that a
+/// burst piles up at the gateway while the first instance starts.
+fn bulky_wasm() -> Vec<u8> {
+    let hello = hello_text();
+    let extra: String = (0..4000)
+        .map(|i| {
+            format!(
+                "(func $f{i} (param i64) (result i64) (i64.add (i64.mul (local.get 0) (i64.const {i})) (i64.const 7)))"
+            )
+        })
+        .collect();
+    wat::parse_str(hello.replace("(memory (export \"memory\") 1)", &format!("(memory (export \"memory\") 1) {extra}")))
+        .unwrap()
+}
+
+/// The text of `nimbus_e2e::hello_wasm`'s module.
+fn hello_text() -> String {
+    let out = "Status: 200 OK\nContent-Type: text/plain\n\nhello from wasm\n";
+    format!(
+        r#"(module
+             (import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
+             (memory (export "memory") 1)
+             (data (i32.const 64) "{}")
+             (func (export "_start")
+               (i32.store (i32.const 0) (i32.const 64))
+               (i32.store (i32.const 4) (i32.const {}))
+               (drop (call $w (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 32)))))"#,
+        out.replace('\n', "\\0a"),
+        out.len()
+    )
+}
+
 /// A wasm function that spins for a while before answering (to hold concurrency).
 fn slow_wasm() -> Vec<u8> {
     let out = "Status: 200 OK\nContent-Type: text/plain\n\nslow\n";
@@ -235,14 +267,31 @@ async fn three_agents_in_two_zones_scale_from_zero_route_by_weight_scale_to_zero
 
     // At zero from the start (initial scale 0): nothing is placed before the first request.
     let scaling = json!({"initial_scale": 0, "scale_to_zero_grace_s": 2, "stable_window_s": 6, "panic_window_s": 6});
-    let v1 = p.deploy("hello", json!({"concurrency": 50, "scaling": scaling}), hello_wasm()).await;
+    let v1 = p.deploy("hello", json!({"concurrency": 50, "scaling": scaling}), bulky_wasm()).await;
     tokio::time::sleep(Duration::from_millis(2500)).await; // one autoscaler tick: it must not place anything
     assert!(p.placed(&v1).await.is_empty(), "nothing placed before demand");
 
     // A burst of 200 concurrent first requests: every one answered 200, with instances started
     // for what the burst needs (50 × 0.7 = 35 per instance → 6), not one per request.
     let burst: Vec<_> = (0..200).map(|_| invoke(&p, reqwest::Method::POST, "hello/x")).collect();
-    let answers = join_all(burst).await;
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let watch = async {
+        // The most instances placed while the burst runs.
+        let mut most = 0;
+        while !done.load(std::sync::atomic::Ordering::Relaxed) {
+            most = most.max(p.placed(&v1).await.values().sum::<i32>());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        most
+    };
+    let run = async {
+        let answers = join_all(burst).await;
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        answers
+    };
+    let (answers, most) = tokio::join!(run, watch);
+    // The held requests asked for capacity at once: more than one instance, never more than needed.
+    assert!((2..=6).contains(&most), "instances placed during the burst: {most}");
     let ok = answers.iter().filter(|(s, v, _)| *s == 200 && v == "1").count();
     assert_eq!(
         ok,

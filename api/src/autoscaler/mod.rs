@@ -39,7 +39,7 @@ pub struct Scaling {
     /// Most growth per tick as a multiple of ready instances, 1.1–10000 (default 1000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_scale_up_rate: Option<f64>,
-    /// Most shrinkage per tick as a divisor of ready instances, 1–1000 (default 2).
+    /// Most shrinkage per tick as a divisor of ready instances, 1.01–1000 (default 2).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_scale_down_rate: Option<f64>,
     /// Stable window, seconds, 6–120 (default 60; agents' seconds are kept 120 s).
@@ -80,7 +80,8 @@ impl Scaling {
         range("target_utilization", self.target_utilization, 0.01, 1.0);
         range("panic_threshold", self.panic_threshold, 1.1, 10.0);
         range("max_scale_up_rate", self.max_scale_up_rate, 1.1, 10_000.0);
-        range("max_scale_down_rate", self.max_scale_down_rate, 1.0, 1000.0);
+        // Above 1, as Knative requires: at 1 a version could never shrink.
+        range("max_scale_down_rate", self.max_scale_down_rate, 1.01, 1000.0);
         range("stable_window_s", self.stable_window_s.map(f64::from), 6.0, RECENT_WINDOW_S);
         range("panic_window_s", self.panic_window_s.map(f64::from), 1.0, RECENT_WINDOW_S);
         range("scale_to_zero_grace_s", self.scale_to_zero_grace_s.map(f64::from), 0.0, 3600.0);
@@ -99,8 +100,11 @@ impl Scaling {
     }
 
     /// The KPA settings of a version with these settings.
+    /// A `max_scale` of 0 (no bound of the function's own) still stops at the platform's most
+    /// instances per version, [`crate::functions::SCALE`]'s end.
     pub fn config(&self, concurrency: u32, min_scale: u32, max_scale: u32) -> kpa::Config {
         let d = kpa::Config::default();
+        let max_scale = if max_scale == 0 { *crate::functions::SCALE.end() } else { max_scale };
         let ms = |s: Option<u32>, default: u64| s.map_or(default, |s| u64::from(s) * 1000);
         kpa::Config {
             concurrency,
@@ -195,7 +199,7 @@ mod tests {
     #[test]
     fn scaling_settings_map_onto_the_kpa_defaults() {
         let c = Scaling::default().config(10, 0, 0);
-        assert_eq!(c, kpa::Config::default());
+        assert_eq!(c, kpa::Config { max_scale: 1000, ..kpa::Config::default() }, "0: the platform's bound");
         let s = Scaling { stable_window_s: Some(120), panic_window_s: Some(12), ..Scaling::default() };
         let c = s.config(4, 1, 9);
         assert_eq!(

@@ -256,18 +256,12 @@ fn unschedulable_reason(nodes: &[Node], d: &Demand) -> String {
         return if d.dedicated {
             "no ready node in the tenant's dedicated pool".into()
         } else {
-            "no ready node outside other tenants' dedicated pools".into()
+            "no ready node available to the tenant".into()
         };
     }
     let labels: Vec<String> = d.rules.required.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    let labelled = |n: &&&Node| d.rules.required.iter().all(|(k, v)| n.labels.get(k) == Some(v));
-    if !d.dedicated && ready.iter().filter(labelled).count() > 0 {
-        return format!(
-            "the only ready nodes with the labels {} are in other tenants' dedicated pools",
-            labels.join(", ")
-        );
-    }
-    let pool = if d.dedicated { " in the tenant's dedicated pool" } else { "" };
+    // Nothing about other tenants' pools is told: only what this tenant may use.
+    let pool = if d.dedicated { " in the tenant's dedicated pool" } else { " available to the tenant" };
     format!("no ready node{pool} has the labels {}", labels.join(", "))
 }
 
@@ -300,7 +294,11 @@ fn evict_for(
             .range((*id, Uuid::nil())..=(*id, Uuid::max()))
             .filter_map(|(&(_, v), &c)| {
                 let vd = by_version.get(&v)?;
-                (c > 0 && vd.rules.priority < d.rules.priority).then_some((vd.rules.priority, vd.memory_mb, v, c))
+                // Another tenant's instances make way only when they are `low` (evictable by
+                // choice): a tenant cannot push others' normal work off by calling its own critical.
+                let evictable = vd.rules.priority < d.rules.priority
+                    && (vd.tenant == d.tenant || vd.rules.priority == Priority::Low);
+                (c > 0 && evictable).then_some((vd.rules.priority, vd.memory_mb, v, c))
             })
             .collect();
         let (mut slots, mut memory) = (room[id].slots, room[id].memory);
@@ -611,7 +609,7 @@ mod tests {
                 "required label on no ready node",
                 all.clone(),
                 demand(10, 2, 128).requiring("accelerator", "tpu"),
-                "no ready node has the labels accelerator=tpu",
+                "no ready node available to the tenant has the labels accelerator=tpu",
             ),
             (
                 "tenant without a ready pool node",
@@ -629,13 +627,13 @@ mod tests {
                 "only other tenants' pools",
                 vec![others.clone()],
                 demand(10, 2, 128),
-                "no ready node outside other tenants' dedicated pools",
+                "no ready node available to the tenant",
             ),
             (
                 "the labelled nodes are other tenants'",
                 all.clone(),
                 demand(10, 2, 128).requiring("accelerator", "gpu"),
-                "the only ready nodes with the labels accelerator=gpu are in other tenants' dedicated pools",
+                "no ready node available to the tenant has the labels accelerator=gpu",
             ),
         ];
         for (name, nodes, d, reason) in cases {
@@ -862,5 +860,20 @@ mod tests {
         let p = place(&nodes, &demands, &current);
         assert_eq!(p.assignments, a(&[(1, 11, 1), (2, 10, 2)]));
         assert!(p.unplaced.is_empty());
+    }
+
+    #[test]
+    fn another_tenants_instances_make_way_only_when_low() {
+        use Priority::*;
+        let nodes = [node(1, "a", 1024, 10)];
+        for (victim, evicted) in [(Normal, false), (Low, true)] {
+            // Tenant 3000's critical version wants the room tenant 1000's version holds.
+            let current = Assignments::from([((id(1), id(10)), 2)]);
+            let demands = [demand(10, 2, 512).at(victim), demand(20, 1, 512).at(Critical).of(3000)];
+            let p = place(&nodes, &demands, &current);
+            let name = format!("{victim:?}");
+            assert_eq!(p.evicted.contains_key(&id(10)), evicted, "{name}");
+            assert_eq!(p.assignments.get(&(id(1), id(20))).copied().unwrap_or(0), u32::from(evicted), "{name}");
+        }
     }
 }

@@ -39,12 +39,14 @@ use crate::{
 
 /// How often the autoscaler decides.
 pub const TICK: Duration = Duration::from_secs(2);
-/// The channel gateways poke the autoscaler on: `"<version id> <requests held>"`.
+/// The channel gateways poke the autoscaler on (see [`poke_payload`]).
 pub const CHANNEL: &str = "nimbus_autoscaler";
 /// The advisory lock whose holder is the autoscaler (`"nimbus.as"` in ASCII).
 pub const LOCK_KEY: i64 = 0x6e_69_6d_62_75_73_61_73;
 /// Pokes arriving within this window cause one tick.
 const POKE_DEBOUNCE: Duration = Duration::from_millis(2);
+/// Ticks caused by pokes are at least this far apart.
+const POKE_SPACING: Duration = Duration::from_millis(100);
 /// Held requests a poke reported count this long.
 const POKE_TTL_MS: u64 = 4_000;
 
@@ -126,7 +128,9 @@ pub fn compute(
     held: &HashMap<Uuid, u32>,
     now_ms: u64,
 ) -> Outcome {
-    let assigned: HashSet<Uuid> = inputs.current.keys().map(|(_, v)| *v).collect();
+    // Warm instances keep a version active; parked rows alone do not (they are dropped once the
+    // version is neither routed nor used, so old versions do not stay on nodes forever).
+    let assigned: HashSet<Uuid> = inputs.current.iter().filter(|(_, n)| **n > 0).map(|((_, v), _)| *v).collect();
     let mut demands = Vec::new();
     let mut decided = Vec::new();
     for v in &inputs.versions {
@@ -174,7 +178,18 @@ pub fn compute(
         if held_now > 0 {
             let need = (f64::from(held_now) / v.kpa.target()).ceil() as u32;
             let need = if v.kpa.max_scale > 0 { need.min(v.kpa.max_scale) } else { need };
-            d.desired = d.desired.max(need.max(1));
+            let need = need.max(1);
+            if need > d.desired {
+                d.desired = need;
+                // Counted like any decision: in panic it is the floor, and the scale-down delay
+                // remembers it.
+                if d.panicking {
+                    state.max_panic = state.max_panic.max(need);
+                }
+                if let Some(last) = state.delay_window.back_mut().filter(|(t, _)| *t == now_ms) {
+                    last.1 = last.1.max(need);
+                }
+            }
         }
         demands.push(placement::Demand {
             version: v.id,
@@ -311,15 +326,27 @@ pub async fn load(pool: &db::Db) -> Result<Inputs, sqlx::Error> {
     })
 }
 
+/// Where a tick writes, and as whom.
+pub struct Sink<'a> {
+    /// The pool.
+    pub pool: &'a db::Db,
+    /// The backend pid of the connection holding the leader's lock: the write is refused unless
+    /// it still holds it (a leader whose lock connection died must not write next to the new one).
+    pub leader_pid: Option<i32>,
+    /// Also delete stored decisions of versions no longer active (the first tick of a leader).
+    pub purge: bool,
+}
+
 /// Writes what changed: assignments (one statement for removals, one for the rest) and the
 /// decisions that differ from `written` (what this leader wrote last), in one transaction.
 pub async fn store(
-    pool: &db::Db,
+    sink: &Sink<'_>,
     inputs: &Inputs,
     outcome: &Outcome,
     states: &HashMap<Uuid, kpa::State>,
     written: &mut HashMap<Uuid, (Decided, kpa::State)>,
-) -> Result<usize, sqlx::Error> {
+) -> anyhow::Result<usize> {
+    let pool = sink.pool;
     let tenant_of: HashMap<Uuid, Uuid> = inputs.versions.iter().map(|v| (v.id, v.tenant)).collect();
     let (mut gone_nodes, mut gone_versions) = (Vec::new(), Vec::new());
     for key in inputs.current.keys() {
@@ -347,13 +374,31 @@ pub async fn store(
     let active: HashSet<Uuid> = outcome.decided.iter().map(|d| d.version).collect();
     let stale: Vec<Uuid> = written.keys().filter(|v| !active.contains(v)).copied().collect();
     let writes = gone_nodes.len() + nodes.len() + changed.len() + stale.len();
-    if writes == 0 {
+    if writes == 0 && !sink.purge {
         return Ok(0);
     }
 
     // The gateway scope reads versions: a decision for a version deleted since the load is
     // skipped rather than failing the transaction on the foreign key.
     let mut tx = db::begin(pool, &Scope { platform: true, gateway: true, ..Scope::default() }).await?;
+    if let Some(pid) = sink.leader_pid {
+        let (leading,): (bool,) = sqlx::query_as(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = $1 \
+             AND ((classid::bigint << 32) | objid::bigint) = $2)",
+        )
+        .bind(pid)
+        .bind(LOCK_KEY)
+        .fetch_one(&mut *tx)
+        .await?;
+        anyhow::ensure!(leading, "this replica no longer holds the autoscaler's lock");
+    }
+    if sink.purge {
+        let active: Vec<Uuid> = outcome.decided.iter().map(|d| d.version).collect();
+        sqlx::query("DELETE FROM autoscaler_state WHERE NOT (version_id = ANY($1))")
+            .bind(&active)
+            .execute(&mut *tx)
+            .await?;
+    }
     if !gone_nodes.is_empty() {
         sqlx::query(
             "DELETE FROM assignments a USING unnest($1::uuid[], $2::uuid[]) AS g(node_id, version_id) \
@@ -367,7 +412,8 @@ pub async fn store(
     if !nodes.is_empty() {
         sqlx::query(
             "INSERT INTO assignments (node_id, tenant_id, version_id, instances) \
-             SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::int[]) \
+             SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::int[]) AS u(n, t, v, c) \
+             WHERE EXISTS (SELECT 1 FROM versions WHERE versions.id = u.v) \
              ON CONFLICT (node_id, version_id) DO UPDATE SET instances = EXCLUDED.instances \
              WHERE assignments.instances IS DISTINCT FROM EXCLUDED.instances",
         )
@@ -421,32 +467,48 @@ pub async fn store(
     Ok(writes)
 }
 
+/// (count, when reported in ms) per (version, gateway replica).
+type HeldCounts = HashMap<(Uuid, Uuid), (u32, u64)>;
+
 /// Requests held by gateways, per version, with when they were reported.
 #[derive(Clone, Default)]
 pub struct Held {
-    inner: Arc<Mutex<HashMap<Uuid, (u32, u64)>>>,
+    /// The latest count per (version, gateway replica), with when it came.
+    inner: Arc<Mutex<HeldCounts>>,
 }
 
 impl Held {
-    /// Records a poke.
-    pub fn poke(&self, version: Uuid, held: u32, now_ms: u64) {
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let e = inner.entry(version).or_insert((0, now_ms));
-        *e = (if now_ms.saturating_sub(e.1) < POKE_TTL_MS { e.0.max(held) } else { held }, now_ms);
+    /// Records a poke: `replica`'s gateway holds `held` requests for `version` now.
+    pub fn poke(&self, version: Uuid, replica: Uuid, held: u32, now_ms: u64) {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).insert((version, replica), (held, now_ms));
     }
 
-    /// The held counts still fresh at `now_ms`.
+    /// The held counts still fresh at `now_ms`, summed over gateway replicas.
     pub fn current(&self, now_ms: u64) -> HashMap<Uuid, u32> {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         inner.retain(|_, (_, at)| now_ms.saturating_sub(*at) < POKE_TTL_MS);
-        inner.iter().map(|(v, (n, _))| (*v, *n)).collect()
+        let mut sum: HashMap<Uuid, u32> = HashMap::new();
+        for ((v, _), (n, _)) in inner.iter() {
+            let e = sum.entry(*v).or_insert(0);
+            *e = e.saturating_add(*n);
+        }
+        sum
     }
 }
 
-/// Parses a poke payload, `"<version id> <held>"`.
-pub fn parse_poke(payload: &str) -> Option<(Uuid, u32)> {
-    let (v, n) = payload.split_once(' ')?;
-    Some((v.parse().ok()?, n.parse().ok()?))
+/// A poke's payload: `"<version id> <held> <gateway replica id>"`.
+pub fn poke_payload(version: Uuid, held: u32, replica: Uuid) -> String {
+    format!("{version} {held} {replica}")
+}
+
+/// Parses a poke payload (see [`poke_payload`]).
+pub fn parse_poke(payload: &str) -> Option<(Uuid, u32, Uuid)> {
+    let mut parts = payload.split(' ');
+    let (v, n, r) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() {
+        return None;
+    }
+    Some((v.parse().ok()?, n.parse().ok()?, r.parse().ok()?))
 }
 
 /// The autoscaler of this replica: it runs ticks while it holds the lock.
@@ -457,6 +519,10 @@ pub struct Autoscaler {
     held: Held,
     states: HashMap<Uuid, kpa::State>,
     written: HashMap<Uuid, (Decided, kpa::State)>,
+    /// The pid of the lock connection while leading.
+    leader_pid: Option<i32>,
+    /// The next tick deletes stored decisions of inactive versions.
+    purge: bool,
 }
 
 fn now_ms() -> u64 {
@@ -466,7 +532,16 @@ fn now_ms() -> u64 {
 impl Autoscaler {
     /// An autoscaler reading `stats`.
     pub fn new(pool: db::Db, database_url: String, stats: Stats) -> Self {
-        Autoscaler { pool, database_url, stats, held: Held::default(), states: HashMap::new(), written: HashMap::new() }
+        Autoscaler {
+            pool,
+            database_url,
+            stats,
+            held: Held::default(),
+            states: HashMap::new(),
+            written: HashMap::new(),
+            leader_pid: None,
+            purge: false,
+        }
     }
 
     /// Runs one tick: load, decide, place, store. Returns the rows written.
@@ -477,10 +552,12 @@ impl Autoscaler {
         let samples = self.stats.concurrency(Utc::now());
         let held = self.held.current(now);
         let outcome = compute(&inputs, &mut self.states, &samples, &held, now);
-        let written = store(&self.pool, &inputs, &outcome, &self.states, &mut self.written).await?;
+        let sink = Sink { pool: &self.pool, leader_pid: self.leader_pid, purge: self.purge };
+        let written = store(&sink, &inputs, &outcome, &self.states, &mut self.written).await?;
+        self.purge = false;
+        let labels_of: HashMap<Uuid, &VersionInput> = inputs.versions.iter().map(|v| (v.id, v)).collect();
         for d in &outcome.decided {
-            if let Some(v) = inputs.versions.iter().find(|v| v.id == d.version).filter(|_| d.desired > 0 || d.ready > 0)
-            {
+            if let Some(v) = labels_of.get(&d.version) {
                 let labels = [
                     ("tenant_id", d.tenant.to_string()),
                     ("function", v.label.0.clone()),
@@ -502,6 +579,7 @@ impl Autoscaler {
         tx.commit().await?;
         self.states = rows.into_iter().map(|(v, s)| (v, s.0)).collect();
         self.written.clear();
+        self.purge = true;
         Ok(())
     }
 
@@ -527,9 +605,12 @@ impl Autoscaler {
             tokio::time::sleep(TICK).await;
         }
         tracing::info!("this replica runs the autoscaler");
+        let (pid,): (i32,) = sqlx::query_as("SELECT pg_backend_pid()").fetch_one(&mut lock).await?;
+        self.leader_pid = Some(pid);
         metrics::gauge!("nimbus_autoscaler_leader").set(1.0);
         let result = self.lead_locked(&mut lock).await;
         metrics::gauge!("nimbus_autoscaler_leader").set(0.0);
+        self.leader_pid = None;
         result
     }
 
@@ -539,6 +620,7 @@ impl Autoscaler {
         listener.listen(CHANNEL).await?;
         let mut ticker = tokio::time::interval(TICK);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_tick = Instant::now();
         loop {
             tokio::select! {
                 _ = ticker.tick() => {
@@ -548,21 +630,26 @@ impl Autoscaler {
                 n = listener.try_recv() => {
                     match n? {
                         Some(n) => {
-                            if let Some((v, held)) = parse_poke(n.payload()) {
-                                self.held.poke(v, held, now_ms());
+                            if let Some((v, held, replica)) = parse_poke(n.payload()) {
+                                self.held.poke(v, replica, held, now_ms());
                             }
-                            tokio::time::sleep(POKE_DEBOUNCE).await;
+                            // Coalesce a burst, and leave at least POKE_SPACING between ticks
+                            // that pokes cause.
+                            let since = last_tick.elapsed();
+                            tokio::time::sleep(POKE_DEBOUNCE.max(POKE_SPACING.saturating_sub(since))).await;
                             while let Some(n) = listener.next_buffered() {
-                                if let Some((v, held)) = parse_poke(n.payload()) {
-                                    self.held.poke(v, held, now_ms());
+                                if let Some((v, held, replica)) = parse_poke(n.payload()) {
+                                    self.held.poke(v, replica, held, now_ms());
                                 }
                             }
+                            sqlx::query("SELECT 1").execute(&mut *lock).await?;
                         }
                         // The listener reconnected: pokes may be lost, the next tick covers them.
                         None => continue,
                     }
                 }
             }
+            last_tick = Instant::now();
             if let Err(e) = self.tick().await {
                 metrics::counter!("nimbus_autoscaler_tick_failures_total").increment(1);
                 tracing::warn!(error = %e, "an autoscaler tick failed");
@@ -674,14 +761,17 @@ mod tests {
     }
 
     #[test]
-    fn pokes_parse_and_keep_the_largest_count_while_fresh() {
+    fn pokes_parse_and_sum_the_latest_count_of_each_replica_while_fresh() {
         let v = Uuid::from_u128(7);
-        assert_eq!(parse_poke(&format!("{v} 12")), Some((v, 12)));
+        let (r1, r2) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        assert_eq!(parse_poke(&poke_payload(v, 12, r1)), Some((v, 12, r1)));
         assert_eq!(parse_poke("nope 1"), None);
         let held = Held::default();
-        held.poke(v, 5, 1000);
-        held.poke(v, 3, 1500);
-        assert_eq!(held.current(2000)[&v], 5);
+        held.poke(v, r1, 5, 1000);
+        held.poke(v, r2, 4, 1200);
+        assert_eq!(held.current(2000)[&v], 9, "summed over gateway replicas");
+        held.poke(v, r1, 1, 1500);
+        assert_eq!(held.current(2000)[&v], 5, "a replica's latest count replaces its last");
         assert!(held.current(1500 + POKE_TTL_MS).is_empty(), "stale pokes are forgotten");
     }
 }

@@ -267,11 +267,11 @@ async fn route(state: &AppState, params: &[(String, String)], req: Request) -> R
         None => {
             // The cold path: hold the request while the autoscaler starts an instance.
             let held_at = std::time::Instant::now();
-            let (pool, version_id) = (state.pool.clone(), version.id);
+            let (pool, version_id, replica) = (state.pool.clone(), version.id, state.routes.replica());
             let poke = move |held: u32| {
                 let pool = pool.clone();
                 tokio::spawn(async move {
-                    let payload = format!("{version_id} {held}");
+                    let payload = crate::autoscaler::run::poke_payload(version_id, held, replica);
                     let sent = async {
                         let mut tx = crate::db::begin(&pool, &crate::db::Scope::default()).await?;
                         sqlx::query("SELECT pg_notify($1, $2)")
@@ -292,10 +292,13 @@ async fn route(state: &AppState, params: &[(String, String)], req: Request) -> R
                 .routes
                 .hold(version.id, zone.as_deref(), settings.gateway_hold_queue, settings.gateway_hold_timeout.0, poke)
                 .await;
-            let queued = held_at.elapsed();
-            metrics::histogram!("nimbus_gateway_queue_seconds", "function" => function_name.to_owned())
-                .record(queued.as_secs_f64());
-            state.stats.record_queue(tenant, version.id, queued);
+            // Time in the queue, for requests that were held (not those refused at once).
+            if !matches!(held, Err(table::HoldRefusal::Full)) {
+                let queued = held_at.elapsed();
+                metrics::histogram!("nimbus_gateway_queue_seconds", "function" => function_name.to_owned())
+                    .record(queued.as_secs_f64());
+                state.stats.record_queue(tenant, version.id, queued);
+            }
             match held {
                 Ok(t) => t,
                 Err(refusal) => {
@@ -360,8 +363,7 @@ async fn route(state: &AppState, params: &[(String, String)], req: Request) -> R
     // A request that is safe to send twice (an idempotent method without a body) goes to another
     // node when the first cannot be reached or drops the connection before answering.
     let retry_safe = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS)
-        && !parts.headers.contains_key(header::TRANSFER_ENCODING)
-        && parts.headers.get(header::CONTENT_LENGTH).is_none_or(|v| v == "0");
+        && axum::body::HttpBody::size_hint(&body).exact() == Some(0);
     let mut body = Some(body);
     let mut target = target;
     let mut retried = false;
@@ -378,11 +380,13 @@ async fn route(state: &AppState, params: &[(String, String)], req: Request) -> R
         // Counted while the request to the agent is out; the guard gives the count back even
         // when the caller goes away and this future is dropped mid-request.
         let outstanding = Outstanding::take(&target.outstanding);
+        // A retry gets what is left of the one deadline, not a new one.
+        let left = (version.timeout + TIMEOUT_MARGIN).saturating_sub(forwarded.elapsed());
         let sent = state
             .http
             .request(parts.method.clone(), format!("{}{relative}", target.invoke_url))
             .headers(headers.clone())
-            .timeout(version.timeout + TIMEOUT_MARGIN)
+            .timeout(left.max(Duration::from_millis(1)))
             .body(request_body)
             .send()
             .await;

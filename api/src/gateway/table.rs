@@ -189,6 +189,7 @@ pub struct Routes {
     keys: Arc<Mutex<KeyCache>>,
     roles: Arc<Mutex<RoleCache>>,
     started: Instant,
+    replica: Uuid,
 }
 
 impl Default for Routes {
@@ -201,6 +202,7 @@ impl Default for Routes {
             keys: Arc::default(),
             roles: Arc::default(),
             started: Instant::now(),
+            replica: Uuid::now_v7(),
         }
     }
 }
@@ -256,6 +258,11 @@ impl Routes {
         self.roles.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
+    /// This replica's id (in pokes, so the autoscaler can sum what every replica holds).
+    pub fn replica(&self) -> Uuid {
+        self.replica
+    }
+
     /// Whether any request is held.
     pub fn holding(&self) -> bool {
         !self.holds.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
@@ -292,6 +299,9 @@ impl Routes {
         loop {
             if let Some(t) = self.table().pick(version, zone, self.now_ms()) {
                 return Ok(t);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(HoldRefusal::Timeout);
             }
             let due = {
                 let mut holds = self.holds.lock().unwrap_or_else(|p| p.into_inner());
@@ -426,8 +436,11 @@ impl Routes {
             // Changes made before LISTEN took effect are covered by this rebuild.
             self.reload_logged(&pool).await;
             loop {
-                match tokio::time::timeout(FULL_RELOAD, listener.recv()).await {
-                    Ok(Ok(_)) => {
+                match tokio::time::timeout(FULL_RELOAD, listener.try_recv()).await {
+                    // The connection dropped and the listener reconnects on the next call:
+                    // notifications in between are lost, so rebuild now.
+                    Ok(Ok(None)) => self.reload_logged(&pool).await,
+                    Ok(Ok(Some(_))) => {
                         // Coalesce a burst (one transaction touching several tables), unless
                         // requests are held waiting for an instance.
                         if !self.holding() {

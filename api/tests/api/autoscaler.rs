@@ -112,7 +112,13 @@ async fn a_tick_places_matching_nodes_only_reports_unschedulable_versions_and_re
     assert!(assigned(&app, &admin, gpu).await.is_empty(), "never on another tenant's pool");
     let s = scale(&app, &owner).await;
     assert_eq!(s[0]["status"], "unschedulable", "{s}");
-    assert!(s[0]["reason"].as_str().unwrap().contains("other tenants' dedicated pools"), "{s}");
+    assert!(
+        s[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no ready node available to the tenant has the labels accelerator=gpu"),
+        "{s}"
+    );
 
     // Without rules it runs on the shared node; a new leader resumes from the stored state (the
     // version keeps the time it was first seen) instead of starting over.
@@ -193,6 +199,21 @@ async fn one_replica_leads_at_a_time_and_another_takes_over_when_it_dies() {
         .await
         .unwrap()
     };
+
+    // A replica that does not hold the lock cannot write, even if it tries.
+    {
+        use nimbus_api::autoscaler::run::{Sink, compute, load, store};
+        let mut c = app.admin_conn().await;
+        let (pid,): (i32,) = sqlx::query_as("SELECT pg_backend_pid()").fetch_one(&mut c).await.unwrap();
+        let inputs = load(&app.state.pool).await.unwrap();
+        let mut states = std::collections::HashMap::new();
+        let outcome = compute(&inputs, &mut states, &Default::default(), &Default::default(), 1_000_000);
+        assert_eq!(outcome.assignments.len(), 1, "there is something to write");
+        let sink = Sink { pool: &app.state.pool, leader_pid: Some(pid), purge: false };
+        let refused = store(&sink, &inputs, &outcome, &states, &mut Default::default()).await;
+        assert!(refused.is_err(), "a write without the lock is refused");
+        assert!(assigned(&app, &admin, n).await.is_empty(), "and nothing was written");
+    }
 
     let first = tokio::spawn(replica());
     wait_assigned().await;

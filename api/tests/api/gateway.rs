@@ -393,7 +393,7 @@ async fn a_request_for_a_version_nobody_serves_is_held_until_a_node_has_it_ready
     let held = app.post("/fn/acme/thumbs:1").token(&owner.token).send();
     let release = async {
         let poke = pokes.recv().await.unwrap();
-        assert_eq!(poke.payload(), format!("{v1} 1"));
+        assert_eq!(poke.payload(), nimbus_api::autoscaler::run::poke_payload(v1, 1, app.state.routes.replica()));
         assert!(seen.lock().unwrap().is_empty(), "nothing was forwarded while no node had the version");
         ready_node(&app, &admin, "w1", &agent_url, &[v1]).await;
         app.state.routes.reload(&app.state.pool).await.unwrap();
