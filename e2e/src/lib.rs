@@ -203,3 +203,94 @@ pub fn hello_wasm() -> Vec<u8> {
     ))
     .unwrap()
 }
+
+/// The real API on a fresh database with a signed-up platform admin (`ops@example.com`, tenant
+/// `acme`), and calls on its behalf.
+pub struct Platform {
+    /// The API process.
+    pub api: Running,
+    /// Its base URL.
+    pub base: String,
+    /// The database's name.
+    pub db: String,
+    /// The database's URL.
+    pub url: String,
+    /// The admin's access token.
+    pub token: String,
+    /// The admin's tenant id.
+    pub tenant: String,
+    /// The local package directory.
+    pub packages: PathBuf,
+    /// An HTTP client.
+    pub http: reqwest::Client,
+}
+
+impl Platform {
+    /// Starts `nimbus-api serve` with `env` besides the database and package directory.
+    pub async fn start(env: &[(&str, &str)]) -> Platform {
+        use sqlx::Connection;
+        let (db, url) = fresh_database().await.expect("a test database");
+        let packages = std::env::temp_dir().join(format!("nimbus-e2e-packages-{}", uuid::Uuid::now_v7().simple()));
+        let mut all = vec![("DATABASE_URL", url.as_str()), ("NIMBUS_PACKAGE_DIR", packages.to_str().unwrap())];
+        all.extend_from_slice(env);
+        let mut api = Running::start(&["serve", "--listen", "127.0.0.1:0"], &all).expect("the API starts");
+        let line = api.wait_for_line("listening on", Duration::from_secs(60)).expect("the API listens");
+        let base = line.trim_start_matches("listening on ").trim().to_owned();
+        let http = client();
+        let res: serde_json::Value = http
+            .post(format!("{base}/v1/auth/signup"))
+            .json(&serde_json::json!({"email": "ops@example.com", "password": "correct horse battery",
+                                      "display_name": "Ops", "tenant_name": "acme"}))
+            .send()
+            .await
+            .expect("sign-up")
+            .json()
+            .await
+            .expect("a sign-up answer");
+        let token = res["tokens"]["access_token"].as_str().expect("a token").to_owned();
+        let tenant = res["tenant"]["id"].as_str().expect("a tenant").to_owned();
+        let mut c = sqlx::PgConnection::connect(&url).await.expect("the test database");
+        sqlx::query("UPDATE users SET is_platform_admin = true").execute(&mut c).await.expect("admin");
+        Platform { api, base, db, url, token, tenant, packages, http }
+    }
+
+    /// Calls the API as the admin; `PUT` and `PATCH` go unconditionally (`If-Match: *`).
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let unconditional = method == reqwest::Method::PUT || method == reqwest::Method::PATCH;
+        let mut req = self.http.request(method, format!("{}{path}", self.base)).bearer_auth(&self.token);
+        if unconditional {
+            req = req.header("if-match", "*");
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let res = req.send().await.expect("an API call");
+        let status = res.status().as_u16();
+        (status, res.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
+    /// A join token for up to `max_uses` agents.
+    pub async fn join_token(&self, max_uses: u32) -> String {
+        let (s, b) = self
+            .call(
+                reqwest::Method::POST,
+                "/v1/join-tokens",
+                Some(serde_json::json!({"name": "e2e", "max_uses": max_uses})),
+            )
+            .await;
+        assert_eq!(s, 201, "{b}");
+        b["secret"].as_str().expect("a secret").to_owned()
+    }
+
+    /// Stops the API and removes its database and packages.
+    pub async fn stop(self) {
+        let _ = std::fs::remove_dir_all(&self.packages);
+        self.api.terminate().expect("the API stops");
+        drop_database(&self.db).await;
+    }
+}

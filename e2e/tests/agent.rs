@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeSet, path::Path, time::Duration};
 
-use nimbus_e2e::{Running, client, drop_database, fresh_database, hello_wasm};
+use nimbus_e2e::{Platform, Running, hello_wasm};
 use serde_json::{Value, json};
 use sqlx::Connection;
 use uuid::Uuid;
@@ -22,62 +22,26 @@ fn hello_process() -> Vec<u8> {
     builder.into_inner().unwrap().finish().unwrap()
 }
 
-struct Platform {
-    api: Running,
-    base: String,
-    db: String,
-    url: String,
-    token: String,
-    tenant: String,
-    packages: std::path::PathBuf,
-    http: reqwest::Client,
+/// The shared harness with this test's steps.
+struct P(Platform);
+
+impl std::ops::Deref for P {
+    type Target = Platform;
+    fn deref(&self) -> &Platform {
+        &self.0
+    }
 }
 
-impl Platform {
-    async fn start() -> Platform {
-        let (db, url) = fresh_database().await.unwrap();
-        let packages = std::env::temp_dir().join(format!("nimbus-e2e-packages-{}", Uuid::now_v7().simple()));
+impl P {
+    async fn start() -> P {
         let secrets = format!("e2e:{}", "A".repeat(43));
-        let api = Running::start(
-            &["serve", "--listen", "127.0.0.1:0"],
-            &[
-                ("DATABASE_URL", &url),
-                ("NIMBUS_PACKAGE_DIR", packages.to_str().unwrap()),
-                ("NIMBUS_SECRETS_KEYS", &secrets),
-                ("NIMBUS_NODE_HEARTBEAT_TIMEOUT", "3s"),
-                // This test places versions itself (`PUT /v1/nodes/{id}/assignments`).
-                ("NIMBUS_AUTOSCALER", "false"),
-            ],
-        )
-        .unwrap();
-        let mut api = api;
-        let line = api.wait_for_line("listening on", WAIT).unwrap();
-        let base = line.trim_start_matches("listening on ").trim().to_owned();
-        let http = client();
-        let res: Value = http
-            .post(format!("{base}/v1/auth/signup"))
-            .json(&json!({"email": "ops@example.com", "password": "correct horse battery", "display_name": "Ops", "tenant_name": "acme"}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let token = res["tokens"]["access_token"].as_str().unwrap().to_owned();
-        let tenant = res["tenant"]["id"].as_str().unwrap().to_owned();
-        let mut c = sqlx::PgConnection::connect(&url).await.unwrap();
-        sqlx::query("UPDATE users SET is_platform_admin = true").execute(&mut c).await.unwrap();
-        Platform { api, base, db, url, token, tenant, packages, http }
-    }
-
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut req = self.http.request(method, format!("{}{path}", self.base)).bearer_auth(&self.token);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let res = req.send().await.unwrap();
-        let status = res.status().as_u16();
-        (status, res.json().await.unwrap_or(Value::Null))
+        P(Platform::start(&[
+            ("NIMBUS_SECRETS_KEYS", &secrets),
+            ("NIMBUS_NODE_HEARTBEAT_TIMEOUT", "3s"),
+            // This test places versions itself (`PUT /v1/nodes/{id}/assignments`).
+            ("NIMBUS_AUTOSCALER", "false"),
+        ])
+        .await)
     }
 
     /// Creates, uploads and publishes a function; returns its version id and package SHA-256.
@@ -102,12 +66,6 @@ impl Platform {
         let (s, v) = self.call(reqwest::Method::POST, &format!("{fns}/{name}/versions"), Some(json!({}))).await;
         assert_eq!(s, 201, "{v}");
         (v["id"].as_str().unwrap().to_owned(), v["package"]["sha256"].as_str().unwrap().to_owned())
-    }
-
-    async fn join_token(&self) -> String {
-        let (s, b) = self.call(reqwest::Method::POST, "/v1/join-tokens", Some(json!({"name": "e2e"}))).await;
-        assert_eq!(s, 201, "{b}");
-        b["secret"].as_str().unwrap().to_owned()
     }
 
     async fn assign(&self, node: &str, functions: &[&str]) {
@@ -183,7 +141,7 @@ struct Agent {
     node: String,
 }
 
-fn start_agent(p: &Platform, token: &str, data: &Path, flush: &str) -> Agent {
+fn start_agent(p: &P, token: &str, data: &Path, flush: &str) -> Agent {
     let mut run = Running::start_agent(
         &[],
         &[
@@ -208,13 +166,7 @@ fn start_agent(p: &Platform, token: &str, data: &Path, flush: &str) -> Agent {
     Agent { run, url, node }
 }
 
-async fn invoke(
-    p: &Platform,
-    agent: &Agent,
-    secret: &str,
-    version: &str,
-    body: &str,
-) -> (u16, String, Option<Uuid>, String) {
+async fn invoke(p: &P, agent: &Agent, secret: &str, version: &str, body: &str) -> (u16, String, Option<Uuid>, String) {
     let res = p
         .http
         .post(format!("{}/invoke/{version}/greet", agent.url))
@@ -236,10 +188,10 @@ fn versions_ready(n: &Value, want: &[&str]) -> bool {
 
 #[tokio::test]
 async fn an_agent_runs_both_runtimes_reconciles_verifies_code_and_ships_usage_exactly_once_across_kill_9() {
-    let p = Platform::start().await;
+    let p = P::start().await;
     let (wasm, _) = p.deploy("hello-wasm", "wasm", "application/wasm", hello_wasm()).await;
     let (process, _) = p.deploy("hello-sh", "process", "application/gzip", hello_process()).await;
-    let token = p.join_token().await;
+    let token = p.join_token(10).await;
     let data = std::env::temp_dir().join(format!("nimbus-e2e-agent-{}", Uuid::now_v7().simple()));
 
     // Join, then reconcile to two warm versions.
@@ -369,7 +321,5 @@ async fn an_agent_runs_both_runtimes_reconciles_verifies_code_and_ships_usage_ex
     assert!(status.success());
     assert_eq!(p.usage_ids().await, expected, "nothing was billed twice");
     let _ = std::fs::remove_dir_all(&data);
-    let _ = std::fs::remove_dir_all(&p.packages);
-    p.api.terminate().unwrap();
-    drop_database(&p.db).await;
+    p.0.stop().await;
 }

@@ -11,7 +11,7 @@ use std::{
 };
 
 use futures_util::future::join_all;
-use nimbus_e2e::{Running, client, drop_database, fresh_database, hello_wasm};
+use nimbus_e2e::{Platform, Running, hello_wasm};
 use serde_json::{Value, json};
 use sqlx::Connection;
 use uuid::Uuid;
@@ -72,63 +72,24 @@ fn slow_wasm() -> Vec<u8> {
     .unwrap()
 }
 
-struct Platform {
-    api: Running,
-    base: String,
-    db: String,
-    url: String,
-    token: String,
-    tenant: String,
-    packages: PathBuf,
-    http: reqwest::Client,
+/// The shared harness with this test's steps.
+struct P(Platform);
+
+impl std::ops::Deref for P {
+    type Target = Platform;
+    fn deref(&self) -> &Platform {
+        &self.0
+    }
 }
 
-impl Platform {
-    async fn start() -> Platform {
-        let (db, url) = fresh_database().await.unwrap();
-        let packages = std::env::temp_dir().join(format!("nimbus-e2e-scaling-{}", Uuid::now_v7().simple()));
-        let api = Running::start(
-            &["serve", "--listen", "127.0.0.1:0"],
-            &[
-                ("DATABASE_URL", &url),
-                ("NIMBUS_PACKAGE_DIR", packages.to_str().unwrap()),
-                ("NIMBUS_NODE_HEARTBEAT_TIMEOUT", "3s"),
-                ("NIMBUS_GATEWAY_HOLD_TIMEOUT", "30s"),
-                ("NIMBUS_TENANT_RATE_LIMIT", "0"),
-            ],
-        );
-        let mut api = api.unwrap();
-        let line = api.wait_for_line("listening on", WAIT).unwrap();
-        let base = line.trim_start_matches("listening on ").trim().to_owned();
-        let http = client();
-        let res: Value = http
-            .post(format!("{base}/v1/auth/signup"))
-            .json(&json!({"email": "ops@example.com", "password": "correct horse battery", "display_name": "Ops", "tenant_name": "acme"}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let token = res["tokens"]["access_token"].as_str().unwrap().to_owned();
-        let tenant = res["tenant"]["id"].as_str().unwrap().to_owned();
-        let mut c = sqlx::PgConnection::connect(&url).await.unwrap();
-        sqlx::query("UPDATE users SET is_platform_admin = true").execute(&mut c).await.unwrap();
-        Platform { api, base, db, url, token, tenant, packages, http }
-    }
-
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-        let unconditional = method == reqwest::Method::PUT || method == reqwest::Method::PATCH;
-        let mut req = self.http.request(method, format!("{}{path}", self.base)).bearer_auth(&self.token);
-        if unconditional {
-            req = req.header("if-match", "*");
-        }
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let res = req.send().await.unwrap();
-        let status = res.status().as_u16();
-        (status, res.json().await.unwrap_or(Value::Null))
+impl P {
+    async fn start() -> P {
+        P(Platform::start(&[
+            ("NIMBUS_NODE_HEARTBEAT_TIMEOUT", "3s"),
+            ("NIMBUS_GATEWAY_HOLD_TIMEOUT", "30s"),
+            ("NIMBUS_TENANT_RATE_LIMIT", "0"),
+        ])
+        .await)
     }
 
     fn functions(&self) -> String {
@@ -173,13 +134,6 @@ impl Platform {
         id
     }
 
-    async fn join_token(&self) -> String {
-        let (s, b) =
-            self.call(reqwest::Method::POST, "/v1/join-tokens", Some(json!({"name": "e2e", "max_uses": 10}))).await;
-        assert_eq!(s, 201, "{b}");
-        b["secret"].as_str().unwrap().to_owned()
-    }
-
     async fn db(&self) -> sqlx::PgConnection {
         sqlx::PgConnection::connect(&self.url).await.unwrap()
     }
@@ -217,7 +171,7 @@ struct Agent {
     name: String,
 }
 
-fn start_agent(p: &Platform, token: &str, name: &str, zone: &str, uid_base: u32) -> (Agent, PathBuf) {
+fn start_agent(p: &P, token: &str, name: &str, zone: &str, uid_base: u32) -> (Agent, PathBuf) {
     let data = std::env::temp_dir().join(format!("nimbus-e2e-{name}-{}", Uuid::now_v7().simple()));
     let uid_base = uid_base.to_string();
     let mut run = Running::start_agent(
@@ -244,7 +198,7 @@ fn start_agent(p: &Platform, token: &str, name: &str, zone: &str, uid_base: u32)
 }
 
 /// One invocation through the gateway: (status, served version, cold start).
-async fn invoke(p: &Platform, method: reqwest::Method, path: &str) -> (u16, String, bool) {
+async fn invoke(p: &P, method: reqwest::Method, path: &str) -> (u16, String, bool) {
     let res = tokio::time::timeout(
         NO_HANG,
         p.http.request(method, format!("{}/fn/acme/{path}", p.base)).bearer_auth(&p.token).send(),
@@ -259,8 +213,8 @@ async fn invoke(p: &Platform, method: reqwest::Method, path: &str) -> (u16, Stri
 
 #[tokio::test]
 async fn three_agents_in_two_zones_scale_from_zero_route_by_weight_scale_to_zero_and_survive_kill_9() {
-    let p = Platform::start().await;
-    let token = p.join_token().await;
+    let p = P::start().await;
+    let token = p.join_token(10).await;
     let (a1, d1) = start_agent(&p, &token, "worker-a1", "zone-a", 620_000);
     let (a2, d2) = start_agent(&p, &token, "worker-a2", "zone-a", 620_100);
     let (a3, d3) = start_agent(&p, &token, "worker-b1", "zone-b", 620_200);
@@ -404,7 +358,5 @@ async fn three_agents_in_two_zones_scale_from_zero_route_by_weight_scale_to_zero
     for d in [d1, d2, d3] {
         let _ = std::fs::remove_dir_all(d);
     }
-    let _ = std::fs::remove_dir_all(&p.packages);
-    p.api.terminate().unwrap();
-    drop_database(&p.db).await;
+    p.0.stop().await;
 }
