@@ -80,6 +80,11 @@ pub struct Inputs {
     pub nodes: Vec<placement::Node>,
     /// Ready instances per version, over ready nodes.
     pub ready: HashMap<Uuid, u32>,
+    /// Ready instances per (node, version).
+    pub ready_on: HashMap<(Uuid, Uuid), u32>,
+    /// Nodes that take no new instances but keep what they have until it runs elsewhere
+    /// (draining, lost, left): make before break.
+    pub winding_down: HashSet<Uuid>,
     /// Tenants with a dedicated pool.
     pub dedicated: HashSet<Uuid>,
     /// The assignments now.
@@ -211,10 +216,25 @@ pub fn compute(
             reason: None,
         });
     }
-    let placed = placement::place(&inputs.nodes, &demands, &inputs.current);
+    let mut placed = placement::place(&inputs.nodes, &demands, &inputs.current);
     let mut per_version: HashMap<Uuid, u32> = HashMap::new();
     for ((_, v), n) in &placed.assignments {
         *per_version.entry(*v).or_insert(0) += n;
+    }
+    // Make before break: warm instances on a draining, lost or left node stay assigned there
+    // until the version has as many ready elsewhere as it wants (a lost node's rows also survive
+    // an outage of the control plane that marked every node lost). They do not count as placed.
+    let wanted: HashMap<Uuid, u32> = demands.iter().map(|d| (d.version, d.instances)).collect();
+    for (&(node, v), &n) in &inputs.current {
+        let want = wanted.get(&v).copied().unwrap_or(0);
+        if n == 0 || want == 0 || !inputs.winding_down.contains(&node) || placed.unschedulable.contains_key(&v) {
+            continue;
+        }
+        let here = inputs.ready_on.get(&(node, v)).copied().unwrap_or(0);
+        let elsewhere = inputs.ready.get(&v).copied().unwrap_or(0).saturating_sub(here);
+        if elsewhere < want {
+            placed.assignments.insert((node, v), n);
+        }
     }
     for d in &mut decided {
         d.placed = per_version.get(&d.version).copied().unwrap_or(0);
@@ -280,13 +300,19 @@ pub async fn load(pool: &db::Db) -> Result<Inputs, sqlx::Error> {
     let routed: HashSet<(Uuid, u32)> = aliases.iter().flat_map(|(f, r)| r.0.versions().map(move |n| (*f, n))).collect();
     let dedicated_pools: HashMap<String, Uuid> = dedications.into_iter().collect();
     let mut ready: HashMap<Uuid, u32> = HashMap::new();
+    let mut ready_on: HashMap<(Uuid, Uuid), u32> = HashMap::new();
+    let mut winding_down = HashSet::new();
     let nodes = nodes
         .into_iter()
         .map(|n| {
             if n.state == "ready" {
                 for v in n.versions.0.iter().filter(|v| v.state == InstanceState::Ready) {
                     *ready.entry(v.version_id).or_insert(0) += v.instances;
+                    *ready_on.entry((n.id, v.version_id)).or_insert(0) += v.instances;
                 }
+            }
+            if n.draining || n.state == "lost" || n.state == "left" {
+                winding_down.insert(n.id);
             }
             let dedicated_to = n.labels.0.get("pool").and_then(|p| dedicated_pools.get(p)).copied();
             placement::Node {
@@ -321,6 +347,8 @@ pub async fn load(pool: &db::Db) -> Result<Inputs, sqlx::Error> {
         versions,
         nodes,
         ready,
+        ready_on,
+        winding_down,
         dedicated: dedicated_pools.into_values().collect(),
         current: current.into_iter().map(|(n, v, c)| ((n, v), u32::try_from(c).unwrap_or(0))).collect(),
     })
@@ -758,6 +786,28 @@ mod tests {
         let mut resumed = HashMap::from([(Uuid::from_u128(10), serde_json::from_str(&stored).unwrap())]);
         let again = compute(&i, &mut resumed, &samples, &HashMap::new(), now + 2000);
         assert_eq!(placed(&again, 10), 5);
+    }
+
+    #[test]
+    fn a_draining_node_keeps_its_instances_until_they_are_ready_elsewhere() {
+        let mut states = HashMap::new();
+        let mut i = inputs(vec![version(10, Scaling { initial_scale: Some(1), ..Scaling::default() }, true)]);
+        let (old, new, v) = (Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(10));
+        i.nodes[0].schedulable = false;
+        i.winding_down.insert(old);
+        i.current = placement::Assignments::from([((old, v), 1)]);
+        i.ready = HashMap::from([(v, 1)]);
+        i.ready_on = HashMap::from([((old, v), 1)]);
+        let o = compute(&i, &mut states, &HashMap::new(), &HashMap::new(), 1_000_000);
+        assert_eq!(o.assignments.get(&(new, v)), Some(&1), "the replacement is placed at once");
+        assert_eq!(o.assignments.get(&(old, v)), Some(&1), "the draining node keeps serving meanwhile");
+        assert_eq!(o.decided[0].placed, 1, "what stays behind is not counted as placed");
+        // The replacement is ready: the draining node lets go.
+        i.current = o.assignments.clone();
+        i.ready = HashMap::from([(v, 2)]);
+        i.ready_on.insert((new, v), 1);
+        let o = compute(&i, &mut states, &HashMap::new(), &HashMap::new(), 1_002_000);
+        assert_eq!(o.assignments, placement::Assignments::from([((new, v), 1)]));
     }
 
     #[test]
