@@ -62,3 +62,20 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON pool_dedications, autoscaler_state TO ni
 -- Requests the gateways held while an instance started (the cold path), and their waiting time.
 ALTER TABLE version_metrics ADD COLUMN queued bigint NOT NULL DEFAULT 0;
 ALTER TABLE version_metrics ADD COLUMN queue_ms_sum double precision NOT NULL DEFAULT 0;
+
+-- The per-second concurrency each replica's agents reported, published every 2 s by replicas
+-- that do not lead the autoscaler, so the leader sees the agents that report elsewhere too.
+-- Unlogged: it is a minute's worth of soft state, rebuilt by the next reports after a crash.
+CREATE UNLOGGED TABLE concurrency_samples (
+    version_id  uuid NOT NULL,
+    second      timestamptz NOT NULL,
+    replica_id  uuid NOT NULL,
+    concurrency double precision NOT NULL,
+    PRIMARY KEY (version_id, second, replica_id)
+);
+CREATE INDEX concurrency_samples_second_idx ON concurrency_samples (second);
+ALTER TABLE concurrency_samples ENABLE ROW LEVEL SECURITY;
+ALTER TABLE concurrency_samples FORCE ROW LEVEL SECURITY;
+CREATE POLICY concurrency_samples_platform ON concurrency_samples FOR ALL
+    USING (nimbus_platform()) WITH CHECK (nimbus_platform());
+GRANT SELECT, INSERT, UPDATE, DELETE ON concurrency_samples TO nimbus_app;

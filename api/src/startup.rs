@@ -284,18 +284,24 @@ impl Application {
         let listener = tokio::spawn(self.state.hub.clone().listen(self.listen_url.clone()));
         let routes =
             tokio::spawn(self.state.routes.clone().refresh_loop(self.state.pool.clone(), self.listen_url.clone()));
-        let autoscaler = self.state.settings.autoscaler.then(|| {
-            let a = crate::autoscaler::run::Autoscaler::new(
-                self.state.pool.clone(),
-                self.listen_url.clone(),
-                self.state.stats.clone(),
-            );
-            tokio::spawn(a.run())
-        });
+        let replica = self.state.routes.replica();
+        let a = crate::autoscaler::run::Autoscaler::for_replica(
+            self.state.pool.clone(),
+            self.listen_url.clone(),
+            self.state.stats.clone(),
+            replica,
+        );
+        let publisher = tokio::spawn(crate::autoscaler::run::publish_loop(
+            self.state.stats.clone(),
+            self.state.pool.clone(),
+            replica,
+            a.leading(),
+        ));
+        let autoscaler = self.state.settings.autoscaler.then(|| tokio::spawn(a.run()));
         let app = app(self.state.clone()).into_make_service_with_connect_info::<SocketAddr>();
         tracing::info!(url = %self.public_url, "listening");
         let served = axum::serve(self.listener, app).with_graceful_shutdown(shutdown).await;
-        for task in [maintenance, watchdog, rollups, listener, routes].into_iter().chain(autoscaler) {
+        for task in [maintenance, watchdog, rollups, listener, routes, publisher].into_iter().chain(autoscaler) {
             task.abort();
         }
         // What agents reported in the last minute reaches PostgreSQL before the replica exits.

@@ -498,6 +498,56 @@ pub async fn store(
 /// (count, when reported in ms) per (version, gateway replica).
 type HeldCounts = HashMap<(Uuid, Uuid), (u32, u64)>;
 
+/// Adds what other replicas published (their agents' per-second concurrency, the last
+/// [`crate::nodes::stats::RECENT_SECONDS`]) to this replica's `samples`, and deletes older rows.
+pub async fn merge_published(
+    pool: &db::Db,
+    replica: Uuid,
+    samples: &mut HashMap<Uuid, Vec<(u64, f64)>>,
+) -> Result<(), sqlx::Error> {
+    let horizon = Utc::now() - chrono::TimeDelta::seconds(crate::nodes::stats::RECENT_SECONDS as i64);
+    let mut tx = db::begin(pool, &Scope::platform(None)).await?;
+    sqlx::query("DELETE FROM concurrency_samples WHERE second < $1").bind(horizon).execute(&mut *tx).await?;
+    let rows: Vec<(Uuid, chrono::DateTime<Utc>, f64)> = sqlx::query_as(
+        "SELECT version_id, second, sum(concurrency) FROM concurrency_samples \
+         WHERE replica_id <> $1 AND second >= $2 GROUP BY version_id, second",
+    )
+    .bind(replica)
+    .bind(horizon)
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut merged: HashMap<Uuid, BTreeMap<u64, f64>> = HashMap::new();
+    for (v, series) in samples.drain() {
+        merged.entry(v).or_default().extend(series);
+    }
+    for (v, second, c) in rows {
+        let ms = u64::try_from(second.timestamp_millis()).unwrap_or(0);
+        *merged.entry(v).or_default().entry(ms).or_insert(0.0) += c;
+    }
+    samples.extend(merged.into_iter().map(|(v, m)| (v, m.into_iter().collect())));
+    Ok(())
+}
+
+/// Publishes this replica's per-second concurrency every [`TICK`] while another replica leads
+/// the autoscaler (the leader reads its own in memory).
+pub async fn publish_loop(stats: Stats, pool: db::Db, replica: Uuid, leading: Arc<std::sync::atomic::AtomicBool>) {
+    let mut tick = tokio::time::interval(TICK);
+    loop {
+        tick.tick().await;
+        if leading.load(std::sync::atomic::Ordering::Relaxed) {
+            continue;
+        }
+        // Three seconds: the one that just ended may still be growing when the last agents report.
+        if let Err(e) = stats.publish(&pool, replica, 3).await {
+            tracing::warn!(error = %e, "publishing concurrency for the autoscaler failed");
+        }
+    }
+}
+
 /// Requests held by gateways, per version, with when they were reported.
 #[derive(Clone, Default)]
 pub struct Held {
@@ -551,6 +601,10 @@ pub struct Autoscaler {
     leader_pid: Option<i32>,
     /// The next tick deletes stored decisions of inactive versions.
     purge: bool,
+    /// This replica (its own samples are in `stats`, not read back from the table).
+    replica: Uuid,
+    /// Set while this replica leads (its publisher then stands down).
+    leading: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn now_ms() -> u64 {
@@ -558,8 +612,13 @@ fn now_ms() -> u64 {
 }
 
 impl Autoscaler {
-    /// An autoscaler reading `stats`.
+    /// An autoscaler reading `stats` (this replica's agents) and what other replicas publish.
     pub fn new(pool: db::Db, database_url: String, stats: Stats) -> Self {
+        Self::for_replica(pool, database_url, stats, Uuid::now_v7())
+    }
+
+    /// An autoscaler of the replica `replica` (the id its publisher writes under).
+    pub fn for_replica(pool: db::Db, database_url: String, stats: Stats, replica: Uuid) -> Self {
         Autoscaler {
             pool,
             database_url,
@@ -569,6 +628,8 @@ impl Autoscaler {
             written: HashMap::new(),
             leader_pid: None,
             purge: false,
+            replica,
+            leading: Arc::default(),
         }
     }
 
@@ -577,7 +638,8 @@ impl Autoscaler {
         let started = Instant::now();
         let now = now_ms();
         let inputs = load(&self.pool).await?;
-        let samples = self.stats.concurrency(Utc::now());
+        let mut samples = self.stats.concurrency(Utc::now());
+        merge_published(&self.pool, self.replica, &mut samples).await?;
         let held = self.held.current(now);
         let outcome = compute(&inputs, &mut self.states, &samples, &held, now);
         let sink = Sink { pool: &self.pool, leader_pid: self.leader_pid, purge: self.purge };
@@ -597,6 +659,11 @@ impl Autoscaler {
         }
         metrics::histogram!("nimbus_autoscaler_tick_seconds").record(started.elapsed().as_secs_f64());
         Ok(written)
+    }
+
+    /// Whether this replica leads now (shared with its publisher).
+    pub fn leading(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.leading.clone()
     }
 
     /// Resumes from the stored state (what a new leader does first).
@@ -635,10 +702,12 @@ impl Autoscaler {
         tracing::info!("this replica runs the autoscaler");
         let (pid,): (i32,) = sqlx::query_as("SELECT pg_backend_pid()").fetch_one(&mut lock).await?;
         self.leader_pid = Some(pid);
+        self.leading.store(true, std::sync::atomic::Ordering::Relaxed);
         metrics::gauge!("nimbus_autoscaler_leader").set(1.0);
         let result = self.lead_locked(&mut lock).await;
         metrics::gauge!("nimbus_autoscaler_leader").set(0.0);
         self.leader_pid = None;
+        self.leading.store(false, std::sync::atomic::Ordering::Relaxed);
         result
     }
 

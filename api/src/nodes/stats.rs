@@ -180,6 +180,41 @@ impl Stats {
             .collect()
     }
 
+    /// Publishes the concurrency of the last `seconds` seconds (complete or not: a later publish
+    /// overwrites) to `concurrency_samples` under `replica`, for the autoscaler leader of another
+    /// replica. Returns the rows written.
+    pub async fn publish(&self, pool: &db::Db, replica: Uuid, seconds: i64) -> Result<usize, sqlx::Error> {
+        let since = Utc::now() - TimeDelta::seconds(seconds);
+        let (mut versions, mut at, mut values) = (Vec::new(), Vec::new(), Vec::new());
+        {
+            let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            for (v, recent) in &inner.recent {
+                for s in recent.iter().rev().take_while(|s| s.second >= since) {
+                    versions.push(*v);
+                    at.push(s.second);
+                    values.push(s.concurrency);
+                }
+            }
+        }
+        if versions.is_empty() {
+            return Ok(0);
+        }
+        let mut tx = db::begin(pool, &Scope::platform(None)).await?;
+        sqlx::query(
+            "INSERT INTO concurrency_samples (version_id, second, replica_id, concurrency) \
+             SELECT v, s, $3, c FROM unnest($1::uuid[], $2::timestamptz[], $4::float8[]) AS u(v, s, c) \
+             ON CONFLICT (version_id, second, replica_id) DO UPDATE SET concurrency = EXCLUDED.concurrency",
+        )
+        .bind(&versions)
+        .bind(&at)
+        .bind(replica)
+        .bind(&values)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(versions.len())
+    }
+
     /// Writes the pending rollups to PostgreSQL, adding to rows other replicas wrote. On failure
     /// the rollups are kept for the next flush. Returns the rows written.
     pub async fn flush(&self, pool: &db::Db) -> Result<usize, sqlx::Error> {

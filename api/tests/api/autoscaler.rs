@@ -5,6 +5,8 @@
 
 use std::time::Duration;
 
+use chrono::DurationRound;
+
 use axum::http::StatusCode;
 use nimbus_api::autoscaler::run::Autoscaler;
 use serde_json::{Value, json};
@@ -229,4 +231,50 @@ async fn one_replica_leads_at_a_time_and_another_takes_over_when_it_dies() {
     wait_assigned().await;
     assert_eq!(holders().await, 1, "the second replica leads now");
     second.abort();
+}
+
+#[tokio::test]
+async fn the_leader_scales_on_what_agents_reported_to_other_replicas() {
+    let app = spawn_app().await;
+    let admin = app.platform_admin().await;
+    let owner = app.sign_up("owner@example.com", "acme").await;
+    assert_eq!(
+        create_function(&app, &owner, json!({"name": "thumbs", "runtime": "wasm"})).await.status,
+        StatusCode::CREATED
+    );
+    assert!(upload(&app, &owner, "thumbs", "application/wasm", wasm_module(1)).await.status.is_success());
+    let v1: Uuid = publish(&app, &owner, "thumbs").await.body["id"].as_str().unwrap().parse().unwrap();
+    let alias = app
+        .post(&format!("{}/thumbs/aliases", functions_path(owner.tenant)))
+        .token(&owner.token)
+        .json(json!({"name": "live", "routing": {"weights": [{"version": 1, "weight": 100}]}}))
+        .send()
+        .await;
+    assert_eq!(alias.status, StatusCode::CREATED, "{}", alias.text);
+    let n = node(&app, &admin, "w1", json!({})).await;
+
+    // Another replica's agents ran 35 invocations at once for the last minute; it publishes.
+    let elsewhere = nimbus_api::nodes::Stats::default();
+    let now = chrono::Utc::now().duration_trunc(chrono::TimeDelta::seconds(1)).unwrap();
+    for s in 1..=60 {
+        elsewhere.record(
+            owner.tenant,
+            &nimbus_protocol::VersionMetrics {
+                version_id: v1,
+                tenant_id: owner.tenant,
+                second: now - chrono::TimeDelta::seconds(s),
+                concurrency: 35.0,
+                requests: 100,
+                errors: 0,
+                cold_starts: 0,
+                latency_buckets: vec![],
+            },
+        );
+    }
+    assert!(elsewhere.publish(&app.state.pool, Uuid::now_v7(), 120).await.unwrap() >= 60);
+
+    // This replica's own stats saw nothing, yet the leader wants 35 / (10 × 0.7) = 5 instances.
+    let mut leader = Autoscaler::new(app.state.pool.clone(), app.db_url.clone(), app.state.stats.clone());
+    leader.tick().await.unwrap();
+    assert_eq!(assigned(&app, &admin, n).await, [(v1.to_string(), 5)]);
 }
