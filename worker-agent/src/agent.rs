@@ -228,6 +228,10 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
         let graceful = async move {
             let _ = stopped.wait_for(|s| *s).await;
         };
+        // No Nagle delay on responses written in pieces (the CGI head, then the body).
+        let tcp = axum::serve::ListenerExt::tap_io(tcp, |s| {
+            let _ = s.set_nodelay(true);
+        });
         if let Err(e) = axum::serve(tcp, app).with_graceful_shutdown(graceful).await {
             tracing::error!(error = %e, "the invocation listener failed");
         }

@@ -131,8 +131,11 @@ pub fn place(nodes: &[Node], demands: &[Demand], current: &Assignments) -> Place
     order.sort_by(|a, b| {
         b.rules.priority.cmp(&a.rules.priority).then(b.memory_mb.cmp(&a.memory_mb)).then(a.version.cmp(&b.version))
     });
-    let placed_on = |out: &Placement, version: Uuid| -> Vec<(Uuid, u32)> {
-        out.assignments.iter().filter(|((_, v), _)| *v == version).map(|((n, _), c)| (*n, *c)).collect()
+    // Instances per version and node, mirroring `out.assignments` (which is keyed by node), so
+    // that asking for one version's instances does not scan every assignment.
+    let mut index = Index::new();
+    let placed_on = |index: &Index, version: Uuid| -> Vec<(Uuid, u32)> {
+        index.get(&version).map(|m| m.iter().map(|(n, c)| (*n, *c)).collect()).unwrap_or_default()
     };
 
     for d in &order {
@@ -151,7 +154,7 @@ pub fn place(nodes: &[Node], demands: &[Demand], current: &Assignments) -> Place
                 continue;
             }
             if d.instances == 0 {
-                out.assignments.insert((node, d.version), 0);
+                set(&mut out, &mut index, node, d.version, 0);
                 continue;
             }
             let r = room.get_mut(&node).expect("usable");
@@ -159,15 +162,15 @@ pub fn place(nodes: &[Node], demands: &[Demand], current: &Assignments) -> Place
             if fits > 0 {
                 r.slots -= fits;
                 r.memory -= u64::from(fits) * d.memory_mb;
-                out.assignments.insert((node, d.version), fits);
+                set(&mut out, &mut index, node, d.version, fits);
             }
         }
 
         // 2. Remove the surplus, from the zone with the most instances of the version first.
-        let have: u32 = placed_on(&out, d.version).iter().map(|(_, c)| c).sum();
+        let have: u32 = placed_on(&index, d.version).iter().map(|(_, c)| c).sum();
         let mut surplus = have.saturating_sub(d.instances);
         while surplus > 0 {
-            let placed = placed_on(&out, d.version);
+            let placed = placed_on(&index, d.version);
             let zones = zone_counts(&placed, &usable);
             let Some((node, _)) = placed
                 .into_iter()
@@ -175,11 +178,7 @@ pub fn place(nodes: &[Node], demands: &[Demand], current: &Assignments) -> Place
             else {
                 break;
             };
-            let count = out.assignments.get_mut(&(node, d.version)).expect("placed");
-            *count -= 1;
-            if *count == 0 {
-                out.assignments.remove(&(node, d.version));
-            }
+            take_one(&mut out, &mut index, node, d.version);
             let r = room.get_mut(&node).expect("usable");
             r.slots += 1;
             r.memory += d.memory_mb;
@@ -195,10 +194,10 @@ pub fn place(nodes: &[Node], demands: &[Demand], current: &Assignments) -> Place
         }
         let eligible: Vec<Uuid> = room.keys().copied().filter(|n| usable[n].admits(d)).collect();
         let preferred = preferred_labels(&d.rules);
-        let have: u32 = placed_on(&out, d.version).iter().map(|(_, c)| c).sum();
+        let have: u32 = placed_on(&index, d.version).iter().map(|(_, c)| c).sum();
         let mut missing = d.instances.saturating_sub(have);
         while missing > 0 {
-            let placed = placed_on(&out, d.version);
+            let placed = placed_on(&index, d.version);
             let zones = zone_counts(&placed, &usable);
             let held: HashMap<Uuid, u32> = placed.into_iter().collect();
             let candidate = eligible
@@ -213,13 +212,13 @@ pub fn place(nodes: &[Node], demands: &[Demand], current: &Assignments) -> Place
                     (Reverse(matches(node, &preferred)), zone, here, !cached, Reverse(r.memory), **id)
                 })
                 .map(|(id, _)| *id);
-            let candidate =
-                candidate.or_else(|| evict_for(d, &eligible, &zones, &usable, &by_version, &mut room, &mut out));
+            let candidate = candidate
+                .or_else(|| evict_for(d, &eligible, &zones, &usable, &by_version, &mut room, &mut out, &mut index));
             let Some(node) = candidate else { break };
             let r = room.get_mut(&node).expect("usable");
             r.slots -= 1;
             r.memory -= d.memory_mb;
-            *out.assignments.entry((node, d.version)).or_insert(0) += 1;
+            add_one(&mut out, &mut index, node, d.version);
             missing -= 1;
         }
         if missing > 0 {
@@ -265,8 +264,40 @@ fn unschedulable_reason(nodes: &[Node], d: &Demand) -> String {
     format!("no ready node{pool} has the labels {}", labels.join(", "))
 }
 
+/// Instances per version and node (the mirror of [`Placement::assignments`]).
+type Index = HashMap<Uuid, BTreeMap<Uuid, u32>>;
+
+/// Sets the instances of `version` on `node`.
+fn set(out: &mut Placement, index: &mut Index, node: Uuid, version: Uuid, n: u32) {
+    out.assignments.insert((node, version), n);
+    index.entry(version).or_default().insert(node, n);
+}
+
+/// One more instance of `version` on `node`.
+fn add_one(out: &mut Placement, index: &mut Index, node: Uuid, version: Uuid) {
+    let count = out.assignments.entry((node, version)).or_insert(0);
+    *count += 1;
+    index.entry(version).or_default().insert(node, *count);
+}
+
+/// One instance of `version` fewer on `node` (which has at least one).
+fn take_one(out: &mut Placement, index: &mut Index, node: Uuid, version: Uuid) {
+    let count = out.assignments.get_mut(&(node, version)).expect("placed");
+    *count -= 1;
+    let left = *count;
+    if left == 0 {
+        out.assignments.remove(&(node, version));
+        if let Some(m) = index.get_mut(&version) {
+            m.remove(&node);
+        }
+    } else {
+        index.entry(version).or_default().insert(node, left);
+    }
+}
+
 /// Makes room for one instance of `d` on one of its `eligible` nodes by evicting instances of
 /// strictly lower priority (see the module docs), and returns that node.
+#[expect(clippy::too_many_arguments, reason = "the placement's working state, passed apart for the borrow checker")]
 fn evict_for(
     d: &Demand,
     eligible: &[Uuid],
@@ -275,6 +306,7 @@ fn evict_for(
     by_version: &HashMap<Uuid, &Demand>,
     room: &mut BTreeMap<Uuid, Room>,
     out: &mut Placement,
+    index: &mut Index,
 ) -> Option<Uuid> {
     let fits = |slots: u32, memory: u64| slots > 0 && memory >= d.memory_mb;
     let preferred = preferred_labels(&d.rules);
@@ -341,11 +373,7 @@ fn evict_for(
     let ((.., node), chosen) = best?;
     let r = room.get_mut(&node).expect("usable");
     for (_, mem, version) in chosen {
-        let count = out.assignments.get_mut(&(node, version)).expect("placed");
-        *count -= 1;
-        if *count == 0 {
-            out.assignments.remove(&(node, version));
-        }
+        take_one(out, index, node, version);
         r.slots += 1;
         r.memory += mem;
         *out.evicted.entry(version).or_insert(0) += 1;

@@ -354,6 +354,25 @@ pub async fn load(pool: &db::Db) -> Result<Inputs, sqlx::Error> {
     })
 }
 
+/// How stale a stored `last_active_ms` may get before it is written again: an active version's
+/// activity moves every tick, and writing it every tick would rewrite most rows every 2 s. A new
+/// leader may therefore see a version as quiet up to this much earlier than it was.
+pub const STATE_REFRESH_MS: u64 = 30_000;
+
+/// Whether `now` differs from the `stored` KPA state enough to be written: any change but the
+/// last activity time, which counts once it moved [`STATE_REFRESH_MS`], and the scale-down-delay
+/// window, which counts when its maximum changes.
+fn state_moved(stored: &kpa::State, now: &kpa::State) -> bool {
+    let max = |s: &kpa::State| s.delay_window.iter().map(|(_, n)| *n).max();
+    let active = |s: &kpa::State| s.last_active_ms.unwrap_or(0);
+    stored.panic_since_ms != now.panic_since_ms
+        || stored.max_panic != now.max_panic
+        || stored.first_seen_ms != now.first_seen_ms
+        || stored.initial_done != now.initial_done
+        || max(stored) != max(now)
+        || active(now).abs_diff(active(stored)) >= STATE_REFRESH_MS
+}
+
 /// Where a tick writes, and as whom.
 pub struct Sink<'a> {
     /// The pool.
@@ -397,7 +416,11 @@ pub async fn store(
     let changed: Vec<&Decided> = outcome
         .decided
         .iter()
-        .filter(|d| written.get(&d.version).is_none_or(|(w, s)| w != *d || Some(s) != states.get(&d.version)))
+        .filter(|d| {
+            written
+                .get(&d.version)
+                .is_none_or(|(w, s)| w != *d || states.get(&d.version).is_some_and(|now| state_moved(s, now)))
+        })
         .collect();
     let active: HashSet<Uuid> = outcome.decided.iter().map(|d| d.version).collect();
     let stale: Vec<Uuid> = written.keys().filter(|v| !active.contains(v)).copied().collect();
