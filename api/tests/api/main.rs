@@ -4,9 +4,9 @@
 mod helpers;
 
 mod api_keys;
-mod autoscaler;
 mod auth;
 mod authz_routes;
+mod autoscaler;
 mod conventions;
 mod db;
 mod functions;
