@@ -289,21 +289,7 @@ impl Fleet {
 /// The demands `compute` handed to placement, rebuilt from what it decided.
 fn demands(inputs: &run::Inputs, outcome: &run::Outcome) -> Vec<placement::Demand> {
     let by_id: HashMap<Uuid, &run::VersionInput> = inputs.versions.iter().map(|v| (v.id, v)).collect();
-    outcome
-        .decided
-        .iter()
-        .map(|d| {
-            let v = by_id[&d.version];
-            placement::Demand {
-                version: v.id,
-                tenant: v.tenant,
-                instances: d.desired,
-                memory_mb: v.memory_mb,
-                rules: v.rules.clone(),
-                dedicated: inputs.dedicated.contains(&v.tenant),
-            }
-        })
-        .collect()
+    outcome.decided.iter().map(|d| by_id[&d.version].demand(d.desired, inputs)).collect()
 }
 
 fn placed_per_version(a: &placement::Assignments) -> HashMap<Uuid, u32> {

@@ -71,6 +71,20 @@ pub struct VersionInput {
     pub routed: bool,
 }
 
+impl VersionInput {
+    /// What placement needs of the version at `instances`.
+    pub fn demand(&self, instances: u32, inputs: &Inputs) -> placement::Demand {
+        placement::Demand {
+            version: self.id,
+            tenant: self.tenant,
+            instances,
+            memory_mb: self.memory_mb,
+            rules: self.rules.clone(),
+            dedicated: inputs.dedicated.contains(&self.tenant),
+        }
+    }
+}
+
 /// Everything one tick reads.
 #[derive(Debug, Clone, Default)]
 pub struct Inputs {
@@ -196,14 +210,7 @@ pub fn compute(
                 }
             }
         }
-        demands.push(placement::Demand {
-            version: v.id,
-            tenant: v.tenant,
-            instances: d.desired,
-            memory_mb: v.memory_mb,
-            rules: v.rules.clone(),
-            dedicated: inputs.dedicated.contains(&v.tenant),
-        });
+        demands.push(v.demand(d.desired, inputs));
         decided.push(Decided {
             version: v.id,
             tenant: v.tenant,

@@ -17,6 +17,24 @@ use crate::{
     helpers::{TestApp, User, spawn_app},
 };
 
+/// A wasm function `thumbs` with version 1 behind the alias `live`; returns the version id.
+async fn routed_thumbs(app: &TestApp, owner: &User) -> Uuid {
+    assert_eq!(
+        create_function(app, owner, json!({"name": "thumbs", "runtime": "wasm"})).await.status,
+        StatusCode::CREATED
+    );
+    assert!(upload(app, owner, "thumbs", "application/wasm", wasm_module(1)).await.status.is_success());
+    let v1: Uuid = publish(app, owner, "thumbs").await.body["id"].as_str().unwrap().parse().unwrap();
+    let alias = app
+        .post(&format!("{}/thumbs/aliases", functions_path(owner.tenant)))
+        .token(&owner.token)
+        .json(json!({"name": "live", "routing": {"weights": [{"version": 1, "weight": 100}]}}))
+        .send()
+        .await;
+    assert_eq!(alias.status, StatusCode::CREATED, "{}", alias.text);
+    v1
+}
+
 /// A ready node in `zone` with `labels`; returns its id.
 async fn node(app: &TestApp, admin: &User, name: &str, labels: Value) -> Uuid {
     let token = app.post("/v1/join-tokens").token(&admin.token).json(json!({"name": name})).send().await;
@@ -65,19 +83,7 @@ async fn a_tick_places_matching_nodes_only_reports_unschedulable_versions_and_re
     let admin = app.platform_admin().await;
     let owner = app.sign_up("owner@example.com", "acme").await;
     let other = app.sign_up("other@example.com", "globex").await;
-    assert_eq!(
-        create_function(&app, &owner, json!({"name": "thumbs", "runtime": "wasm"})).await.status,
-        StatusCode::CREATED
-    );
-    assert!(upload(&app, &owner, "thumbs", "application/wasm", wasm_module(1)).await.status.is_success());
-    let v1: Uuid = publish(&app, &owner, "thumbs").await.body["id"].as_str().unwrap().parse().unwrap();
-    let alias = app
-        .post(&format!("{}/thumbs/aliases", functions_path(owner.tenant)))
-        .token(&owner.token)
-        .json(json!({"name": "live", "routing": {"weights": [{"version": 1, "weight": 100}]}}))
-        .send()
-        .await;
-    assert_eq!(alias.status, StatusCode::CREATED, "{}", alias.text);
+    let v1 = routed_thumbs(&app, &owner).await;
     let spot = node(&app, &admin, "spot-1", json!({"pool": "spot"})).await;
     let gpu = node(&app, &admin, "gpu-1", json!({"pool": "gpu", "accelerator": "gpu"})).await;
     let mut autoscaler = Autoscaler::new(app.state.pool.clone(), app.db_url.clone(), app.state.stats.clone());
@@ -168,19 +174,7 @@ async fn one_replica_leads_at_a_time_and_another_takes_over_when_it_dies() {
     let app = spawn_app().await;
     let admin = app.platform_admin().await;
     let owner = app.sign_up("owner@example.com", "acme").await;
-    assert_eq!(
-        create_function(&app, &owner, json!({"name": "thumbs", "runtime": "wasm"})).await.status,
-        StatusCode::CREATED
-    );
-    assert!(upload(&app, &owner, "thumbs", "application/wasm", wasm_module(1)).await.status.is_success());
-    let v1: Uuid = publish(&app, &owner, "thumbs").await.body["id"].as_str().unwrap().parse().unwrap();
-    let alias = app
-        .post(&format!("{}/thumbs/aliases", functions_path(owner.tenant)))
-        .token(&owner.token)
-        .json(json!({"name": "live", "routing": {"weights": [{"version": 1, "weight": 100}]}}))
-        .send()
-        .await;
-    assert_eq!(alias.status, StatusCode::CREATED, "{}", alias.text);
+    let v1 = routed_thumbs(&app, &owner).await;
     let n = node(&app, &admin, "w1", json!({})).await;
     let replica = || Autoscaler::new(app.state.pool.clone(), app.db_url.clone(), app.state.stats.clone()).run();
     let wait_assigned = || async {
@@ -238,19 +232,7 @@ async fn the_leader_scales_on_what_agents_reported_to_other_replicas() {
     let app = spawn_app().await;
     let admin = app.platform_admin().await;
     let owner = app.sign_up("owner@example.com", "acme").await;
-    assert_eq!(
-        create_function(&app, &owner, json!({"name": "thumbs", "runtime": "wasm"})).await.status,
-        StatusCode::CREATED
-    );
-    assert!(upload(&app, &owner, "thumbs", "application/wasm", wasm_module(1)).await.status.is_success());
-    let v1: Uuid = publish(&app, &owner, "thumbs").await.body["id"].as_str().unwrap().parse().unwrap();
-    let alias = app
-        .post(&format!("{}/thumbs/aliases", functions_path(owner.tenant)))
-        .token(&owner.token)
-        .json(json!({"name": "live", "routing": {"weights": [{"version": 1, "weight": 100}]}}))
-        .send()
-        .await;
-    assert_eq!(alias.status, StatusCode::CREATED, "{}", alias.text);
+    let v1 = routed_thumbs(&app, &owner).await;
     let n = node(&app, &admin, "w1", json!({})).await;
 
     // Another replica's agents ran 35 invocations at once for the last minute; it publishes.
