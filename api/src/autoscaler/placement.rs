@@ -134,12 +134,13 @@ pub fn place(nodes: &[Node], demands: &[Demand], current: &Assignments) -> Place
     // Instances per version and node, mirroring `out.assignments` (which is keyed by node), so
     // that asking for one version's instances does not scan every assignment.
     let mut index = Index::new();
+    let mut eligibility = Eligibility::new(&room, &usable);
     let placed_on = |index: &Index, version: Uuid| -> Vec<(Uuid, u32)> {
         index.get(&version).map(|m| m.iter().map(|(n, c)| (*n, *c)).collect()).unwrap_or_default()
     };
 
     for d in &order {
-        let eligible: Vec<Uuid> = room.keys().copied().filter(|n| usable[n].admits(d)).collect();
+        let eligible = eligibility.of(d);
         if eligible.is_empty() {
             if d.instances > 0 {
                 out.unschedulable.insert(d.version, unschedulable_reason(nodes, d));
@@ -192,7 +193,7 @@ pub fn place(nodes: &[Node], demands: &[Demand], current: &Assignments) -> Place
         if d.instances == 0 || out.unschedulable.contains_key(&d.version) {
             continue;
         }
-        let eligible: Vec<Uuid> = room.keys().copied().filter(|n| usable[n].admits(d)).collect();
+        let eligible = eligibility.of(d);
         let preferred = preferred_labels(&d.rules);
         let have: u32 = placed_on(&index, d.version).iter().map(|(_, c)| c).sum();
         let mut missing = d.instances.saturating_sub(have);
@@ -226,6 +227,39 @@ pub fn place(nodes: &[Node], demands: &[Demand], current: &Assignments) -> Place
         }
     }
     out
+}
+
+/// The eligible nodes of each demand (ids ascending), computed once per distinct eligibility:
+/// demands requiring the same labels and seeing the same pools share one list, so that ten
+/// thousand versions do not each test every node.
+struct Eligibility<'a> {
+    nodes: Vec<&'a Node>,
+    /// Tenants some node is dedicated to: only their demands see pools the others do not.
+    owners: std::collections::HashSet<Uuid>,
+    lists: HashMap<EligibilityKey<'a>, std::rc::Rc<[Uuid]>>,
+}
+
+/// What decides a demand's eligible nodes: its required labels, whether its tenant has a
+/// dedicated pool, and its tenant when some node is dedicated to it.
+type EligibilityKey<'a> = (&'a BTreeMap<String, String>, bool, Option<Uuid>);
+
+impl<'a> Eligibility<'a> {
+    fn new(room: &BTreeMap<Uuid, Room>, usable: &HashMap<Uuid, &'a Node>) -> Self {
+        let nodes: Vec<&Node> = room.keys().map(|id| usable[id]).collect();
+        let owners = nodes.iter().filter_map(|n| n.dedicated_to).collect();
+        Eligibility { nodes, owners, lists: HashMap::new() }
+    }
+
+    fn of(&mut self, d: &'a Demand) -> std::rc::Rc<[Uuid]> {
+        // Whether a node admits `d` depends on its required labels, on whether its tenant has
+        // a dedicated pool, and on its tenant only when some node is dedicated to that tenant.
+        let tenant = (d.dedicated || self.owners.contains(&d.tenant)).then_some(d.tenant);
+        let nodes = &self.nodes;
+        self.lists
+            .entry((&d.rules.required, d.dedicated, tenant))
+            .or_insert_with(|| nodes.iter().filter(|n| n.admits(d)).map(|n| n.id).collect())
+            .clone()
+    }
 }
 
 /// The labels a demand prefers: its own, plus the pool its priority prefers unless it names one.

@@ -25,6 +25,7 @@ use std::{
 };
 
 use chrono::Utc;
+use futures_util::FutureExt;
 use nimbus_protocol::{InstanceState, VersionStatus};
 use sqlx::{Connection, postgres::PgListener};
 use uuid::Uuid;
@@ -280,60 +281,50 @@ struct NodeRow {
     versions: sqlx::types::Json<Vec<VersionStatus>>,
 }
 
+/// What a tick re-reads: everything, or only the fleet (nodes, what they report, pool
+/// dedications) while the versions and the assignments it keeps are known to be current.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reload {
+    /// Versions, aliases, nodes, dedications and assignments.
+    Full,
+    /// Nodes and dedications only.
+    Fleet,
+}
+
 /// Reads one tick's inputs (the gateway scope reads functions, versions and aliases of every
 /// tenant; the platform scope nodes, assignments and dedications).
 pub async fn load(pool: &db::Db) -> Result<Inputs, sqlx::Error> {
+    let mut inputs = Inputs::default();
+    reload(pool, &mut inputs, Reload::Full).await?;
+    Ok(inputs)
+}
+
+/// Refreshes `inputs` in one transaction: the fleet always, the versions and the assignments
+/// with [`Reload::Full`].
+pub async fn reload(pool: &db::Db, inputs: &mut Inputs, what: Reload) -> Result<(), sqlx::Error> {
     let mut tx = db::begin(pool, &Scope { platform: true, gateway: true, ..Scope::default() }).await?;
+    if what == Reload::Full {
+        inputs.versions = read_versions(&mut tx).await?;
+        let current: Vec<(Uuid, Uuid, i32)> =
+            sqlx::query_as("SELECT node_id, version_id, instances FROM assignments").fetch_all(&mut *tx).await?;
+        inputs.current = current.into_iter().map(|(n, v, c)| ((n, v), u32::try_from(c).unwrap_or(0))).collect();
+    }
+    read_fleet(&mut tx, inputs).await?;
+    tx.commit().await
+}
+
+/// Every version with its function's settings, and whether an alias routes to it.
+async fn read_versions(tx: &mut db::Tx) -> Result<Vec<VersionInput>, sqlx::Error> {
     let versions: Vec<VersionRow> = sqlx::query_as(
         "SELECT v.id, v.tenant_id, v.function_id, v.number, v.config, f.name, f.scaling, f.placement \
          FROM versions v JOIN functions f ON f.id = v.function_id",
     )
-    .fetch_all(&mut *tx)
+    .fetch_all(&mut **tx)
     .await?;
     let aliases: Vec<(Uuid, sqlx::types::Json<RoutingConfig>)> =
-        sqlx::query_as("SELECT function_id, routing FROM aliases").fetch_all(&mut *tx).await?;
-    let nodes: Vec<NodeRow> = sqlx::query_as(
-        "SELECT id, zone, memory_mb, instance_slots, state, draining, labels, versions FROM nodes \
-         WHERE state <> 'removed'",
-    )
-    .fetch_all(&mut *tx)
-    .await?;
-    let dedications: Vec<(String, Uuid)> =
-        sqlx::query_as("SELECT pool, tenant_id FROM pool_dedications").fetch_all(&mut *tx).await?;
-    let current: Vec<(Uuid, Uuid, i32)> =
-        sqlx::query_as("SELECT node_id, version_id, instances FROM assignments").fetch_all(&mut *tx).await?;
-    tx.commit().await?;
-
+        sqlx::query_as("SELECT function_id, routing FROM aliases").fetch_all(&mut **tx).await?;
     let routed: HashSet<(Uuid, u32)> = aliases.iter().flat_map(|(f, r)| r.0.versions().map(move |n| (*f, n))).collect();
-    let dedicated_pools: HashMap<String, Uuid> = dedications.into_iter().collect();
-    let mut ready: HashMap<Uuid, u32> = HashMap::new();
-    let mut ready_on: HashMap<(Uuid, Uuid), u32> = HashMap::new();
-    let mut winding_down = HashSet::new();
-    let nodes = nodes
-        .into_iter()
-        .map(|n| {
-            if n.state == "ready" {
-                for v in n.versions.0.iter().filter(|v| v.state == InstanceState::Ready) {
-                    *ready.entry(v.version_id).or_insert(0) += v.instances;
-                    *ready_on.entry((n.id, v.version_id)).or_insert(0) += v.instances;
-                }
-            }
-            if n.draining || n.state == "lost" || n.state == "left" {
-                winding_down.insert(n.id);
-            }
-            let dedicated_to = n.labels.0.get("pool").and_then(|p| dedicated_pools.get(p)).copied();
-            placement::Node {
-                id: n.id,
-                zone: n.zone,
-                memory_mb: u64::try_from(n.memory_mb).unwrap_or(0),
-                slots: u32::try_from(n.instance_slots).unwrap_or(0),
-                schedulable: n.state == "ready" && !n.draining,
-                labels: n.labels.0,
-                dedicated_to,
-            }
-        })
-        .collect();
-    let versions = versions
+    Ok(versions
         .into_iter()
         .map(|r| {
             let c = &r.config.0;
@@ -349,16 +340,49 @@ pub async fn load(pool: &db::Db) -> Result<Inputs, sqlx::Error> {
                 rules: r.placement.0,
             }
         })
+        .collect())
+}
+
+/// The nodes (capacity, labels, what they report ready) and the pool dedications.
+async fn read_fleet(tx: &mut db::Tx, inputs: &mut Inputs) -> Result<(), sqlx::Error> {
+    let nodes: Vec<NodeRow> = sqlx::query_as(
+        "SELECT id, zone, memory_mb, instance_slots, state, draining, labels, versions FROM nodes \
+         WHERE state <> 'removed'",
+    )
+    .fetch_all(&mut **tx)
+    .await?;
+    let dedications: Vec<(String, Uuid)> =
+        sqlx::query_as("SELECT pool, tenant_id FROM pool_dedications").fetch_all(&mut **tx).await?;
+    let dedicated_pools: HashMap<String, Uuid> = dedications.into_iter().collect();
+    inputs.ready.clear();
+    inputs.ready_on.clear();
+    inputs.winding_down.clear();
+    inputs.nodes = nodes
+        .into_iter()
+        .map(|n| {
+            if n.state == "ready" {
+                for v in n.versions.0.iter().filter(|v| v.state == InstanceState::Ready) {
+                    *inputs.ready.entry(v.version_id).or_insert(0) += v.instances;
+                    *inputs.ready_on.entry((n.id, v.version_id)).or_insert(0) += v.instances;
+                }
+            }
+            if n.draining || n.state == "lost" || n.state == "left" {
+                inputs.winding_down.insert(n.id);
+            }
+            let dedicated_to = n.labels.0.get("pool").and_then(|p| dedicated_pools.get(p)).copied();
+            placement::Node {
+                id: n.id,
+                zone: n.zone,
+                memory_mb: u64::try_from(n.memory_mb).unwrap_or(0),
+                slots: u32::try_from(n.instance_slots).unwrap_or(0),
+                schedulable: n.state == "ready" && !n.draining,
+                labels: n.labels.0,
+                dedicated_to,
+            }
+        })
         .collect();
-    Ok(Inputs {
-        versions,
-        nodes,
-        ready,
-        ready_on,
-        winding_down,
-        dedicated: dedicated_pools.into_values().collect(),
-        current: current.into_iter().map(|(n, v, c)| ((n, v), u32::try_from(c).unwrap_or(0))).collect(),
-    })
+    inputs.dedicated = dedicated_pools.into_values().collect();
+    Ok(())
 }
 
 /// How stale a stored `last_active_ms` may get before it is written again: an active version's
@@ -635,7 +659,19 @@ pub struct Autoscaler {
     replica: Uuid,
     /// Set while this replica leads (its publisher then stands down).
     leading: Arc<std::sync::atomic::AtomicBool>,
+    /// The last tick's inputs, with the assignments as that tick wrote them.
+    inputs: Inputs,
+    /// When the versions and assignments in `inputs` were last read.
+    loaded_at: Option<Instant>,
+    /// The routing channel, while following it (see [`Autoscaler::watch`]).
+    changes: Option<PgListener>,
 }
+
+/// The tables whose changes (announced on the routing channel) move a tick's versions.
+const CATALOGUE_TABLES: [&str; 4] = ["tenants", "functions", "versions", "aliases"];
+/// Versions and assignments are read again at least this often even without notifications, so
+/// that anything a notification did not announce (an operator's manual assignments) is seen.
+pub const FULL_RELOAD: Duration = Duration::from_secs(30);
 
 fn now_ms() -> u64 {
     u64::try_from(Utc::now().timestamp_millis()).unwrap_or(0)
@@ -660,20 +696,69 @@ impl Autoscaler {
             purge: false,
             replica,
             leading: Arc::default(),
+            inputs: Inputs::default(),
+            loaded_at: None,
+            changes: None,
         }
+    }
+
+    /// Follows the routing channel: from now on a tick re-reads versions and assignments only
+    /// when functions, versions, aliases or tenants changed (or [`FULL_RELOAD`] passed), and
+    /// otherwise keeps the versions it read and the assignments it wrote. Without it every tick
+    /// reads everything.
+    pub async fn watch(&mut self) -> Result<(), sqlx::Error> {
+        let mut listener = PgListener::connect(&self.database_url).await?;
+        listener.listen(crate::gateway::table::CHANNEL).await?;
+        self.changes = Some(listener);
+        self.loaded_at = None;
+        Ok(())
+    }
+
+    /// Whether the versions or assignments kept from the last tick may be out of date: what
+    /// arrived on the routing channel since then names a catalogue table, or notifications may
+    /// have been lost, or [`FULL_RELOAD`] passed, or there is no channel.
+    fn catalogue_stale(&mut self) -> bool {
+        let Some(listener) = self.changes.as_mut() else { return true };
+        let mut stale = self.loaded_at.is_none_or(|t| t.elapsed() >= FULL_RELOAD);
+        loop {
+            match listener.try_recv().now_or_never() {
+                None => break,
+                Some(Ok(Some(n))) => stale |= CATALOGUE_TABLES.contains(&n.payload()),
+                // The listener reconnected: what was sent meanwhile is lost.
+                Some(Ok(None)) => stale = true,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "the autoscaler's routing listener failed; reading everything each tick");
+                    self.changes = None;
+                    return true;
+                }
+            }
+        }
+        stale
     }
 
     /// Runs one tick: load, decide, place, store. Returns the rows written.
     pub async fn tick(&mut self) -> anyhow::Result<usize> {
         let started = Instant::now();
         let now = now_ms();
-        let inputs = load(&self.pool).await?;
+        let what = if self.catalogue_stale() { Reload::Full } else { Reload::Fleet };
+        let mut inputs = std::mem::take(&mut self.inputs);
+        reload(&self.pool, &mut inputs, what).await?;
+        if what == Reload::Full {
+            self.loaded_at = Some(Instant::now());
+        }
         let mut samples = self.stats.concurrency(Utc::now());
         merge_published(&self.pool, self.replica, &mut samples).await?;
         let held = self.held.current(now);
         let outcome = compute(&inputs, &mut self.states, &samples, &held, now);
         let sink = Sink { pool: &self.pool, leader_pid: self.leader_pid, purge: self.purge };
-        let written = store(&sink, &inputs, &outcome, &self.states, &mut self.written).await?;
+        let written = match store(&sink, &inputs, &outcome, &self.states, &mut self.written).await {
+            Ok(n) => n,
+            Err(e) => {
+                // What was written is unknown: the next tick reads it back.
+                self.loaded_at = None;
+                return Err(e);
+            }
+        };
         self.purge = false;
         let labels_of: HashMap<Uuid, &VersionInput> = inputs.versions.iter().map(|v| (v.id, v)).collect();
         for d in &outcome.decided {
@@ -688,6 +773,10 @@ impl Autoscaler {
             }
         }
         metrics::histogram!("nimbus_autoscaler_tick_seconds").record(started.elapsed().as_secs_f64());
+        // The assignments are now what this tick wrote (versions deleted meanwhile were skipped
+        // by `store`; their deletion notified, so the next tick reads everything).
+        inputs.current = outcome.assignments;
+        self.inputs = inputs;
         Ok(written)
     }
 
@@ -705,6 +794,7 @@ impl Autoscaler {
         self.states = rows.into_iter().map(|(v, s)| (v, s.0)).collect();
         self.written.clear();
         self.purge = true;
+        self.loaded_at = None;
         Ok(())
     }
 
@@ -735,6 +825,7 @@ impl Autoscaler {
         self.leading.store(true, std::sync::atomic::Ordering::Relaxed);
         metrics::gauge!("nimbus_autoscaler_leader").set(1.0);
         let result = self.lead_locked(&mut lock).await;
+        self.changes = None;
         metrics::gauge!("nimbus_autoscaler_leader").set(0.0);
         self.leader_pid = None;
         self.leading.store(false, std::sync::atomic::Ordering::Relaxed);
@@ -743,6 +834,7 @@ impl Autoscaler {
 
     async fn lead_locked(&mut self, lock: &mut sqlx::PgConnection) -> anyhow::Result<()> {
         self.resume().await?;
+        self.watch().await?;
         let mut listener = PgListener::connect(&self.database_url).await?;
         listener.listen(CHANNEL).await?;
         let mut ticker = tokio::time::interval(TICK);

@@ -187,7 +187,9 @@ async fn one_replica_leads_at_a_time_and_another_takes_over_when_it_dies() {
     let holders = || async {
         let mut c = app.admin_conn().await;
         sqlx::query_scalar::<_, i64>(
+            // Advisory locks are per database; other tests' databases hold the same key.
             "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
              AND ((classid::bigint << 32) | objid::bigint) = $1",
         )
         .bind(nimbus_api::autoscaler::run::LOCK_KEY)
@@ -259,4 +261,73 @@ async fn the_leader_scales_on_what_agents_reported_to_other_replicas() {
     let mut leader = Autoscaler::new(app.state.pool.clone(), app.db_url.clone(), app.state.stats.clone());
     leader.tick().await.unwrap();
     assert_eq!(assigned(&app, &admin, n).await, [(v1.to_string(), 5)]);
+}
+
+/// Waits for the routing channel to announce a change of `table` (each test database has its
+/// own channel: notifications do not cross databases).
+async fn announced(listener: &mut sqlx::postgres::PgListener, table: &str) {
+    let wait = async {
+        loop {
+            if listener.recv().await.unwrap().payload() == table {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), wait).await.expect("the change is announced");
+}
+
+#[tokio::test]
+async fn a_watching_autoscaler_reads_versions_again_only_when_the_catalogue_changes() {
+    let app = spawn_app().await;
+    let admin = app.platform_admin().await;
+    let owner = app.sign_up("owner@example.com", "acme").await;
+    let v1 = routed_thumbs(&app, &owner).await;
+    let n = node(&app, &admin, "node-1", json!({})).await;
+    let mut listener = sqlx::postgres::PgListener::connect(&app.db_url).await.unwrap();
+    listener.listen(nimbus_api::gateway::table::CHANNEL).await.unwrap();
+    let mut autoscaler = Autoscaler::new(app.state.pool.clone(), app.db_url.clone(), app.state.stats.clone());
+    autoscaler.watch().await.unwrap();
+    autoscaler.tick().await.unwrap();
+    assert_eq!(assigned(&app, &admin, n).await, [(v1.to_string(), 1)]);
+
+    // An assignment changed behind its back, with no catalogue change announced: the watching
+    // autoscaler keeps the assignments it wrote and writes nothing (an unwatched one re-reads
+    // every tick and puts the row back).
+    let mut su = app.admin_conn().await;
+    sqlx::query("DELETE FROM assignments").execute(&mut su).await.unwrap();
+    assert_eq!(autoscaler.tick().await.unwrap(), 0, "nothing to write: the kept assignments say so");
+    assert!(assigned(&app, &admin, n).await.is_empty());
+
+    // A new routed version: announced on the channel, so the next tick reads everything again,
+    // places the new version and restores the row.
+    let v2: Uuid = publish(&app, &owner, "thumbs").await.body["id"].as_str().unwrap().parse().unwrap();
+    let alias = app
+        .post(&format!("{}/thumbs/aliases", functions_path(owner.tenant)))
+        .token(&owner.token)
+        .json(json!({"name": "beta", "routing": {"weights": [{"version": 2, "weight": 100}]}}))
+        .send()
+        .await;
+    assert_eq!(alias.status, StatusCode::CREATED, "{}", alias.text);
+    announced(&mut listener, "aliases").await;
+    // The autoscaler's own listener receives the same notification on its own connection; a
+    // tick reads it if it has arrived, so allow it a few ticks.
+    let mut rows = Vec::new();
+    for _ in 0..50 {
+        autoscaler.tick().await.unwrap();
+        rows = assigned(&app, &admin, n).await;
+        if rows.len() == 2 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    rows.sort();
+    let mut want = vec![(v1.to_string(), 1), (v2.to_string(), 1)];
+    want.sort();
+    assert_eq!(rows, want, "the new version placed and the deleted row restored");
+
+    let mut unwatched = Autoscaler::new(app.state.pool.clone(), app.db_url.clone(), app.state.stats.clone());
+    unwatched.resume().await.unwrap();
+    sqlx::query("DELETE FROM assignments WHERE version_id = $1").bind(v1).execute(&mut su).await.unwrap();
+    unwatched.tick().await.unwrap();
+    assert!(assigned(&app, &admin, n).await.contains(&(v1.to_string(), 1)), "an unwatched tick reads everything");
 }
