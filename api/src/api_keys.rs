@@ -219,6 +219,7 @@ pub async fn create_api_key(
     )
     .await?;
     tx.commit().await?;
+    crate::authz::policies::invalidate();
     Ok((StatusCode::CREATED, Extension(ContainsSecret), Json(CreatedApiKey { key, secret: full })))
 }
 
@@ -296,5 +297,6 @@ pub async fn revoke_api_key(
     sqlx::query("UPDATE api_keys SET revoked_at = now() WHERE id = $1").bind(key_id).execute(&mut *tx).await?;
     audit::record_action(&mut tx, &ctx, &principal, Action::RevokeApiKey, tenant_id, resource, json!({})).await?;
     tx.commit().await?;
+    crate::authz::policies::invalidate();
     Ok(StatusCode::NO_CONTENT)
 }

@@ -17,6 +17,7 @@ pub mod extract;
 pub mod functions;
 pub mod gateway;
 pub mod health;
+pub mod iam;
 pub mod idempotency;
 pub mod local;
 pub mod me;

@@ -97,7 +97,7 @@ async fn lock_members(tx: &mut Tx, tenant: Uuid) -> ApiResult<()> {
 /// Revokes the member's API keys whose role is above `ceiling` (all of them when `None`), so that
 /// no key keeps more authority than its creator has; returns how many.
 async fn revoke_keys_above(tx: &mut Tx, tenant: Uuid, user: Uuid, ceiling: Option<Role>) -> ApiResult<u64> {
-    let allowed: Vec<&str> = [Role::Viewer, Role::Developer, Role::Admin]
+    let allowed: Vec<&str> = [Role::None, Role::Viewer, Role::Developer, Role::Admin]
         .into_iter()
         .filter(|r| ceiling.is_some_and(|c| *r <= c))
         .map(Role::as_str)
@@ -229,6 +229,7 @@ pub async fn add_member(
     .await?;
     let member = fetch_member(&mut tx, tenant_id, user).await?;
     tx.commit().await?;
+    crate::authz::policies::invalidate();
     Ok((StatusCode::CREATED, Json(member)))
 }
 
@@ -281,6 +282,7 @@ pub async fn update_member(
     .await?;
     let after = fetch_member(&mut tx, tenant_id, user_id).await?;
     tx.commit().await?;
+    crate::authz::policies::invalidate();
     Ok(Json(after))
 }
 
@@ -329,5 +331,6 @@ pub async fn remove_member(
     )
     .await?;
     tx.commit().await?;
+    crate::authz::policies::invalidate();
     Ok(StatusCode::NO_CONTENT)
 }

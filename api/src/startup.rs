@@ -131,6 +131,7 @@ pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(tenants::router())
         .merge(members::router())
         .merge(api_keys::router())
+        .merge(crate::iam::router())
         .merge(audit::router())
         .merge(functions::router())
         .merge(nodes::router())
@@ -152,10 +153,13 @@ pub fn app(state: AppState) -> Router {
     let (api, doc) = routes();
     let api: Router = api
         .layer(middleware::from_fn_with_state(state.clone(), idempotency::middleware))
+        .layer(middleware::from_fn_with_state(state.clone(), crate::authz::request_facts))
         .layer(DefaultBodyLimit::max(state.settings.max_body_bytes))
         .with_state(state.clone());
     let console = nimbus_console::router(api.clone());
-    let gateway = gateway::router().with_state(state.clone());
+    let gateway = gateway::router()
+        .layer(middleware::from_fn_with_state(state.clone(), crate::authz::request_facts))
+        .with_state(state.clone());
     let timeouts = Timeouts { request: state.settings.request_timeout.0, upload: state.settings.upload_timeout.0 };
     api.merge(SwaggerUi::new("/docs").url("/openapi.json", doc))
         .nest("/console", console)

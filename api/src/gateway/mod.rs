@@ -103,25 +103,20 @@ async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<crate::au
     Ok(p)
 }
 
-/// The principal's role in `tenant` for the one decision point ([`authz::decide`]): an API key
-/// carries its own; a user's membership is looked up and remembered for [`table::AUTH_TTL`].
-async fn role_in(
+/// What the one decision point ([`authz::decide`]) knows of the principal in `tenant`: cached
+/// per process (see [`authz::policies`]), read in a transaction of its own on a miss.
+async fn loaded_in(
     state: &AppState,
     principal: &crate::auth::Principal,
     tenant: Uuid,
-) -> Result<Option<crate::authz::Role>, ApiError> {
-    if let Some(role) = authz::own_role(principal, tenant) {
-        return Ok(role);
+) -> Result<std::sync::Arc<authz::policies::Loaded>, ApiError> {
+    if let Some(l) = authz::policies::cached(principal, tenant) {
+        return Ok(l);
     }
-    let crate::auth::Principal::User { user_id, .. } = principal else { return Ok(None) };
-    if let Some(role) = state.routes.cached_role(tenant, *user_id) {
-        return Ok(role);
-    }
-    let mut tx = crate::db::begin(&state.pool, &crate::db::Scope::tenant(tenant, Some(*user_id))).await?;
-    let role = authz::role_in(&mut tx, principal, tenant).await?;
+    let mut tx = crate::db::begin(&state.pool, &crate::db::Scope::tenant(tenant, principal.user_id())).await?;
+    let loaded = authz::policies::load(&mut tx, principal, tenant).await?;
     tx.commit().await?;
-    state.routes.cache_role(tenant, *user_id, role);
-    Ok(role)
+    Ok(loaded)
 }
 
 /// One request out to a node, counted in its outstanding requests until dropped.
@@ -201,7 +196,7 @@ async fn route(state: &AppState, params: &[(String, String)], req: Request) -> R
         let principal = authenticate(state, req.headers()).await?;
         let tenant = *table.tenants.get(tenant_name).ok_or(ApiError::NotFound("tenant"))?;
         let resource = nrn::function(tenant, function_name);
-        authz::decide(role_in(state, &principal, tenant).await?, Action::InvokeFunction, &resource)?;
+        authz::decide(&*loaded_in(state, &principal, tenant).await?, Action::InvokeFunction, &resource)?;
         let function =
             table.functions.get(&(tenant, function_name.to_owned())).ok_or(ApiError::NotFound("function"))?;
         (tenant, function, Some(principal))

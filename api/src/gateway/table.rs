@@ -22,7 +22,6 @@ use uuid::Uuid;
 
 use crate::{
     auth::Principal,
-    authz::Role,
     db::{self, Scope},
     functions::versions::StoredConfig,
     routing::RoutingConfig,
@@ -165,20 +164,18 @@ impl Drop for HoldGuard<'_> {
 /// A node's outstanding-request counter and last failure, shared by every table built.
 type NodeCounters = (Arc<AtomicU32>, Arc<AtomicU64>);
 
-/// How long the gateway trusts an authentication or a role it looked up. Changes of API keys
-/// and memberships also clear the caches at once (through the `nimbus_routing` notification);
-/// the bound covers a missed notification.
+/// How long the gateway trusts an authentication it looked up. Changes of API keys also clear
+/// the cache at once (through the `nimbus_routing` notification); the bound covers a missed
+/// notification.
 pub const AUTH_TTL: Duration = Duration::from_secs(5);
 /// Most entries of each authentication cache (emptied when full).
 const AUTH_CACHE_MAX: usize = 100_000;
 
 /// API keys' authentications by the SHA-256 of the presented key, with when they were made.
 type KeyCache = HashMap<Vec<u8>, (Principal, Instant)>;
-/// Users' roles by (tenant, user), with when they were read.
-type RoleCache = HashMap<(Uuid, Uuid), (Option<Role>, Instant)>;
 
 /// The routing table of this replica and what keeps it fresh, with the gateway's caches of
-/// authentications (API keys by the SHA-256 of the presented key) and of users' roles.
+/// authentications (API keys by the SHA-256 of the presented key).
 #[derive(Clone)]
 pub struct Routes {
     table: Arc<RwLock<Arc<Table>>>,
@@ -187,7 +184,6 @@ pub struct Routes {
     holds: Arc<Mutex<HashMap<Uuid, HoldEntry>>>,
     counters: Arc<Mutex<HashMap<Uuid, NodeCounters>>>,
     keys: Arc<Mutex<KeyCache>>,
-    roles: Arc<Mutex<RoleCache>>,
     started: Instant,
     replica: Uuid,
 }
@@ -200,7 +196,6 @@ impl Default for Routes {
             holds: Arc::default(),
             counters: Arc::default(),
             keys: Arc::default(),
-            roles: Arc::default(),
             started: Instant::now(),
             replica: Uuid::now_v7(),
         }
@@ -237,25 +232,11 @@ impl Routes {
         keys.insert(digest, (principal, Instant::now()));
     }
 
-    /// A user's role in a tenant looked up within [`AUTH_TTL`], if cached (`Some(None)`: not a member).
-    pub fn cached_role(&self, tenant: Uuid, user: Uuid) -> Option<Option<Role>> {
-        let roles = self.roles.lock().unwrap_or_else(|p| p.into_inner());
-        roles.get(&(tenant, user)).filter(|(_, at)| at.elapsed() < AUTH_TTL).map(|(r, _)| *r)
-    }
-
-    /// Remembers a user's role in a tenant.
-    pub fn cache_role(&self, tenant: Uuid, user: Uuid, role: Option<Role>) {
-        let mut roles = self.roles.lock().unwrap_or_else(|p| p.into_inner());
-        if roles.len() >= AUTH_CACHE_MAX {
-            roles.clear();
-        }
-        roles.insert((tenant, user), (role, Instant::now()));
-    }
-
-    /// Forgets every cached authentication and role (an API key or a membership changed).
+    /// Forgets every cached authentication and every principal's cached policies (an API key, a
+    /// membership, a policy, an attachment or a guardrail may have changed).
     pub fn clear_auth(&self) {
         self.keys.lock().unwrap_or_else(|p| p.into_inner()).clear();
-        self.roles.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        crate::authz::policies::invalidate();
     }
 
     /// This replica's id (in pokes, so the autoscaler can sum what every replica holds).

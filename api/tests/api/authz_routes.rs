@@ -1,6 +1,7 @@
 //! Every route in the OpenAPI document is either on the short public list or refuses a caller
-//! without credentials (401) and a stranger to the tenant (404/403). A new route that forgets
-//! to authenticate or authorize fails here.
+//! without credentials (401), a stranger to the tenant (404/403), and — in the tenant — a member
+//! and an API key with no policies at all (403 naming the action). A new route that forgets to
+//! authenticate or authorize fails here.
 
 use axum::http::{Method, StatusCode};
 use serde_json::Value;
@@ -27,6 +28,10 @@ async fn every_route_is_public_by_design_or_authorized() {
     let owner = app.sign_up("owner@example.com", "target").await;
     let stranger = app.sign_up("stranger@example.com", "elsewhere").await;
     let (key_id, _) = app.create_key(&owner.token, owner.tenant, "viewer").await;
+    // A member and a key whose role stands for no policy, with nothing attached.
+    let bare = app.sign_up("bare@example.com", "bare-home").await;
+    app.add_member(&owner, owner.tenant, &bare, "none").await;
+    let (_, bare_key) = app.create_key(&owner.token, owner.tenant, "none").await;
 
     let doc = serde_json::to_value(nimbus_api::openapi::document()).unwrap();
     let mut checked = 0;
@@ -53,7 +58,8 @@ async fn every_route_is_public_by_design_or_authorized() {
                 .replace("{node_id}", &uuid::Uuid::now_v7().to_string())
                 .replace("{token_id}", &uuid::Uuid::now_v7().to_string())
                 .replace("{sha256}", &"a".repeat(64))
-                .replace("{pool}", "spot");
+                .replace("{pool}", "spot")
+                .replace("{policy_name}", "Viewer");
             assert!(!concrete.contains('{'), "no test value for a parameter of {path}");
             let m: Method = method.to_uppercase().parse().unwrap();
             let example = op
@@ -72,6 +78,23 @@ async fn every_route_is_public_by_design_or_authorized() {
                     res.status,
                     res.text
                 );
+                for (who, token) in [("a member", &bare.token), ("an API key", &bare_key)] {
+                    let res = with_body(app.req(m.clone(), &concrete).token(token), &m, &example).send().await;
+                    assert_eq!(
+                        res.status,
+                        StatusCode::FORBIDDEN,
+                        "{method} {path} let {who} with no policies through: {}",
+                        res.text
+                    );
+                    // The problem names the action and the resource.
+                    let action = res.body["action"].as_str().unwrap_or_default();
+                    assert!(nimbus_iam::lookup(action).is_some(), "{method} {path}: {}", res.text);
+                    assert!(
+                        res.body["resource"].as_str().is_some_and(|r| r.starts_with("nrn:nimbus:")),
+                        "{}",
+                        res.text
+                    );
+                }
             }
             checked += 1;
         }

@@ -11,6 +11,7 @@ mod conventions;
 mod db;
 mod functions;
 mod gateway;
+mod iam;
 mod idempotency;
 mod isolation;
 mod nodes;

@@ -1,9 +1,10 @@
-//! The one authorization function every handler calls, and the catalogue of actions it knows.
-//!
-//! Until the IAM policy engine lands, a principal's permissions in a tenant come from its role
-//! (`viewer` < `developer` < `admin`); each action names the least role that may perform it.
-//! The IAM work replaces the role check inside [`authorize`] with policy evaluation, leaving
-//! every caller as it is.
+//! The one authorization function every handler calls ([`authorize`], through [`begin`]), the
+//! gateway and the console included: the principal's policies in the tenant
+//! ([`policies::load`]) are evaluated by `nimbus_iam::evaluate` for the action (named in
+//! `nimbus_iam::catalogue`) and the resource's NRN. Platform actions are decided by
+//! [`begin_platform`] (platform admins only).
+
+pub mod policies;
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -15,15 +16,19 @@ use crate::{
     error::ApiError,
 };
 
-/// A role in a tenant, ordered by what it may do.
+/// A member's or API key's role in a tenant, ordered by what it may do: it stands for managed
+/// policies ([`Role::managed`]), to which attachments add.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
-    /// Reads everything in the tenant.
+    /// No policies of its own: exactly what is attached to the member or key.
+    None,
+    /// Reads the tenant's configuration (the managed `Viewer`).
     Viewer,
-    /// Also deploys and manages API keys up to its own role.
+    /// Also builds and deploys functions and manages API keys up to its own role (`Developer`
+    /// and `Viewer`).
     Developer,
-    /// Also manages members and the tenant itself.
+    /// Everything in the tenant (`TenantAdmin`).
     Admin,
 }
 
@@ -31,6 +36,7 @@ impl Role {
     /// The stored name.
     pub fn as_str(self) -> &'static str {
         match self {
+            Role::None => "none",
             Role::Viewer => "viewer",
             Role::Developer => "developer",
             Role::Admin => "admin",
@@ -40,10 +46,23 @@ impl Role {
     /// Parses a stored name.
     pub fn parse(s: &str) -> anyhow::Result<Role> {
         match s {
+            "none" => Ok(Role::None),
             "viewer" => Ok(Role::Viewer),
             "developer" => Ok(Role::Developer),
             "admin" => Ok(Role::Admin),
             other => Err(anyhow::anyhow!("unknown role {other:?} in the database")),
+        }
+    }
+}
+
+impl Role {
+    /// The managed policies the role stands for.
+    pub fn managed(self) -> &'static [&'static str] {
+        match self {
+            Role::None => &[],
+            Role::Viewer => &["Viewer"],
+            Role::Developer => &["Developer", "Viewer"],
+            Role::Admin => &["TenantAdmin"],
         }
     }
 }
@@ -132,6 +151,42 @@ pub enum Action {
     DedicatePool,
     /// End a pool's dedication (platform).
     UndedicatePool,
+    /// Create a policy.
+    CreatePolicy,
+    /// List policies.
+    ListPolicies,
+    /// Read a policy.
+    GetPolicy,
+    /// Delete a policy.
+    DeletePolicy,
+    /// Add a version to a policy.
+    CreatePolicyVersion,
+    /// List and read a policy's versions.
+    ListPolicyVersions,
+    /// Choose the version of a policy in force.
+    SetDefaultPolicyVersion,
+    /// Validate a policy document.
+    ValidatePolicy,
+    /// Simulate decisions for a principal.
+    SimulatePolicy,
+    /// List the policies attached to a principal.
+    ListAttachedPolicies,
+    /// Attach a policy to a member.
+    AttachUserPolicy,
+    /// Detach a policy from a member.
+    DetachUserPolicy,
+    /// Attach a policy to an API key.
+    AttachApiKeyPolicy,
+    /// Detach a policy from an API key.
+    DetachApiKeyPolicy,
+    /// Set a principal's permissions boundary.
+    PutPermissionsBoundary,
+    /// Remove a principal's permissions boundary.
+    DeletePermissionsBoundary,
+    /// Read a tenant's guardrail (platform).
+    GetGuardrails,
+    /// Set or remove a tenant's guardrail (platform).
+    PutGuardrails,
 }
 
 impl Action {
@@ -174,6 +229,24 @@ impl Action {
         Action::ListPools,
         Action::DedicatePool,
         Action::UndedicatePool,
+        Action::CreatePolicy,
+        Action::ListPolicies,
+        Action::GetPolicy,
+        Action::DeletePolicy,
+        Action::CreatePolicyVersion,
+        Action::ListPolicyVersions,
+        Action::SetDefaultPolicyVersion,
+        Action::ValidatePolicy,
+        Action::SimulatePolicy,
+        Action::ListAttachedPolicies,
+        Action::AttachUserPolicy,
+        Action::DetachUserPolicy,
+        Action::AttachApiKeyPolicy,
+        Action::DetachApiKeyPolicy,
+        Action::PutPermissionsBoundary,
+        Action::DeletePermissionsBoundary,
+        Action::GetGuardrails,
+        Action::PutGuardrails,
     ];
 
     /// The action's name, `<service>:<Verb><Noun>`.
@@ -216,54 +289,36 @@ impl Action {
             Action::ListPools => "nodes:ListPools",
             Action::DedicatePool => "nodes:DedicatePool",
             Action::UndedicatePool => "nodes:UndedicatePool",
-        }
-    }
-
-    /// The least role allowed to perform the action.
-    pub fn min_role(self) -> Role {
-        match self {
-            Action::GetTenant | Action::ListMembers | Action::ListApiKeys => Role::Viewer,
-            Action::ListFunctions
-            | Action::GetFunction
-            | Action::ListPackages
-            | Action::ListVersions
-            | Action::ListAliases
-            | Action::GetFunctionLogs => Role::Viewer,
-            Action::CreateApiKey | Action::RevokeApiKey => Role::Developer,
-            Action::CreateFunction
-            | Action::UpdateFunction
-            | Action::DeleteFunction
-            | Action::UpdateFunctionCode
-            | Action::CreateVersion
-            | Action::DeleteVersion
-            | Action::CreateAlias
-            | Action::UpdateAlias
-            | Action::DeleteAlias
-            | Action::InvokeFunction => Role::Developer,
-            Action::UpdateTenant
-            | Action::AddMember
-            | Action::UpdateMember
-            | Action::RemoveMember
-            | Action::ListAuditEvents => Role::Admin,
-            // Platform actions are not a tenant role's to grant (see `is_platform`).
-            Action::CreateJoinToken
-            | Action::ListJoinTokens
-            | Action::RevokeJoinToken
-            | Action::ListNodes
-            | Action::DrainNode
-            | Action::RemoveNode
-            | Action::PutAssignments
-            | Action::UpdateNode
-            | Action::ListPools
-            | Action::DedicatePool
-            | Action::UndedicatePool => Role::Admin,
+            Action::CreatePolicy => "iam:CreatePolicy",
+            Action::ListPolicies => "iam:ListPolicies",
+            Action::GetPolicy => "iam:GetPolicy",
+            Action::DeletePolicy => "iam:DeletePolicy",
+            Action::CreatePolicyVersion => "iam:CreatePolicyVersion",
+            Action::ListPolicyVersions => "iam:ListPolicyVersions",
+            Action::SetDefaultPolicyVersion => "iam:SetDefaultPolicyVersion",
+            Action::ValidatePolicy => "iam:ValidatePolicy",
+            Action::SimulatePolicy => "iam:SimulatePolicy",
+            Action::ListAttachedPolicies => "iam:ListAttachedPolicies",
+            Action::AttachUserPolicy => "iam:AttachUserPolicy",
+            Action::DetachUserPolicy => "iam:DetachUserPolicy",
+            Action::AttachApiKeyPolicy => "iam:AttachApiKeyPolicy",
+            Action::DetachApiKeyPolicy => "iam:DetachApiKeyPolicy",
+            Action::PutPermissionsBoundary => "iam:PutPermissionsBoundary",
+            Action::DeletePermissionsBoundary => "iam:DeletePermissionsBoundary",
+            Action::GetGuardrails => "tenants:GetGuardrails",
+            Action::PutGuardrails => "tenants:PutGuardrails",
         }
     }
 
     /// Whether the action acts on the platform (nodes, join tokens) rather than in a tenant:
     /// only platform admins may perform it, through [`authorize_platform`].
     pub fn is_platform(self) -> bool {
-        self.name().starts_with("nodes:")
+        self.spec().platform
+    }
+
+    /// The action's entry in the catalogue.
+    pub fn spec(self) -> &'static nimbus_iam::ActionSpec {
+        nimbus_iam::lookup(self.name()).expect("every action is in the catalogue (tested)")
     }
 }
 
@@ -319,6 +374,22 @@ pub mod nrn {
     pub fn join_token(token: impl std::fmt::Display) -> String {
         format!("nrn:nimbus:nodes::join-token/{token}")
     }
+    /// A tenant's policy, or every policy with `*`.
+    pub fn policy(t: Uuid, name: &str) -> String {
+        format!("nrn:nimbus:iam:{t}:policy/{name}")
+    }
+    /// A member as an IAM principal.
+    pub fn tenant_user(t: Uuid, user: Uuid) -> String {
+        format!("nrn:nimbus:iam:{t}:user/{user}")
+    }
+    /// An API key as an IAM principal, by id.
+    pub fn api_key_principal(t: Uuid, key: Uuid) -> String {
+        format!("nrn:nimbus:iam:{t}:api-key/{key}")
+    }
+    /// A tenant's guardrail.
+    pub fn guardrail(t: Uuid) -> String {
+        format!("nrn:nimbus:tenants:{t}:tenant/{t}")
+    }
     /// A pool of nodes (the value of their `pool` label), or every pool with `*`.
     pub fn pool(pool: &str) -> String {
         format!("nrn:nimbus:nodes::pool/{pool}")
@@ -327,8 +398,8 @@ pub mod nrn {
 
 /// Decides whether `principal` may perform `action` on `resource` in `tenant`, and returns the
 /// principal's role there. A principal that is not in the tenant gets 404 (it cannot list the
-/// tenant, so its existence is not confirmed); one that is in it but lacks the permission gets
-/// 403 naming the action and the resource.
+/// tenant, so its existence is not confirmed); one that is in it but whose policies do not allow
+/// the action gets 403 naming the action and the resource.
 ///
 /// The transaction must already be scoped to `tenant` (see [`crate::db::Scope::tenant`]).
 #[tracing::instrument(skip(tx, principal), fields(action = action.name()))]
@@ -339,55 +410,46 @@ pub async fn authorize(
     tenant: Uuid,
     resource: &str,
 ) -> Result<Role, ApiError> {
-    let role = role_in(tx, principal, tenant).await?;
-    decide(role, action, resource)
+    let loaded = policies::load(tx, principal, tenant).await?;
+    decide(&loaded, action, resource)
 }
 
-/// The principal's role in `tenant`, `None` when it is not in the tenant. An API key's role is
-/// its own (no query); a user's comes from its membership.
+/// The principal's role in `tenant`, `None` when it is not in the tenant.
 pub async fn role_in(tx: &mut Tx, principal: &Principal, tenant: Uuid) -> Result<Option<Role>, ApiError> {
-    if let Some(role) = own_role(principal, tenant) {
-        return Ok(role);
-    }
-    match principal {
-        Principal::User { user_id, .. } => {
-            let role: Option<String> =
-                sqlx::query_scalar("SELECT role FROM memberships WHERE tenant_id = $1 AND user_id = $2")
-                    .bind(tenant)
-                    .bind(user_id)
-                    .fetch_optional(&mut **tx)
-                    .await?;
-            role.map(|r| Role::parse(&r)).transpose().map_err(ApiError::Internal)
-        }
-        Principal::ApiKey { .. } => Ok(None),
-    }
+    Ok(policies::load(tx, principal, tenant).await?.role)
 }
 
-/// The role a principal carries itself, needing no lookup: an API key's (`Some(None)` when the
-/// key belongs to another tenant). `None` for users, whose role is their membership's.
-pub fn own_role(principal: &Principal, tenant: Uuid) -> Option<Option<Role>> {
-    match principal {
-        Principal::ApiKey { tenant_id, role, .. } => Some((*tenant_id == tenant).then_some(*role)),
-        Principal::User { .. } => None,
-    }
-}
-
-/// The decision itself, given the principal's role in the tenant (`None`: not in it → 404):
-/// the role must reach the action's least role (403 naming the action and resource otherwise).
-/// Platform actions are never decided here. Every caller — handlers through [`authorize`], the
-/// gateway with its cached roles — ends up in this function.
-pub fn decide(role: Option<Role>, action: Action, resource: &str) -> Result<Role, ApiError> {
-    let forbidden = || ApiError::Forbidden { action: action.name().to_owned(), resource: resource.to_owned() };
+/// The decision itself, given what is loaded of the principal in the tenant (not in it → 404):
+/// its policies must allow the action on the resource (403 naming both otherwise). Platform
+/// actions are never decided here. Every caller — handlers through [`authorize`], the gateway
+/// with its cached principals — ends up in this function.
+pub fn decide(loaded: &policies::Loaded, action: Action, resource: &str) -> Result<Role, ApiError> {
+    let forbidden = || {
+        metrics::counter!("nimbus_authz_denied_total", "action" => action.name()).increment(1);
+        ApiError::Forbidden { action: action.name().to_owned(), resource: resource.to_owned() }
+    };
     if action.is_platform() {
         return Err(forbidden());
     }
-    let role = role.ok_or(ApiError::NotFound("tenant"))?;
-    if role >= action.min_role() {
-        Ok(role)
-    } else {
-        metrics::counter!("nimbus_authz_denied_total", "action" => action.name()).increment(1);
-        Err(forbidden())
-    }
+    let role = loaded.role.ok_or(ApiError::NotFound("tenant"))?;
+    if loaded.evaluate(action, resource).is_allowed() { Ok(role) } else { Err(forbidden()) }
+}
+
+/// Runs the rest of the request with its facts (the client address) where [`decide`] finds
+/// them for conditions (`nimbus:SourceIp`).
+pub async fn request_facts(
+    axum::extract::State(state): axum::extract::State<crate::startup::AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::extract::FromRequestParts;
+    let (mut parts, body) = req.into_parts();
+    let source_ip = match crate::auth::RequestContext::from_request_parts(&mut parts, &state).await {
+        Ok(c) => c.source_ip,
+        Err(_) => None,
+    };
+    let req = axum::extract::Request::from_parts(parts, body);
+    policies::REQUEST.scope(policies::RequestFacts { source_ip }, next.run(req)).await
 }
 
 /// Opens a transaction scoped to `tenant` (and the principal's user) and authorizes `action`
@@ -464,22 +526,33 @@ mod tests {
 
     #[test]
     fn roles_are_ordered() {
-        assert!(Role::Viewer < Role::Developer && Role::Developer < Role::Admin);
-        for r in [Role::Viewer, Role::Developer, Role::Admin] {
+        assert!(Role::None < Role::Viewer && Role::Viewer < Role::Developer && Role::Developer < Role::Admin);
+        for r in [Role::None, Role::Viewer, Role::Developer, Role::Admin] {
             assert_eq!(Role::parse(r.as_str()).unwrap(), r);
         }
     }
 
     #[test]
-    fn writes_need_more_than_viewer() {
-        let check = |a: Action, least: Role| assert_eq!(a.min_role(), least, "{}", a.name());
-        check(Action::GetTenant, Role::Viewer);
-        check(Action::ListMembers, Role::Viewer);
-        check(Action::CreateApiKey, Role::Developer);
-        check(Action::RevokeApiKey, Role::Developer);
-        check(Action::UpdateTenant, Role::Admin);
-        check(Action::AddMember, Role::Admin);
-        check(Action::RemoveMember, Role::Admin);
-        check(Action::ListAuditEvents, Role::Admin);
+    fn every_action_is_in_the_catalogue_and_platform_actions_are_the_fleets_and_guardrails() {
+        for a in Action::ALL {
+            let spec = nimbus_iam::lookup(a.name()).unwrap_or_else(|| panic!("{} is not catalogued", a.name()));
+            assert_eq!(spec.name, a.name());
+            assert_eq!(
+                a.is_platform(),
+                a.name().starts_with("nodes:") || a.name().ends_with("Guardrails"),
+                "{}",
+                a.name()
+            );
+        }
+    }
+
+    #[test]
+    fn roles_stand_for_managed_policies_that_exist() {
+        for r in [Role::None, Role::Viewer, Role::Developer, Role::Admin] {
+            for m in r.managed() {
+                assert!(policies::managed(m).is_some(), "{m}");
+            }
+        }
+        assert!(Role::None.managed().is_empty());
     }
 }

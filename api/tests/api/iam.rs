@@ -1,0 +1,272 @@
+//! IAM through the API: a tenant's policies (validated on save, versioned, deletable only when
+//! detached), attachments and boundaries deciding what members and keys may do at once,
+//! guardrails set by the platform, and the simulator's explanations.
+
+use axum::http::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::{
+    functions::{create_function, functions_path},
+    helpers::{TestApp, User, spawn_app},
+};
+
+fn policies(u: &User) -> String {
+    format!("/v1/tenants/{}/policies", u.tenant)
+}
+
+fn doc(statements: Value) -> Value {
+    json!({"Version": "2012-10-17", "Statement": statements})
+}
+
+async fn put(app: &TestApp, token: &str, path: &str, body: Value) -> crate::helpers::TestResponse {
+    app.req(Method::PUT, path).token(token).json(body).send().await
+}
+
+#[tokio::test]
+async fn policies_are_validated_versioned_and_deleted_only_when_detached() {
+    let app = spawn_app().await;
+    let owner = app.sign_up("owner@example.com", "acme").await;
+
+    // Errors name the JSON path and the rule; nothing is stored.
+    for (statements, field, rule) in [
+        (
+            json!([{"Effect": "Allow", "Action": "functions:Nope", "Resource": "*"}]),
+            "document.Statement[0].Action",
+            "unknown_action",
+        ),
+        (
+            json!([{"Effect": "Allow", "Action": "functions:GetFunction", "Resource": "*"},
+                   {"Effect": "Allow", "Action": "functions:GetFunction", "Resource": "*",
+                    "Condition": {"IpAddress": {"nimbus:SourceIp": "not-a-cidr"}}}]),
+            "document.Statement[1].Condition.IpAddress.nimbus:SourceIp",
+            "value",
+        ),
+    ] {
+        let bad = app
+            .post(&policies(&owner))
+            .token(&owner.token)
+            .json(json!({"name": "broken", "document": doc(statements)}))
+            .send()
+            .await;
+        bad.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+        let e = &bad.body["errors"][0];
+        assert!(e["field"].as_str().unwrap().starts_with(field), "{}", bad.text);
+        assert_eq!(e["rule"], rule, "{}", bad.text);
+    }
+    let none = app.get(&format!("{}/broken", policies(&owner))).token(&owner.token).send().await;
+    none.assert_problem(StatusCode::NOT_FOUND, "not_found");
+    let managed_name = app
+        .post(&policies(&owner))
+        .token(&owner.token)
+        .json(json!({"name": "Viewer", "document": doc(json!([{"Effect": "Allow", "Action": "functions:GetFunction", "Resource": "*"}]))}))
+        .send()
+        .await;
+    managed_name.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+
+    // A valid but over-broad policy is saved, with the finding.
+    let created = app
+        .post(&policies(&owner))
+        .token(&owner.token)
+        .json(json!({"name": "everything", "document": doc(json!([{"Effect": "Allow", "Action": "*", "Resource": "*"}]))}))
+        .send()
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.text);
+    assert_eq!(created.body["findings"][0]["code"], "allow_all", "{}", created.text);
+    assert_eq!(created.body["nrn"], format!("nrn:nimbus:iam:{}:policy/everything", owner.tenant));
+
+    // Versions: a second one in force, back to the first, at most five.
+    let v2 = app
+        .post(&format!("{}/everything/versions", policies(&owner)))
+        .token(&owner.token)
+        .json(
+            json!({"document": doc(json!([{"Effect": "Allow", "Action": "functions:GetFunction", "Resource": "*"}]))}),
+        )
+        .send()
+        .await;
+    assert_eq!((v2.status, v2.body["version"].as_i64()), (StatusCode::CREATED, Some(2)), "{}", v2.text);
+    let back =
+        put(&app, &owner.token, &format!("{}/everything/default-version", policies(&owner)), json!({"version": 1}))
+            .await;
+    assert_eq!((back.status, back.body["default_version"].as_i64()), (StatusCode::OK, Some(1)), "{}", back.text);
+    for _ in 3..=5 {
+        let v = app
+            .post(&format!("{}/everything/versions", policies(&owner)))
+            .token(&owner.token)
+            .json(json!({"document": doc(json!([{"Effect": "Allow", "Action": "functions:GetFunction", "Resource": "*"}])), "set_as_default": false}))
+            .send()
+            .await;
+        assert_eq!(v.status, StatusCode::CREATED, "{}", v.text);
+    }
+    let sixth = app
+        .post(&format!("{}/everything/versions", policies(&owner)))
+        .token(&owner.token)
+        .json(
+            json!({"document": doc(json!([{"Effect": "Allow", "Action": "functions:GetFunction", "Resource": "*"}]))}),
+        )
+        .send()
+        .await;
+    sixth.assert_problem(StatusCode::CONFLICT, "too_many_versions");
+    let listed = app.get(&format!("{}/everything/versions", policies(&owner))).token(&owner.token).send().await;
+    assert_eq!(listed.body["versions"].as_array().unwrap().len(), 5);
+    let list = app.get(&policies(&owner)).token(&owner.token).send().await;
+    let names: Vec<&str> =
+        list.body["policies"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert!(names.contains(&"TenantAdmin") && names.contains(&"everything"), "{names:?}");
+
+    // Attached: not deletable; detached: gone.
+    let member = app.sign_up("dev@example.com", "dev-home").await;
+    app.add_member(&owner, owner.tenant, &member, "none").await;
+    let attach = format!("/v1/tenants/{}/members/{}/policies/everything", owner.tenant, member.id);
+    assert_eq!(put(&app, &owner.token, &attach, json!({})).await.status, StatusCode::NO_CONTENT);
+    let refused = app.delete(&format!("{}/everything", policies(&owner))).token(&owner.token).send().await;
+    refused.assert_problem(StatusCode::CONFLICT, "policy_attached");
+    assert_eq!(app.delete(&attach).token(&owner.token).send().await.status, StatusCode::NO_CONTENT);
+    let gone = app.delete(&format!("{}/everything", policies(&owner))).token(&owner.token).send().await;
+    assert_eq!(gone.status, StatusCode::NO_CONTENT, "{}", gone.text);
+    let after = app.get(&format!("{}/everything", policies(&owner))).token(&owner.token).send().await;
+    after.assert_problem(StatusCode::NOT_FOUND, "not_found");
+}
+
+#[tokio::test]
+async fn attachments_boundaries_and_guardrails_decide_at_once() {
+    let app = spawn_app().await;
+    let admin = app.platform_admin().await;
+    let owner = app.sign_up("owner@example.com", "acme").await;
+    assert_eq!(
+        create_function(&app, &owner, json!({"name": "web", "runtime": "wasm"})).await.status,
+        StatusCode::CREATED
+    );
+    let member = app.sign_up("dev@example.com", "dev-home").await;
+    app.add_member(&owner, owner.tenant, &member, "none").await;
+    let get_web =
+        || async { app.get(&format!("{}/web", functions_path(owner.tenant))).token(&member.token).send().await };
+
+    // Nothing attached: 403 naming the action and the resource.
+    let denied = get_web().await;
+    denied.assert_problem(StatusCode::FORBIDDEN, "forbidden");
+    assert_eq!(denied.body["action"], "functions:GetFunction");
+    assert_eq!(denied.body["resource"], format!("nrn:nimbus:functions:{}:function/web", owner.tenant));
+
+    // A policy of the tenant's own, scoped to `web*` functions.
+    let created = app
+        .post(&policies(&owner))
+        .token(&owner.token)
+        .json(json!({"name": "read-web", "document": doc(json!([{"Effect": "Allow",
+            "Action": ["functions:GetFunction", "functions:ListFunctions"],
+            "Resource": "nrn:nimbus:functions:${nimbus:TenantId}:function/web*"}]))}))
+        .send()
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.text);
+    let attach = format!("/v1/tenants/{}/members/{}/policies/read-web", owner.tenant, member.id);
+    assert_eq!(put(&app, &owner.token, &attach, json!({})).await.status, StatusCode::NO_CONTENT);
+    assert_eq!(get_web().await.status, StatusCode::OK, "allowed as soon as it is attached");
+    let in_acme = |u: &User, name: &str| {
+        let req =
+            app.post(&functions_path(owner.tenant)).token(&u.token).json(json!({"name": name, "runtime": "wasm"}));
+        req.send()
+    };
+    let other = in_acme(&member, "web2").await;
+    other.assert_problem(StatusCode::FORBIDDEN, "forbidden");
+    assert_eq!(other.body["action"], "functions:CreateFunction");
+
+    // A boundary caps even an admin's role: Viewer reads, never writes.
+    let developer = app.sign_up("builder@example.com", "builder-home").await;
+    app.add_member(&owner, owner.tenant, &developer, "developer").await;
+    let boundary = format!("/v1/tenants/{}/members/{}/boundary", owner.tenant, developer.id);
+    assert_eq!(put(&app, &owner.token, &boundary, json!({"policy": "Viewer"})).await.status, StatusCode::NO_CONTENT);
+    let capped = in_acme(&developer, "capped").await;
+    capped.assert_problem(StatusCode::FORBIDDEN, "forbidden");
+    let read = app.get(&format!("{}/web", functions_path(owner.tenant))).token(&developer.token).send().await;
+    assert_eq!(read.status, StatusCode::OK, "{}", read.text);
+    let shown = app
+        .get(&format!("/v1/tenants/{}/members/{}/policies", owner.tenant, developer.id))
+        .token(&owner.token)
+        .send()
+        .await;
+    assert_eq!(shown.body, json!({"from_role": ["Developer", "Viewer"], "policies": [], "boundary": "Viewer"}));
+    assert_eq!(app.delete(&boundary).token(&owner.token).send().await.status, StatusCode::NO_CONTENT);
+    let uncapped = in_acme(&developer, "uncapped").await;
+    assert_eq!(uncapped.status, StatusCode::CREATED, "{}", uncapped.text);
+
+    // A guardrail binds the tenant's admin too; only platform admins set it.
+    let guardrail = format!("/v1/tenants/{}/guardrails", owner.tenant);
+    let rail = json!({"document": doc(json!([
+        {"Effect": "Allow", "Action": "*", "Resource": "*"},
+        {"Effect": "Deny", "Action": "functions:DeleteFunction", "Resource": "*"}]))});
+    put(&app, &owner.token, &guardrail, rail.clone()).await.assert_problem(StatusCode::FORBIDDEN, "forbidden");
+    let set = put(&app, &admin.token, &guardrail, rail).await;
+    assert_eq!(set.status, StatusCode::OK, "{}", set.text);
+    let blocked = app.delete(&format!("{}/web", functions_path(owner.tenant))).token(&owner.token).send().await;
+    blocked.assert_problem(StatusCode::FORBIDDEN, "forbidden");
+    assert_eq!(app.delete(&guardrail).token(&admin.token).send().await.status, StatusCode::NO_CONTENT);
+    let deleted = app
+        .req(Method::DELETE, &format!("{}/web", functions_path(owner.tenant)))
+        .token(&owner.token)
+        .header("if-match", "*")
+        .send()
+        .await;
+    assert_eq!(deleted.status, StatusCode::NO_CONTENT, "{}", deleted.text);
+}
+
+#[tokio::test]
+async fn the_simulator_explains_which_statement_decided() {
+    let app = spawn_app().await;
+    let owner = app.sign_up("owner@example.com", "acme").await;
+    let member = app.sign_up("dev@example.com", "dev-home").await;
+    app.add_member(&owner, owner.tenant, &member, "viewer").await;
+    let created = app
+        .post(&policies(&owner))
+        .token(&owner.token)
+        .json(json!({"name": "deploy-from-office", "document": doc(json!([{"Sid": "OfficeDeploys", "Effect": "Allow",
+            "Action": "functions:UpdateAlias", "Resource": "*",
+            "Condition": {"IpAddress": {"nimbus:SourceIp": "10.0.0.0/8"}}}]))}))
+        .send()
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.text);
+    let attach = format!("/v1/tenants/{}/members/{}/policies/deploy-from-office", owner.tenant, member.id);
+    assert_eq!(put(&app, &owner.token, &attach, json!({})).await.status, StatusCode::NO_CONTENT);
+
+    let alias = format!("nrn:nimbus:functions:{}:function/web/alias/live", owner.tenant);
+    let simulate = |ip: &'static str| {
+        let body = json!({"principal": {"user_id": member.id}, "actions": ["functions:UpdateAlias", "functions:ListFunctions"],
+                          "resources": [alias.clone()], "context": {"nimbus:SourceIp": ip}});
+        let path = format!("/v1/tenants/{}/iam/simulate", owner.tenant);
+        let token = owner.token.clone();
+        let app = &app;
+        async move { app.post(&path).token(&token).json(body).send().await }
+    };
+    let inside = simulate("10.1.2.3").await;
+    assert_eq!(inside.status, StatusCode::OK, "{}", inside.text);
+    let r = &inside.body["results"];
+    assert_eq!(
+        (r[0]["action"].as_str(), r[0]["decision"].as_str()),
+        (Some("functions:UpdateAlias"), Some("allowed")),
+        "{r}"
+    );
+    assert_eq!(r[0]["matched"][0]["policy"], "deploy-from-office", "{r}");
+    assert_eq!(r[0]["matched"][0]["sid"], "OfficeDeploys", "{r}");
+    assert_eq!(r[1]["decision"], "allowed", "the Viewer role lists functions: {r}");
+    assert_eq!(r[1]["matched"][0]["policy"], "nrn:nimbus:iam::policy/Viewer", "{r}");
+    let outside = simulate("192.0.2.1").await;
+    assert_eq!(outside.body["results"][0]["decision"], "implicit_deny", "{}", outside.text);
+
+    // Bad requests name the field.
+    let bad = app
+        .post(&format!("/v1/tenants/{}/iam/simulate", owner.tenant))
+        .token(&owner.token)
+        .json(json!({"principal": {"user_id": member.id}, "actions": ["functions:Nope"], "resources": ["*"]}))
+        .send()
+        .await;
+    bad.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+    assert_eq!(bad.body["errors"][0]["field"], "actions[0]", "{}", bad.text);
+
+    // The validator answers without saving.
+    let v = app
+        .post(&format!("/v1/tenants/{}/iam/validate", owner.tenant))
+        .token(&owner.token)
+        .json(json!({"document": doc(json!([{"Effect": "Allow", "NotAction": "iam:*", "Resource": "*"}]))}))
+        .send()
+        .await;
+    assert_eq!((v.status, v.body["valid"].as_bool()), (StatusCode::OK, Some(true)), "{}", v.text);
+    assert!(v.body["findings"].as_array().unwrap().iter().any(|f| f["code"] == "allow_not_action"), "{}", v.text);
+}
