@@ -187,6 +187,12 @@ pub enum Action {
     GetGuardrails,
     /// Set or remove a tenant's guardrail (platform).
     PutGuardrails,
+    /// Read a function's resource policy.
+    GetFunctionPolicy,
+    /// Set a function's resource policy.
+    PutFunctionPolicy,
+    /// Remove a function's resource policy.
+    DeleteFunctionPolicy,
 }
 
 impl Action {
@@ -247,6 +253,9 @@ impl Action {
         Action::DeletePermissionsBoundary,
         Action::GetGuardrails,
         Action::PutGuardrails,
+        Action::GetFunctionPolicy,
+        Action::PutFunctionPolicy,
+        Action::DeleteFunctionPolicy,
     ];
 
     /// The action's name, `<service>:<Verb><Noun>`.
@@ -307,6 +316,9 @@ impl Action {
             Action::DeletePermissionsBoundary => "iam:DeletePermissionsBoundary",
             Action::GetGuardrails => "tenants:GetGuardrails",
             Action::PutGuardrails => "tenants:PutGuardrails",
+            Action::GetFunctionPolicy => "functions:GetFunctionPolicy",
+            Action::PutFunctionPolicy => "functions:PutFunctionPolicy",
+            Action::DeleteFunctionPolicy => "functions:DeleteFunctionPolicy",
         }
     }
 
@@ -433,6 +445,32 @@ pub fn decide(loaded: &policies::Loaded, action: Action, resource: &str) -> Resu
     }
     let role = loaded.role.ok_or(ApiError::NotFound("tenant"))?;
     if loaded.evaluate(action, resource).is_allowed() { Ok(role) } else { Err(forbidden()) }
+}
+
+/// [`decide`] on a resource that carries its own policy (a function's), in `resource_tenant`:
+/// the principal's tenant (its identity policies or the resource policy may allow) or, for an
+/// API key, another tenant (both must allow). A cross-tenant caller the resource policy does not
+/// name gets 404 like any stranger, so that the resource's existence is not confirmed.
+pub fn decide_on(
+    loaded: &policies::Loaded,
+    action: Action,
+    resource: &str,
+    resource_tenant: Uuid,
+    policy: Option<&nimbus_iam::CompiledPolicy>,
+) -> Result<(), ApiError> {
+    let cross = loaded.tenant != resource_tenant.to_string();
+    if !cross {
+        loaded.role.ok_or(ApiError::NotFound("tenant"))?;
+    }
+    let d = loaded.evaluate_on(action.name(), resource, &resource_tenant.to_string(), policy, None);
+    if d.is_allowed() {
+        return Ok(());
+    }
+    metrics::counter!("nimbus_authz_denied_total", "action" => action.name()).increment(1);
+    if cross && d.reason == nimbus_iam::Reason::CrossTenantNeedsResourcePolicy {
+        return Err(ApiError::NotFound("tenant"));
+    }
+    Err(ApiError::Forbidden { action: action.name().to_owned(), resource: resource.to_owned() })
 }
 
 /// Runs the rest of the request with its facts (the client address) where [`decide`] finds

@@ -246,6 +246,19 @@ impl Loaded {
     /// [`Loaded::evaluate`] for any catalogued action name, with `extra` context keys over the
     /// request's (what the simulator passes).
     pub fn evaluate_with(&self, action: &str, resource: &str, extra: Option<&Context>) -> nimbus_iam::Decision {
+        self.evaluate_on(action, resource, &self.tenant, None, extra)
+    }
+
+    /// The decision on a resource of `resource_tenant` (this principal's tenant or another)
+    /// that carries its own `policy` (a function's resource policy).
+    pub fn evaluate_on(
+        &self,
+        action: &str,
+        resource: &str,
+        resource_tenant: &str,
+        policy: Option<&CompiledPolicy>,
+        extra: Option<&Context>,
+    ) -> nimbus_iam::Decision {
         let mut context = self.context.clone();
         context.set_now(chrono::Utc::now());
         if let Ok(Some(ip)) = REQUEST.try_with(|f| f.source_ip) {
@@ -262,15 +275,35 @@ impl Loaded {
             identity: self.identity.iter().map(|p| &**p).collect(),
             boundary: self.boundary.as_deref(),
             guardrails: self.guardrails.iter().map(|p| &**p).collect(),
-            resource: None,
+            resource: policy,
         };
         let request = Request {
             principal: &self.principal,
             action,
             resource,
-            resource_tenant: Some(&self.tenant),
+            resource_tenant: Some(resource_tenant),
             context: &context,
         };
         nimbus_iam::evaluate(&request, &set)
     }
+}
+
+/// Whether a caller without credentials may perform `action` on `resource` of `tenant`: only
+/// the resource's own `policy` can allow it (a statement with `Principal: "*"`).
+pub fn anonymous_allowed(action: Action, resource: &str, tenant: Uuid, policy: &CompiledPolicy) -> bool {
+    let mut context = Context::new(chrono::Utc::now());
+    if let Ok(Some(ip)) = REQUEST.try_with(|f| f.source_ip) {
+        context.insert("nimbus:SourceIp", ip.to_string());
+    }
+    let principal = nimbus_iam::Principal::anonymous();
+    let tenant = tenant.to_string();
+    let request = Request {
+        principal: &principal,
+        action: action.name(),
+        resource,
+        resource_tenant: Some(&tenant),
+        context: &context,
+    };
+    let set = PolicySet { resource: Some(policy), ..PolicySet::default() };
+    nimbus_iam::evaluate(&request, &set).is_allowed()
 }

@@ -16,6 +16,7 @@ pub mod env;
 pub mod logs;
 pub mod metrics;
 pub mod packages;
+pub mod policy;
 pub mod validate;
 pub mod versions;
 
@@ -152,9 +153,6 @@ pub struct Function {
     pub name: String,
     /// Description.
     pub description: String,
-    /// Whether anyone may invoke it through the gateway without credentials (the IAM work turns
-    /// this into a resource policy).
-    pub public_invoke: bool,
     /// Configuration.
     #[serde(flatten)]
     pub config: FunctionConfig,
@@ -254,9 +252,6 @@ pub struct CreateFunctionRequest {
     /// Reserved concurrency [default none].
     #[serde(default)]
     pub reserved_concurrency: Option<u32>,
-    /// Anyone may invoke it without credentials [default false].
-    #[serde(default)]
-    pub public_invoke: Option<bool>,
     /// Description [default empty].
     #[serde(default)]
     pub description: Option<String>,
@@ -300,9 +295,6 @@ pub struct UpdateFunctionRequest {
     #[serde(default, deserialize_with = "some_or_null")]
     #[schema(value_type = Option<u32>)]
     pub reserved_concurrency: Option<Option<u32>>,
-    /// Anyone may invoke it without credentials.
-    #[serde(default)]
-    pub public_invoke: Option<bool>,
     /// Description.
     #[serde(default)]
     pub description: Option<String>,
@@ -338,6 +330,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .merge(aliases::router())
         .merge(logs::router())
         .merge(metrics::router())
+        .merge(policy::router())
 }
 
 /// The ETag of a revision.
@@ -380,7 +373,6 @@ pub(crate) struct FunctionRow {
     pub min_scale: i32,
     pub max_scale: i32,
     pub reserved_concurrency: Option<i32>,
-    pub public_invoke: bool,
     pub description: String,
     pub tags: sqlx::types::Json<BTreeMap<String, String>>,
     pub environment: sqlx::types::Json<BTreeMap<String, env::StoredVar>>,
@@ -395,7 +387,7 @@ pub(crate) struct FunctionRow {
 }
 
 pub(crate) const FUNCTION_COLUMNS: &str = "id, tenant_id, name, runtime, entry, memory_mb, timeout_ms, concurrency, \
-     min_scale, max_scale, reserved_concurrency, public_invoke, description, tags, environment, scaling, placement, \
+     min_scale, max_scale, reserved_concurrency, description, tags, environment, scaling, placement, \
      package_id, revision, next_version, created_by, created_at, updated_at";
 
 /// A stored non-negative integer (the columns only ever hold checked values).
@@ -428,7 +420,6 @@ impl FunctionRow {
             config: self.config(),
             name: self.name,
             description: self.description,
-            public_invoke: self.public_invoke,
             scaling: self.scaling.0,
             placement: self.placement.0,
             scale,
@@ -630,9 +621,9 @@ pub async fn create_function(
     }
     let row: FunctionRow = sqlx::query_as(&format!(
         "INSERT INTO functions (id, tenant_id, name, runtime, entry, memory_mb, timeout_ms, concurrency, min_scale, \
-         max_scale, reserved_concurrency, description, tags, environment, created_by, public_invoke, scaling, \
+         max_scale, reserved_concurrency, description, tags, environment, created_by, scaling, \
          placement) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
          RETURNING {FUNCTION_COLUMNS}"
     ))
     .bind(id)
@@ -653,7 +644,6 @@ pub async fn create_function(
         Principal::ApiKey { created_by, .. } => *created_by,
         Principal::User { .. } => None,
     }))
-    .bind(req.public_invoke.unwrap_or(false))
     .bind(sqlx::types::Json(&scaling))
     .bind(sqlx::types::Json(&placement))
     .fetch_one(&mut *tx)
@@ -831,10 +821,6 @@ pub async fn update_function(
         description = d;
         changed.push("description");
     }
-    let public_invoke = req.public_invoke.unwrap_or(row.public_invoke);
-    if req.public_invoke.is_some_and(|p| p != row.public_invoke) {
-        changed.push("public_invoke");
-    }
     let mut errors = Vec::new();
     check_config(&config, &description, &mut errors);
     let scaling = match req.scaling {
@@ -888,7 +874,7 @@ pub async fn update_function(
     let updated: FunctionRow = sqlx::query_as(&format!(
         "UPDATE functions SET entry = $2, memory_mb = $3, timeout_ms = $4, concurrency = $5, min_scale = $6, \
          max_scale = $7, reserved_concurrency = $8, description = $9, tags = $10, environment = $11, package_id = $12, \
-         public_invoke = $13, scaling = $14, placement = $15, revision = revision + 1, updated_at = now() \
+         scaling = $13, placement = $14, revision = revision + 1, updated_at = now() \
          WHERE id = $1 RETURNING {FUNCTION_COLUMNS}"
     ))
     .bind(row.id)
@@ -903,7 +889,6 @@ pub async fn update_function(
     .bind(sqlx::types::Json(&config.tags))
     .bind(sqlx::types::Json(&environment))
     .bind(package_id)
-    .bind(public_invoke)
     .bind(sqlx::types::Json(&scaling))
     .bind(sqlx::types::Json(&placement))
     .fetch_one(&mut *tx)

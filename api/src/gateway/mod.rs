@@ -196,16 +196,33 @@ async fn route(state: &AppState, params: &[(String, String)], req: Request) -> R
         let principal = authenticate(state, req.headers()).await?;
         let tenant = *table.tenants.get(tenant_name).ok_or(ApiError::NotFound("tenant"))?;
         let resource = nrn::function(tenant, function_name);
-        authz::decide(&*loaded_in(state, &principal, tenant).await?, Action::InvokeFunction, &resource)?;
-        let function =
-            table.functions.get(&(tenant, function_name.to_owned())).ok_or(ApiError::NotFound("function"))?;
+        let function = table.functions.get(&(tenant, function_name.to_owned()));
+        let policy = function.and_then(|f| f.policy.as_deref());
+        // An API key of another tenant acts with its own tenant's policies, and the function's
+        // policy must name it (or its tenant) too.
+        let home = match &principal {
+            crate::auth::Principal::ApiKey { tenant_id, .. } => *tenant_id,
+            crate::auth::Principal::User { .. } => tenant,
+        };
+        authz::decide_on(
+            &*loaded_in(state, &principal, home).await?,
+            Action::InvokeFunction,
+            &resource,
+            tenant,
+            policy,
+        )?;
+        let function = function.ok_or(ApiError::NotFound("function"))?;
         (tenant, function, Some(principal))
     } else {
-        let public = table
-            .tenants
-            .get(tenant_name)
-            .and_then(|t| table.functions.get(&(*t, function_name.to_owned())))
-            .filter(|f| f.public_invoke);
+        let public =
+            table.tenants.get(tenant_name).and_then(|t| table.functions.get(&(*t, function_name.to_owned()))).filter(
+                |f| {
+                    f.policy.as_deref().is_some_and(|p| {
+                        let resource = nrn::function(f.tenant_id, function_name);
+                        authz::policies::anonymous_allowed(Action::InvokeFunction, &resource, f.tenant_id, p)
+                    })
+                },
+            );
         let Some(function) = public else { return Err(ApiError::Unauthenticated("missing Authorization header")) };
         metrics::counter!("nimbus_gateway_anonymous_total").increment(1);
         (function.tenant_id, function, None)

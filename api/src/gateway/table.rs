@@ -60,8 +60,9 @@ pub struct FunctionEntry {
     pub aliases: HashMap<String, RoutingConfig>,
     /// Its reserved concurrency: the most invocations in flight at once, when set.
     pub reserved_concurrency: Option<u32>,
-    /// Anyone may invoke it without credentials.
-    pub public_invoke: bool,
+    /// Its resource policy, compiled (who besides the tenant's own principals may invoke it:
+    /// anyone with `Principal: "*"`, other tenants' keys it names).
+    pub policy: Option<Arc<nimbus_iam::CompiledPolicy>>,
 }
 
 /// A node serving invocations.
@@ -202,6 +203,9 @@ impl Default for Routes {
     }
 }
 
+/// A function's id, tenant, name, reserved concurrency and resource policy.
+type FunctionRow = (Uuid, Uuid, String, Option<i32>, Option<String>);
+
 #[derive(sqlx::FromRow)]
 struct NodeRow {
     id: Uuid,
@@ -321,8 +325,8 @@ impl Routes {
         self.clear_auth();
         let mut tx = db::begin(pool, &Scope { gateway: true, ..Scope::default() }).await?;
         let tenants: Vec<(Uuid, String)> = sqlx::query_as("SELECT id, name FROM tenants").fetch_all(&mut *tx).await?;
-        let functions: Vec<(Uuid, Uuid, String, Option<i32>, bool)> =
-            sqlx::query_as("SELECT id, tenant_id, name, reserved_concurrency, public_invoke FROM functions")
+        let functions: Vec<FunctionRow> =
+            sqlx::query_as("SELECT id, tenant_id, name, reserved_concurrency, resource_policy FROM functions")
                 .fetch_all(&mut *tx)
                 .await?;
         let versions: Vec<(Uuid, Uuid, i32, sqlx::types::Json<StoredConfig>)> =
@@ -337,14 +341,30 @@ impl Routes {
 
         let mut by_id: HashMap<Uuid, FunctionEntry> = functions
             .iter()
-            .map(|(id, tenant_id, _, reserved, public_invoke)| {
+            .map(|(id, tenant_id, name, reserved, policy)| {
+                // Stored policies were validated on save; one that no longer compiles allows
+                // nothing (and says so), rather than failing the whole table.
+                let policy = policy.as_deref().and_then(|doc| {
+                    match nimbus_iam::CompiledPolicy::compile(
+                        doc,
+                        nimbus_iam::PolicyKind::Resource,
+                        format!("function:{name}"),
+                        1,
+                    ) {
+                        Ok(p) => Some(Arc::new(p)),
+                        Err(e) => {
+                            tracing::warn!(function = %id, error = ?e, "a function's resource policy does not compile");
+                            None
+                        }
+                    }
+                });
                 let entry = FunctionEntry {
                     id: *id,
                     tenant_id: *tenant_id,
                     versions: HashMap::new(),
                     aliases: HashMap::new(),
                     reserved_concurrency: reserved.and_then(|r| u32::try_from(r).ok()),
-                    public_invoke: *public_invoke,
+                    policy,
                 };
                 (*id, entry)
             })

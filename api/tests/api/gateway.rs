@@ -169,19 +169,54 @@ async fn the_gateway_authorizes_routes_by_weight_and_pin_and_forwards_to_a_ready
         }
     }
     assert!((20..=65).contains(&to_v2), "version 2 got {to_v2} of 400 at a 10 % weight");
-    // Anonymous callers reach only public functions; everything else is the usual 401.
+    // Anonymous callers reach only functions whose resource policy allows anyone; everything
+    // else is the usual 401.
     app.post("/fn/acme/thumbs:1").send().await.assert_problem(StatusCode::UNAUTHORIZED, "unauthenticated");
-    let res = app
-        .patch(&format!("{}/thumbs", functions_path(owner.tenant)))
-        .token(&owner.token)
-        .header("if-match", "*")
-        .json(json!({"public_invoke": true}))
-        .send()
-        .await;
-    assert_eq!(res.body["public_invoke"], true, "{}", res.text);
+    let thumbs = format!("nrn:nimbus:functions:{}:function/thumbs", owner.tenant);
+    let public = |principal: Value| {
+        json!({"document": {"Version": "2012-10-17", "Statement": [{"Sid": "Invoke", "Effect": "Allow",
+            "Principal": principal, "Action": "functions:InvokeFunction", "Resource": thumbs.clone()}]}})
+    };
+    let policy_path = format!("{}/thumbs/policy", functions_path(owner.tenant));
+    let res = app.req(Method::PUT, &policy_path).token(&owner.token).json(public(json!("*"))).send().await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.text);
     app.state.routes.reload(&app.state.pool).await.unwrap();
     let anonymous = app.post("/fn/acme/thumbs:1").send().await;
     assert_eq!((anonymous.status, anonymous.text.as_str()), (StatusCode::OK, format!("v={v1}").as_str()));
+
+    // Another tenant's API key: its own policy must allow the function, and the function's
+    // policy must name its tenant; either alone is not enough.
+    let globex = app.sign_up("ops@globex.example", "globex-corp").await;
+    let (key_id, key) = app.create_key(&globex.token, globex.tenant, "none").await;
+    let app_ref = &app;
+    let call = move |key: String| async move { app_ref.post("/fn/acme/thumbs:1").token(&key).send().await };
+    let globex_policy = app
+        .post(&format!("/v1/tenants/{}/policies", globex.tenant))
+        .token(&globex.token)
+        .json(json!({"name": "call-acme-thumbs", "document": {"Version": "2012-10-17", "Statement": [
+            {"Effect": "Allow", "Action": "functions:InvokeFunction", "Resource": thumbs.clone()}]}}))
+        .send()
+        .await;
+    assert_eq!(globex_policy.status, StatusCode::CREATED, "{}", globex_policy.text);
+    let attach = format!("/v1/tenants/{}/api-keys/{key_id}/policies/call-acme-thumbs", globex.tenant);
+    assert_eq!(app.req(Method::PUT, &attach).token(&globex.token).send().await.status, StatusCode::NO_CONTENT);
+    // acme's policy names anyone, but not as a tenant: a key of globex is still denied unless
+    // named (the `*` statement is for callers without credentials as much as for everyone).
+    let named = public(json!({"Nimbus": format!("nrn:nimbus:iam:{}:root", globex.tenant)}));
+    let res = app.req(Method::PUT, &policy_path).token(&owner.token).json(named).send().await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.text);
+    app.state.routes.reload(&app.state.pool).await.unwrap();
+    let allowed = call(key.clone()).await;
+    assert_eq!((allowed.status, allowed.text.as_str()), (StatusCode::OK, format!("v={v1}").as_str()));
+    app.post("/fn/acme/thumbs:1").send().await.assert_problem(StatusCode::UNAUTHORIZED, "unauthenticated");
+    // Without its own policy the key is refused even though acme names its tenant.
+    assert_eq!(app.delete(&attach).token(&globex.token).send().await.status, StatusCode::NO_CONTENT);
+    call(key.clone()).await.assert_problem(StatusCode::FORBIDDEN, "forbidden");
+    // Without acme's policy the key is a stranger (404), even with its own policy.
+    assert_eq!(app.req(Method::PUT, &attach).token(&globex.token).send().await.status, StatusCode::NO_CONTENT);
+    assert_eq!(app.delete(&policy_path).token(&owner.token).send().await.status, StatusCode::NO_CONTENT);
+    app.state.routes.reload(&app.state.pool).await.unwrap();
+    call(key).await.assert_problem(StatusCode::NOT_FOUND, "not_found");
     app.post("/fn/acme/other").send().await.assert_problem(StatusCode::UNAUTHORIZED, "unauthenticated");
     app.post("/fn/nobody/thumbs").send().await.assert_problem(StatusCode::UNAUTHORIZED, "unauthenticated");
     // A path cannot climb out of the version's endpoint, however it is encoded.
