@@ -284,6 +284,7 @@ impl Application {
     ) -> anyhow::Result<()> {
         let maintenance = tokio::spawn(maintenance_loop(self.state.clone()));
         let watchdog = tokio::spawn(nodes::watchdog_loop(self.state.clone()));
+        let activity = tokio::spawn(crate::authz::activity::flush_loop(self.state.pool.clone()));
         let rollups = tokio::spawn(nodes::stats::rollup_loop(self.state.stats.clone(), self.state.pool.clone()));
         let listener = tokio::spawn(self.state.hub.clone().listen(self.listen_url.clone()));
         let routes =
@@ -310,12 +311,17 @@ impl Application {
             let _ = tcp.set_nodelay(true);
         });
         let served = axum::serve(tcp, app).with_graceful_shutdown(shutdown).await;
-        for task in [maintenance, watchdog, rollups, listener, routes, publisher].into_iter().chain(autoscaler) {
+        for task in
+            [maintenance, watchdog, activity, rollups, listener, routes, publisher].into_iter().chain(autoscaler)
+        {
             task.abort();
         }
         // What agents reported in the last minute reaches PostgreSQL before the replica exits.
         if let Err(e) = self.state.stats.flush(&self.state.pool).await {
             tracing::warn!(error = ?e, "writing the last metrics rollups failed");
+        }
+        if let Err(e) = crate::authz::activity::flush(&self.state.pool).await {
+            tracing::warn!(error = ?e, "writing the last IAM access log counts failed");
         }
         self.state.pool.close();
         served.context("serving HTTP")

@@ -4,6 +4,7 @@
 //! `nimbus_iam::catalogue`) and the resource's NRN. Platform actions are decided by
 //! [`begin_platform`] (platform admins only).
 
+pub mod activity;
 pub mod policies;
 
 use serde::{Deserialize, Serialize};
@@ -193,6 +194,10 @@ pub enum Action {
     PutFunctionPolicy,
     /// Remove a function's resource policy.
     DeleteFunctionPolicy,
+    /// Read a principal's access report (last used, unused).
+    GetAccessReport,
+    /// Generate a policy from a principal's activity.
+    GeneratePolicy,
 }
 
 impl Action {
@@ -256,6 +261,8 @@ impl Action {
         Action::GetFunctionPolicy,
         Action::PutFunctionPolicy,
         Action::DeleteFunctionPolicy,
+        Action::GetAccessReport,
+        Action::GeneratePolicy,
     ];
 
     /// The action's name, `<service>:<Verb><Noun>`.
@@ -319,6 +326,8 @@ impl Action {
             Action::GetFunctionPolicy => "functions:GetFunctionPolicy",
             Action::PutFunctionPolicy => "functions:PutFunctionPolicy",
             Action::DeleteFunctionPolicy => "functions:DeleteFunctionPolicy",
+            Action::GetAccessReport => "iam:GetAccessReport",
+            Action::GeneratePolicy => "iam:GeneratePolicy",
         }
     }
 
@@ -444,7 +453,12 @@ pub fn decide(loaded: &policies::Loaded, action: Action, resource: &str) -> Resu
         return Err(forbidden());
     }
     let role = loaded.role.ok_or(ApiError::NotFound("tenant"))?;
-    if loaded.evaluate(action, resource).is_allowed() { Ok(role) } else { Err(forbidden()) }
+    if loaded.evaluate(action, resource).is_allowed() {
+        activity::record(loaded.tenant_id, loaded.who.0, loaded.who.1, action.name(), resource);
+        Ok(role)
+    } else {
+        Err(forbidden())
+    }
 }
 
 /// [`decide`] on a resource that carries its own policy (a function's), in `resource_tenant`:
@@ -464,6 +478,7 @@ pub fn decide_on(
     }
     let d = loaded.evaluate_on(action.name(), resource, &resource_tenant.to_string(), policy, None);
     if d.is_allowed() {
+        activity::record(loaded.tenant_id, loaded.who.0, loaded.who.1, action.name(), resource);
         return Ok(());
     }
     metrics::counter!("nimbus_authz_denied_total", "action" => action.name()).increment(1);

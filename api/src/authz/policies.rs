@@ -42,6 +42,10 @@ pub struct Loaded {
     pub principal: nimbus_iam::Principal,
     /// The tenant, as the evaluator compares it.
     pub tenant: String,
+    /// The tenant's id.
+    pub tenant_id: Uuid,
+    /// `user` or `api_key`, and its id (for the access log).
+    pub who: (&'static str, Uuid),
     /// Identity policies: the role's managed ones, then the attached ones.
     pub identity: Vec<Arc<CompiledPolicy>>,
     /// The permissions boundary, if any.
@@ -172,6 +176,8 @@ async fn read(tx: &mut Tx, principal: &Principal, tenant: Uuid, generation: u64)
         role,
         principal: iam_principal,
         tenant: t,
+        tenant_id: tenant,
+        who: (if matches!(principal, Principal::User { .. }) { "user" } else { "api_key" }, who),
         identity: Vec::new(),
         boundary: None,
         guardrails: Vec::new(),

@@ -4,6 +4,7 @@
 //! guardrails platform operators set per tenant ([`guardrails`]). The evaluation itself is
 //! `nimbus_iam`'s; what a principal has is loaded by [`crate::authz::policies`].
 
+pub mod access;
 pub mod attachments;
 pub mod guardrails;
 pub mod policies;
@@ -22,6 +23,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .merge(attachments::router())
         .merge(simulate::router())
         .merge(guardrails::router())
+        .merge(access::router())
 }
 
 /// A policy document in a request: the JSON itself, or a string holding it (as the console's

@@ -132,6 +132,49 @@ pub struct Subject {
     pub api_key_id: Option<Uuid>,
 }
 
+impl Subject {
+    /// Its NRN; 422 unless exactly one id is given.
+    pub fn nrn(&self, tenant: Uuid) -> Result<String, FieldError> {
+        match (self.user_id, self.api_key_id) {
+            (Some(u), None) => Ok(nrn::tenant_user(tenant, u)),
+            (None, Some(k)) => Ok(nrn::api_key_principal(tenant, k)),
+            _ => Err(FieldError::new("principal", "one_of", "exactly one of user_id and api_key_id")),
+        }
+    }
+
+    /// What the decision point holds of it in `tenant` (404 when it is not in the tenant).
+    pub async fn load(
+        &self,
+        tx: &mut crate::db::Tx,
+        tenant: Uuid,
+    ) -> ApiResult<std::sync::Arc<authz::policies::Loaded>> {
+        let subject = match (self.user_id, self.api_key_id) {
+            (Some(user_id), _) => Principal::User { user_id, session_id: Uuid::nil() },
+            (_, Some(key_id)) => {
+                let row: Option<(String, Option<Uuid>)> =
+                    sqlx::query_as("SELECT role, created_by FROM api_keys WHERE tenant_id = $1 AND id = $2")
+                        .bind(tenant)
+                        .bind(key_id)
+                        .fetch_optional(&mut **tx)
+                        .await?;
+                let (role, created_by) = row.ok_or(ApiError::NotFound("API key"))?;
+                Principal::ApiKey {
+                    key_id,
+                    tenant_id: tenant,
+                    role: authz::Role::parse(&role).map_err(ApiError::Internal)?,
+                    created_by,
+                }
+            }
+            _ => return Err(ApiError::NotFound("principal")),
+        };
+        let loaded = authz::policies::load(tx, &subject, tenant).await?;
+        if loaded.role.is_none() {
+            return Err(ApiError::NotFound("member"));
+        }
+        Ok(loaded)
+    }
+}
+
 /// Body of `POST .../iam/simulate`.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -211,14 +254,10 @@ pub async fn simulate(
     extract::Json(req): extract::Json<SimulateRequest>,
 ) -> ApiResult<Json<Simulation>> {
     let mut errors = Vec::new();
-    let subject_nrn = match (req.principal.user_id, req.principal.api_key_id) {
-        (Some(u), None) => nrn::tenant_user(tenant_id, u),
-        (None, Some(k)) => nrn::api_key_principal(tenant_id, k),
-        _ => {
-            errors.push(FieldError::new("principal", "one_of", "exactly one of user_id and api_key_id"));
-            nrn::tenant_user(tenant_id, Uuid::nil())
-        }
-    };
+    let subject_nrn = req.principal.nrn(tenant_id).unwrap_or_else(|e| {
+        errors.push(e);
+        String::new()
+    });
     for (field, list) in [("actions", &req.actions), ("resources", &req.resources)] {
         if list.is_empty() || list.len() > MAX_SIMULATED {
             errors.push(FieldError::new(field, "length", format!("1 to {MAX_SIMULATED} entries")));
@@ -259,30 +298,8 @@ pub async fn simulate(
         return Err(ApiError::Validation(errors));
     }
     let (mut tx, _) = authz::begin(&state.pool, &principal, Action::SimulatePolicy, tenant_id, &subject_nrn).await?;
-    let subject = match (req.principal.user_id, req.principal.api_key_id) {
-        (Some(user_id), _) => Principal::User { user_id, session_id: Uuid::nil() },
-        (_, Some(key_id)) => {
-            let row: Option<(String, Option<Uuid>)> =
-                sqlx::query_as("SELECT role, created_by FROM api_keys WHERE tenant_id = $1 AND id = $2")
-                    .bind(tenant_id)
-                    .bind(key_id)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            let (role, created_by) = row.ok_or(ApiError::NotFound("API key"))?;
-            Principal::ApiKey {
-                key_id,
-                tenant_id,
-                role: authz::Role::parse(&role).map_err(ApiError::Internal)?,
-                created_by,
-            }
-        }
-        _ => unreachable!("checked above"),
-    };
-    let loaded = authz::policies::load(&mut tx, &subject, tenant_id).await?;
+    let loaded = req.principal.load(&mut tx, tenant_id).await?;
     tx.commit().await?;
-    if loaded.role.is_none() {
-        return Err(ApiError::NotFound("member"));
-    }
     let mut results = Vec::new();
     for action in &req.actions {
         for resource in &req.resources {

@@ -270,3 +270,79 @@ async fn the_simulator_explains_which_statement_decided() {
     assert_eq!((v.status, v.body["valid"].as_bool()), (StatusCode::OK, Some(true)), "{}", v.text);
     assert!(v.body["findings"].as_array().unwrap().iter().any(|f| f["code"] == "allow_not_action"), "{}", v.text);
 }
+
+#[tokio::test]
+async fn access_reports_and_generated_policies_follow_recorded_activity() {
+    let app = spawn_app().await;
+    let owner = app.sign_up("owner@example.com", "acme").await;
+    let dev = app.sign_up("dev@example.com", "dev-home").await;
+    app.add_member(&owner, owner.tenant, &dev, "developer").await;
+    assert_eq!(
+        create_function(&app, &owner, json!({"name": "api", "runtime": "wasm"})).await.status,
+        StatusCode::CREATED
+    );
+
+    // What the developer does in acme.
+    let fns = functions_path(owner.tenant);
+    let created = app.post(&fns).token(&dev.token).json(json!({"name": "web", "runtime": "wasm"})).send().await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.text);
+    assert_eq!(app.get(&format!("{fns}/web")).token(&dev.token).send().await.status, StatusCode::OK);
+    assert_eq!(app.get(&fns).token(&dev.token).send().await.status, StatusCode::OK);
+    assert!(nimbus_api::authz::activity::flush(&app.state.pool).await.unwrap() >= 3);
+
+    // The report: last used per action, and granted actions never used.
+    let report = app
+        .get(&format!("/v1/tenants/{}/iam/access-report?user_id={}&days=30", owner.tenant, dev.id))
+        .token(&owner.token)
+        .send()
+        .await;
+    assert_eq!(report.status, StatusCode::OK, "{}", report.text);
+    let used: Vec<&str> =
+        report.body["used"].as_array().unwrap().iter().map(|u| u["action"].as_str().unwrap()).collect();
+    for a in ["functions:CreateFunction", "functions:GetFunction", "functions:ListFunctions"] {
+        assert!(used.contains(&a), "{a} in {used:?}");
+    }
+    let unused: Vec<&str> = report.body["unused"].as_array().unwrap().iter().map(|u| u.as_str().unwrap()).collect();
+    assert!(unused.contains(&"functions:DeleteFunction") && !unused.contains(&"functions:GetFunction"), "{unused:?}");
+    assert!(!unused.iter().any(|a| a.starts_with("nodes:")), "platform actions are never granted: {unused:?}");
+
+    // The generated policy, attached to a member with nothing else, allows the same and no more.
+    let generated = app
+        .post(&format!("/v1/tenants/{}/iam/generate-policy", owner.tenant))
+        .token(&owner.token)
+        .json(json!({"principal": {"user_id": dev.id}, "days": 30}))
+        .send()
+        .await;
+    assert_eq!(generated.status, StatusCode::OK, "{}", generated.text);
+    let saved = app
+        .post(&policies(&owner))
+        .token(&owner.token)
+        .json(json!({"name": "dev-activity", "document": generated.body["document"]}))
+        .send()
+        .await;
+    assert_eq!(saved.status, StatusCode::CREATED, "{}", saved.text);
+    let twin = app.sign_up("twin@example.com", "twin-home").await;
+    app.add_member(&owner, owner.tenant, &twin, "none").await;
+    let attach = format!("/v1/tenants/{}/members/{}/policies/dev-activity", owner.tenant, twin.id);
+    assert_eq!(put(&app, &owner.token, &attach, json!({})).await.status, StatusCode::NO_CONTENT);
+    assert_eq!(app.get(&format!("{fns}/web")).token(&twin.token).send().await.status, StatusCode::OK);
+    assert_eq!(app.get(&fns).token(&twin.token).send().await.status, StatusCode::OK);
+    let again = app.post(&fns).token(&twin.token).json(json!({"name": "web", "runtime": "wasm"})).send().await;
+    again.assert_problem(StatusCode::CONFLICT, "function_name_taken");
+    for denied in [
+        app.get(&format!("{fns}/api")).token(&twin.token).send().await,
+        app.req(Method::DELETE, &format!("{fns}/web")).token(&twin.token).header("if-match", "*").send().await,
+        app.post(&fns).token(&twin.token).json(json!({"name": "other", "runtime": "wasm"})).send().await,
+    ] {
+        denied.assert_problem(StatusCode::FORBIDDEN, "forbidden");
+    }
+
+    // A principal with no activity has nothing to generate from.
+    let none = app
+        .post(&format!("/v1/tenants/{}/iam/generate-policy", owner.tenant))
+        .token(&owner.token)
+        .json(json!({"principal": {"user_id": twin.id}, "days": 1}))
+        .send()
+        .await;
+    none.assert_problem(StatusCode::CONFLICT, "no_activity");
+}

@@ -137,6 +137,27 @@ impl Statement {
     pub fn has_conditions(&self) -> bool {
         !self.conditions.is_empty()
     }
+
+    /// Whether its `Action`/`NotAction` covers `action` (case-insensitively), whatever its
+    /// resources and conditions say: what access reports count as granted.
+    pub fn names_action(&self, action: &str) -> bool {
+        self.actions.patterns.iter().any(|p| p.matches_ignore_ascii_case(action)) != self.actions.negated
+    }
+}
+
+impl CompiledPolicy {
+    /// The catalogued actions an Allow statement of the policy names (on some resource, under
+    /// some conditions). Deny statements are not subtracted: they may apply to only some
+    /// resources.
+    pub fn allowed_actions(&self) -> Vec<&'static str> {
+        crate::catalogue::ACTIONS
+            .iter()
+            .filter(|a| {
+                self.statements().iter().any(|s| s.effect() == StatementEffect::Allow && s.names_action(a.name))
+            })
+            .map(|a| a.name)
+            .collect()
+    }
 }
 
 /// A compiled policy document with the identity evaluation reports it by: an id (a policy name
