@@ -198,6 +198,22 @@ pub enum Action {
     GetAccessReport,
     /// Generate a policy from a principal's activity.
     GeneratePolicy,
+    /// Create a group.
+    CreateGroup,
+    /// List groups.
+    ListGroups,
+    /// Read a group with its members and policies.
+    GetGroup,
+    /// Delete a group.
+    DeleteGroup,
+    /// Add a member to a group.
+    AddUserToGroup,
+    /// Remove a member from a group.
+    RemoveUserFromGroup,
+    /// Attach a policy to a group.
+    AttachGroupPolicy,
+    /// Detach a policy from a group.
+    DetachGroupPolicy,
 }
 
 impl Action {
@@ -263,6 +279,14 @@ impl Action {
         Action::DeleteFunctionPolicy,
         Action::GetAccessReport,
         Action::GeneratePolicy,
+        Action::CreateGroup,
+        Action::ListGroups,
+        Action::GetGroup,
+        Action::DeleteGroup,
+        Action::AddUserToGroup,
+        Action::RemoveUserFromGroup,
+        Action::AttachGroupPolicy,
+        Action::DetachGroupPolicy,
     ];
 
     /// The action's name, `<service>:<Verb><Noun>`.
@@ -328,6 +352,14 @@ impl Action {
             Action::DeleteFunctionPolicy => "functions:DeleteFunctionPolicy",
             Action::GetAccessReport => "iam:GetAccessReport",
             Action::GeneratePolicy => "iam:GeneratePolicy",
+            Action::CreateGroup => "iam:CreateGroup",
+            Action::ListGroups => "iam:ListGroups",
+            Action::GetGroup => "iam:GetGroup",
+            Action::DeleteGroup => "iam:DeleteGroup",
+            Action::AddUserToGroup => "iam:AddUserToGroup",
+            Action::RemoveUserFromGroup => "iam:RemoveUserFromGroup",
+            Action::AttachGroupPolicy => "iam:AttachGroupPolicy",
+            Action::DetachGroupPolicy => "iam:DetachGroupPolicy",
         }
     }
 
@@ -398,6 +430,10 @@ pub mod nrn {
     /// A tenant's policy, or every policy with `*`.
     pub fn policy(t: Uuid, name: &str) -> String {
         format!("nrn:nimbus:iam:{t}:policy/{name}")
+    }
+    /// A group, or every group with `*`.
+    pub fn group(t: Uuid, name: &str) -> String {
+        format!("nrn:nimbus:iam:{t}:group/{name}")
     }
     /// A member as an IAM principal.
     pub fn tenant_user(t: Uuid, user: Uuid) -> String {

@@ -3,8 +3,9 @@
 //! guardrails, compiled, loaded in the request's transaction and cached per process.
 //!
 //! **Where policies come from.** A membership's or an API key's role stands for managed
-//! policies ([`Role::managed`]); to those come the policies attached to the member or key
-//! (`policy_attachments`: managed ones by name, the tenant's own at their default version). A
+//! policies ([`Role::managed`]); to those come the policies attached to the member or key and
+//! to the member's groups (`policy_attachments`: managed ones by name, the tenant's own at their
+//! default version). A
 //! `boundary` attachment caps them. The tenant's guardrail (`tenant_guardrails`) must allow
 //! every request in the tenant.
 //!
@@ -192,7 +193,8 @@ async fn read(tx: &mut Tx, principal: &Principal, tenant: Uuid, generation: u64)
          FROM policy_attachments a \
          LEFT JOIN policies p ON p.tenant_id = a.tenant_id AND p.id = a.policy_id \
          LEFT JOIN policy_versions v ON v.policy_id = p.id AND v.version = p.default_version \
-         WHERE a.tenant_id = $1 AND (a.user_id = $2 OR a.api_key_id = $2) ORDER BY a.id",
+         WHERE a.tenant_id = $1 AND (a.user_id = $2 OR a.api_key_id = $2 OR a.group_id IN \
+           (SELECT g.group_id FROM group_members g WHERE g.tenant_id = $1 AND g.user_id = $2)) ORDER BY a.id",
     )
     .bind(tenant)
     .bind(who)

@@ -53,37 +53,41 @@ pub struct BoundaryRequest {
     pub policy: String,
 }
 
-/// A member or an API key of the tenant.
-#[derive(Clone, Copy)]
-enum Who {
+/// A member, an API key or a group of the tenant (a group by id and name).
+#[derive(Clone)]
+pub(super) enum Who {
     Member(Uuid),
     Key(Uuid),
+    Group(Uuid, String),
 }
 
 impl Who {
-    fn nrn(self, tenant: Uuid) -> String {
+    fn nrn(&self, tenant: Uuid) -> String {
         match self {
-            Who::Member(u) => nrn::tenant_user(tenant, u),
-            Who::Key(k) => nrn::api_key_principal(tenant, k),
+            Who::Member(u) => nrn::tenant_user(tenant, *u),
+            Who::Key(k) => nrn::api_key_principal(tenant, *k),
+            Who::Group(_, name) => nrn::group(tenant, name),
         }
     }
 
-    fn column(self) -> &'static str {
+    fn column(&self) -> &'static str {
         match self {
             Who::Member(_) => "user_id",
             Who::Key(_) => "api_key_id",
+            Who::Group(..) => "group_id",
         }
     }
 
-    fn id(self) -> Uuid {
+    fn id(&self) -> Uuid {
         match self {
-            Who::Member(u) | Who::Key(u) => u,
+            Who::Member(u) | Who::Key(u) | Who::Group(u, _) => *u,
         }
     }
 
-    /// The principal's role; 404 when it is not in the tenant.
-    async fn role(self, tx: &mut Tx, tenant: Uuid) -> ApiResult<authz::Role> {
+    /// The principal's role (a group has none); 404 when it is not in the tenant.
+    async fn role(&self, tx: &mut Tx, tenant: Uuid) -> ApiResult<authz::Role> {
         let role: Option<String> = match self {
+            Who::Group(..) => return Ok(authz::Role::None),
             Who::Member(u) => {
                 sqlx::query_scalar("SELECT role FROM memberships WHERE tenant_id = $1 AND user_id = $2")
                     .bind(tenant)
@@ -100,8 +104,8 @@ impl Who {
             }
         };
         let role = role.ok_or(match self {
-            Who::Member(_) => ApiError::NotFound("member"),
             Who::Key(_) => ApiError::NotFound("API key"),
+            _ => ApiError::NotFound("member"),
         })?;
         authz::Role::parse(&role).map_err(ApiError::Internal)
     }
@@ -116,7 +120,7 @@ async fn resolve(tx: &mut Tx, tenant: Uuid, name: &str) -> ApiResult<(Option<Str
     Ok((None, Some(id)))
 }
 
-async fn list(state: &AppState, principal: &Principal, tenant: Uuid, who: Who) -> ApiResult<Json<Attached>> {
+pub(super) async fn list(state: &AppState, principal: &Principal, tenant: Uuid, who: Who) -> ApiResult<Json<Attached>> {
     let (mut tx, _) =
         authz::begin(&state.pool, principal, Action::ListAttachedPolicies, tenant, &who.nrn(tenant)).await?;
     let role = who.role(&mut tx, tenant).await?;
@@ -137,7 +141,7 @@ async fn list(state: &AppState, principal: &Principal, tenant: Uuid, who: Who) -
     }))
 }
 
-async fn attach(
+pub(super) async fn attach(
     state: &AppState,
     principal: &Principal,
     ctx: &RequestContext,
@@ -146,10 +150,11 @@ async fn attach(
     name: &str,
     boundary: bool,
 ) -> ApiResult<StatusCode> {
-    let action = match (who, boundary) {
+    let action = match (&who, boundary) {
         (_, true) => Action::PutPermissionsBoundary,
         (Who::Member(_), false) => Action::AttachUserPolicy,
         (Who::Key(_), false) => Action::AttachApiKeyPolicy,
+        (Who::Group(..), false) => Action::AttachGroupPolicy,
     };
     let resource = who.nrn(tenant);
     let (mut tx, _) = authz::begin(&state.pool, principal, action, tenant, &resource).await?;
@@ -202,7 +207,7 @@ async fn attach(
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn detach(
+pub(super) async fn detach(
     state: &AppState,
     principal: &Principal,
     ctx: &RequestContext,
@@ -210,10 +215,11 @@ async fn detach(
     who: Who,
     name: Option<&str>,
 ) -> ApiResult<StatusCode> {
-    let action = match (who, name) {
+    let action = match (&who, name) {
         (_, None) => Action::DeletePermissionsBoundary,
         (Who::Member(_), Some(_)) => Action::DetachUserPolicy,
         (Who::Key(_), Some(_)) => Action::DetachApiKeyPolicy,
+        (Who::Group(..), Some(_)) => Action::DetachGroupPolicy,
     };
     let resource = who.nrn(tenant);
     let (mut tx, _) = authz::begin(&state.pool, principal, action, tenant, &resource).await?;

@@ -6,6 +6,7 @@
 
 pub mod access;
 pub mod attachments;
+pub mod groups;
 pub mod guardrails;
 pub mod policies;
 pub mod simulate;
@@ -24,6 +25,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .merge(simulate::router())
         .merge(guardrails::router())
         .merge(access::router())
+        .merge(groups::router())
 }
 
 /// A policy document in a request: the JSON itself, or a string holding it (as the console's

@@ -59,7 +59,8 @@ async fn every_route_is_public_by_design_or_authorized() {
                 .replace("{token_id}", &uuid::Uuid::now_v7().to_string())
                 .replace("{sha256}", &"a".repeat(64))
                 .replace("{pool}", "spot")
-                .replace("{policy_name}", "Viewer");
+                .replace("{policy_name}", "Viewer")
+                .replace("{group_name}", "deployers");
             assert!(!concrete.contains('{'), "no test value for a parameter of {path}");
             let m: Method = method.to_uppercase().parse().unwrap();
             let example = op

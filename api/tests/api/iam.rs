@@ -346,3 +346,54 @@ async fn access_reports_and_generated_policies_follow_recorded_activity() {
         .await;
     none.assert_problem(StatusCode::CONFLICT, "no_activity");
 }
+
+#[tokio::test]
+async fn a_groups_policies_apply_to_its_members_while_they_are_in_it() {
+    let app = spawn_app().await;
+    let owner = app.sign_up("owner@example.com", "acme").await;
+    assert_eq!(
+        create_function(&app, &owner, json!({"name": "web", "runtime": "wasm"})).await.status,
+        StatusCode::CREATED
+    );
+    let member = app.sign_up("dev@example.com", "dev-home").await;
+    app.add_member(&owner, owner.tenant, &member, "none").await;
+    let groups = format!("/v1/tenants/{}/groups", owner.tenant);
+    let created = app.post(&groups).token(&owner.token).json(json!({"name": "readers"})).send().await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.text);
+    app.post(&groups)
+        .token(&owner.token)
+        .json(json!({"name": "readers"}))
+        .send()
+        .await
+        .assert_problem(StatusCode::CONFLICT, "group_exists");
+    let get_web =
+        || async { app.get(&format!("{}/web", functions_path(owner.tenant))).token(&member.token).send().await };
+
+    assert_eq!(
+        put(&app, &owner.token, &format!("{groups}/readers/policies/Viewer"), json!({})).await.status,
+        StatusCode::NO_CONTENT
+    );
+    get_web().await.assert_problem(StatusCode::FORBIDDEN, "forbidden");
+    let join = format!("{groups}/readers/members/{}", member.id);
+    assert_eq!(put(&app, &owner.token, &join, json!({})).await.status, StatusCode::NO_CONTENT);
+    assert_eq!(get_web().await.status, StatusCode::OK, "the group's Viewer applies");
+    let shown = app.get(&format!("{groups}/readers")).token(&owner.token).send().await;
+    assert_eq!(
+        (shown.body["members"].clone(), shown.body["policies"].clone()),
+        (json!([member.id]), json!(["Viewer"]))
+    );
+    // Someone outside the tenant cannot be added.
+    let stranger = app.sign_up("stranger@example.com", "elsewhere").await;
+    put(&app, &owner.token, &format!("{groups}/readers/members/{}", stranger.id), json!({}))
+        .await
+        .assert_problem(StatusCode::NOT_FOUND, "not_found");
+
+    assert_eq!(app.delete(&join).token(&owner.token).send().await.status, StatusCode::NO_CONTENT);
+    get_web().await.assert_problem(StatusCode::FORBIDDEN, "forbidden");
+    assert_eq!(put(&app, &owner.token, &join, json!({})).await.status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        app.delete(&format!("{groups}/readers")).token(&owner.token).send().await.status,
+        StatusCode::NO_CONTENT
+    );
+    get_web().await.assert_problem(StatusCode::FORBIDDEN, "forbidden");
+}
