@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Gateway overhead benchmark: the same trivial wasm function invoked through the gateway
 # (`POST /fn/bench/hello`, API key) and directly at the agent's listener (`POST /invoke/<version>`,
-# invoke secret), in the same run, at concurrency 1 and 64.
+# invoke secret), in the same run, at concurrency 1 and 64; and, for the cost of authorization,
+# through the gateway without credentials (the function's resource policy lets anyone invoke
+# it: no authentication, one statement evaluated, against the API key's authentication and its
+# identity policies).
 #
 #   bench/gateway.sh [duration-seconds]      (env: REPEAT, default 3; BENCH_NO_BUILD=1 uses the
 #   release binaries as they are)
@@ -85,15 +88,21 @@ done
 SECRET=$(psql "$DB_URL" -Atc "SELECT invoke_secret FROM nodes WHERE id = '$NODE'")
 [ "$(curl -sf "$AGENT_URL/invoke/$VERSION" -H "authorization: Bearer $SECRET" -d x)" = "hello" ] || { echo "the agent does not answer" >&2; exit 1; }
 [ "$(curl -sf "$BASE/fn/bench/hello" -H "authorization: Bearer $KEY" -d x)" = "hello" ] || { echo "the gateway does not answer" >&2; exit 1; }
+curl -sf -X PUT "$FN/hello/policy" -H "$AUTH" -H 'content-type: application/json' -d "{\"document\":{\"Version\":\"2012-10-17\",
+  \"Statement\":[{\"Effect\":\"Allow\",\"Principal\":\"*\",\"Action\":\"functions:InvokeFunction\",
+  \"Resource\":\"nrn:nimbus:functions:$TENANT:function/hello\"}]}}" >/dev/null
+for _ in $(seq 1 100); do curl -sf "$BASE/fn/bench/hello" -d x 2>/dev/null | grep -q hello && break; sleep 0.1; done
+[ "$(curl -sf "$BASE/fn/bench/hello" -d x)" = "hello" ] || { echo "the public function does not answer" >&2; exit 1; }
 
 REPEAT="${REPEAT:-3}"
 printf 'wrk.method = "POST"\nwrk.body = "ping"\n' > "$WORK/post.lua"
-run() { # name url secret connections
-  local results=() out rps p50 p99 errors threads=1
+run() { # name url secret (- for none) connections
+  local results=() out rps p50 p99 errors threads=1 header=()
   [ "$4" -gt 1 ] && threads=2
-  wrk -t$threads -c"$4" -d2s -s "$WORK/post.lua" -H "authorization: Bearer $3" "$2" >/dev/null
+  [ "$3" = "-" ] || header=(-H "authorization: Bearer $3")
+  wrk -t$threads -c"$4" -d2s -s "$WORK/post.lua" "${header[@]}" "$2" >/dev/null
   for _ in $(seq 1 "$REPEAT"); do
-    out=$(wrk -t$threads -c"$4" -d"${DURATION}s" --latency -s "$WORK/post.lua" -H "authorization: Bearer $3" "$2")
+    out=$(wrk -t$threads -c"$4" -d"${DURATION}s" --latency -s "$WORK/post.lua" "${header[@]}" "$2")
     rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
     p50=$(echo "$out" | awk '$1=="50%" {print $2}')
     p99=$(echo "$out" | awk '$1=="99%" {print $2}')
@@ -117,4 +126,5 @@ echo "|---|---|---|---|---|---|---|"
 for c in 1 64; do
   run "agent directly (\`/invoke/<version>\`)" "$AGENT_URL/invoke/$VERSION" "$SECRET" $c
   run "gateway + agent (\`/fn/bench/hello\`, API key)" "$BASE/fn/bench/hello" "$KEY" $c
+  run "gateway + agent, no credentials (public by resource policy)" "$BASE/fn/bench/hello" - $c
 done
