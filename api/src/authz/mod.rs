@@ -481,6 +481,16 @@ pub async fn role_in(tx: &mut Tx, principal: &Principal, tenant: Uuid) -> Result
 /// actions are never decided here. Every caller — handlers through [`authorize`], the gateway
 /// with its cached principals — ends up in this function.
 pub fn decide(loaded: &policies::Loaded, action: Action, resource: &str) -> Result<Role, ApiError> {
+    decide_with(loaded, action, resource, None)
+}
+
+/// [`decide`] with the action's own condition keys (e.g. `functions:Runtime`) in `context`.
+pub fn decide_with(
+    loaded: &policies::Loaded,
+    action: Action,
+    resource: &str,
+    context: Option<&nimbus_iam::Context>,
+) -> Result<Role, ApiError> {
     let forbidden = || {
         metrics::counter!("nimbus_authz_denied_total", "action" => action.name()).increment(1);
         ApiError::Forbidden { action: action.name().to_owned(), resource: resource.to_owned() }
@@ -489,7 +499,7 @@ pub fn decide(loaded: &policies::Loaded, action: Action, resource: &str) -> Resu
         return Err(forbidden());
     }
     let role = loaded.role.ok_or(ApiError::NotFound("tenant"))?;
-    if loaded.evaluate(action, resource).is_allowed() {
+    if loaded.evaluate_with(action.name(), resource, context).is_allowed() {
         activity::record(loaded.tenant_id, loaded.who.0, loaded.who.1, action.name(), resource);
         Ok(role)
     } else {
@@ -551,6 +561,22 @@ pub async fn begin(
     resource: &str,
 ) -> Result<(Tx, Role), ApiError> {
     begin_in(pool, Scope::tenant(tenant, principal.user_id()), principal, action, tenant, resource).await
+}
+
+/// [`begin`] with the action's own condition keys (what the request asks for, e.g. a function's
+/// `functions:Runtime` and `functions:MemorySize`).
+pub async fn begin_with(
+    pool: &db::Db,
+    principal: &Principal,
+    action: Action,
+    tenant: Uuid,
+    resource: &str,
+    context: &nimbus_iam::Context,
+) -> Result<(Tx, Role), ApiError> {
+    let mut tx = db::begin(pool, &Scope::tenant(tenant, principal.user_id())).await?;
+    let loaded = policies::load(&mut tx, principal, tenant).await?;
+    let role = decide_with(&loaded, action, resource, Some(context))?;
+    Ok((tx, role))
 }
 
 /// [`begin`] with extra scope settings (for example an e-mail the handler will look up).

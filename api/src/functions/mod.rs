@@ -608,7 +608,17 @@ pub async fn create_function(
         return Err(ApiError::Validation(errors));
     }
     let resource = nrn::function(tenant_id, req.name.as_str());
-    let (mut tx, _) = authz::begin(&state.pool, &principal, Action::CreateFunction, tenant_id, &resource).await?;
+    // What the request asks for, for conditions on it (e.g. only wasm, at most 256 MiB, only
+    // with a `team` tag).
+    let mut asked = nimbus_iam::Context::new(chrono::Utc::now());
+    asked.insert("functions:Runtime", config.runtime.as_str());
+    asked.insert("functions:MemorySize", config.memory_mb.to_string());
+    for (k, v) in &config.tags {
+        asked.insert(&format!("nimbus:RequestTag/{k}"), v.as_str());
+    }
+    asked.insert("nimbus:TagKeys", config.tags.keys().cloned().collect::<Vec<String>>());
+    let (mut tx, _) =
+        authz::begin_with(&state.pool, &principal, Action::CreateFunction, tenant_id, &resource, &asked).await?;
     let count: i64 = sqlx::query_scalar("SELECT count(*) FROM functions WHERE tenant_id = $1")
         .bind(tenant_id)
         .fetch_one(&mut *tx)

@@ -397,3 +397,38 @@ async fn a_groups_policies_apply_to_its_members_while_they_are_in_it() {
     );
     get_web().await.assert_problem(StatusCode::FORBIDDEN, "forbidden");
 }
+
+#[tokio::test]
+async fn conditions_see_what_a_request_asks_for() {
+    let app = spawn_app().await;
+    let owner = app.sign_up("owner@example.com", "acme").await;
+    let member = app.sign_up("dev@example.com", "dev-home").await;
+    app.add_member(&owner, owner.tenant, &member, "none").await;
+    // Only small wasm functions, and only with a `team` tag.
+    let created = app
+        .post(&policies(&owner))
+        .token(&owner.token)
+        .json(json!({"name": "small-wasm", "document": doc(json!([{"Effect": "Allow", "Action": "functions:CreateFunction",
+            "Resource": "*", "Condition": {
+                "StringEquals": {"functions:Runtime": "wasm"},
+                "NumericLessThanEquals": {"functions:MemorySize": 256},
+                "ForAnyValue:StringEquals": {"nimbus:TagKeys": "team"}}}]))}))
+        .send()
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.text);
+    let attach = format!("/v1/tenants/{}/members/{}/policies/small-wasm", owner.tenant, member.id);
+    assert_eq!(put(&app, &owner.token, &attach, json!({})).await.status, StatusCode::NO_CONTENT);
+    let create = |body: Value| {
+        let req = app.post(&functions_path(owner.tenant)).token(&member.token).json(body);
+        req.send()
+    };
+    let ok = create(json!({"name": "a", "runtime": "wasm", "memory_mb": 128, "tags": {"team": "web"}})).await;
+    assert_eq!(ok.status, StatusCode::CREATED, "{}", ok.text);
+    for denied in [
+        json!({"name": "b", "runtime": "wasm", "memory_mb": 512, "tags": {"team": "web"}}),
+        json!({"name": "c", "runtime": "process", "entry": "run", "memory_mb": 128, "tags": {"team": "web"}}),
+        json!({"name": "d", "runtime": "wasm", "memory_mb": 128}),
+    ] {
+        create(denied.clone()).await.assert_problem(StatusCode::FORBIDDEN, "forbidden");
+    }
+}
