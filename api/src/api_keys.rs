@@ -45,6 +45,8 @@ pub struct ApiKey {
     /// Role the key acts with.
     #[sqlx(try_from = "String")]
     pub role: Role,
+    /// It acts with its creator's policies instead of its role and attachments.
+    pub inherits: bool,
     /// Who created it.
     pub created_by: Option<Uuid>,
     /// Created at.
@@ -78,6 +80,10 @@ pub struct CreateApiKeyRequest {
     /// Optional expiry, in the future.
     #[serde(default)]
     pub expires_at: Option<DateTime<Utc>>,
+    /// Act with the creator's policies as they are at each request (role, attachments, groups),
+    /// within the key's own boundary, instead of the key's role and attachments [default false].
+    #[serde(default)]
+    pub inherit: bool,
 }
 
 /// Routes of this module.
@@ -86,7 +92,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 }
 
 const KEY_COLUMNS: &str =
-    "id, tenant_id, name, prefix, role, created_by, created_at, expires_at, revoked_at, last_used_at";
+    "id, tenant_id, name, prefix, role, inherits, created_by, created_at, expires_at, revoked_at, last_used_at";
 
 #[derive(sqlx::FromRow)]
 struct KeyAuthRow {
@@ -194,8 +200,8 @@ pub async fn create_api_key(
         Principal::ApiKey { created_by, .. } => *created_by,
     };
     let key: ApiKey = sqlx::query_as(&format!(
-        "INSERT INTO api_keys (id, tenant_id, name, prefix, secret_hash, role, created_by, expires_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {KEY_COLUMNS}"
+        "INSERT INTO api_keys (id, tenant_id, name, prefix, secret_hash, role, created_by, expires_at, inherits) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING {KEY_COLUMNS}"
     ))
     .bind(id)
     .bind(tenant_id)
@@ -205,6 +211,7 @@ pub async fn create_api_key(
     .bind(req.role.as_str())
     .bind(created_by)
     .bind(req.expires_at)
+    .bind(req.inherit)
     .fetch_one(&mut *tx)
     .await?;
     audit::record_action(

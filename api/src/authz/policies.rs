@@ -139,6 +139,8 @@ struct Attachment {
     name: Option<String>,
     version: Option<i32>,
     document: Option<String>,
+    /// The principal's own (not, for a key that inherits, its creator's).
+    own: Option<bool>,
 }
 
 async fn read(tx: &mut Tx, principal: &Principal, tenant: Uuid, generation: u64) -> Result<Loaded, ApiError> {
@@ -185,18 +187,45 @@ async fn read(tx: &mut Tx, principal: &Principal, tenant: Uuid, generation: u64)
         context,
         generation,
     };
-    let Some(role) = role else { return Ok(loaded) };
+    let Some(mut role) = role else { return Ok(loaded) };
+    // A key that inherits acts with its creator's role, attachments and groups (the key's own
+    // boundary still applies; its own attachments do not).
+    let mut grants = who;
+    if let Principal::ApiKey { key_id, .. } = principal {
+        let row: Option<(bool, Option<Uuid>)> =
+            sqlx::query_as("SELECT inherits, created_by FROM api_keys WHERE tenant_id = $1 AND id = $2")
+                .bind(tenant)
+                .bind(key_id)
+                .fetch_optional(&mut **tx)
+                .await?;
+        if let Some((true, creator)) = row {
+            let creator_role: Option<String> =
+                sqlx::query_scalar("SELECT role FROM memberships WHERE tenant_id = $1 AND user_id = $2")
+                    .bind(tenant)
+                    .bind(creator)
+                    .fetch_optional(&mut **tx)
+                    .await?;
+            role = match creator_role {
+                Some(r) => Role::parse(&r).map_err(ApiError::Internal)?,
+                None => Role::None,
+            };
+            grants = creator.unwrap_or(Uuid::nil());
+        }
+    }
     loaded.identity.extend(role.managed().iter().filter_map(|m| managed(m)));
 
     let attachments: Vec<Attachment> = sqlx::query_as(
-        "SELECT a.purpose, a.managed_policy, a.policy_id, p.name, p.default_version AS version, v.document \
+        "SELECT a.purpose, a.managed_policy, a.policy_id, p.name, p.default_version AS version, v.document, \
+         (a.user_id = $3 OR a.api_key_id = $3) AS own \
          FROM policy_attachments a \
          LEFT JOIN policies p ON p.tenant_id = a.tenant_id AND p.id = a.policy_id \
          LEFT JOIN policy_versions v ON v.policy_id = p.id AND v.version = p.default_version \
-         WHERE a.tenant_id = $1 AND (a.user_id = $2 OR a.api_key_id = $2 OR a.group_id IN \
-           (SELECT g.group_id FROM group_members g WHERE g.tenant_id = $1 AND g.user_id = $2)) ORDER BY a.id",
+         WHERE a.tenant_id = $1 AND ((a.purpose = 'identity' AND (a.user_id = $2 OR a.api_key_id = $2 OR a.group_id IN \
+           (SELECT g.group_id FROM group_members g WHERE g.tenant_id = $1 AND g.user_id = $2))) \
+           OR (a.purpose = 'boundary' AND (a.user_id = $3 OR a.api_key_id = $3 OR a.user_id = $2))) ORDER BY a.id",
     )
     .bind(tenant)
+    .bind(grants)
     .bind(who)
     .fetch_all(&mut **tx)
     .await?;
@@ -208,8 +237,12 @@ async fn read(tx: &mut Tx, principal: &Principal, tenant: Uuid, generation: u64)
             _ => None,
         };
         let Some(policy) = policy else { continue };
-        if kind == PolicyKind::Boundary {
+        if kind == PolicyKind::Boundary && a.own == Some(true) {
             loaded.boundary = Some(policy);
+        } else if kind == PolicyKind::Boundary {
+            // The creator's boundary bounds a key acting with the creator's policies too; as a
+            // second boundary it must allow as well, which is what a guardrail is.
+            loaded.guardrails.push(policy);
         } else {
             loaded.identity.push(policy);
         }

@@ -432,3 +432,47 @@ async fn conditions_see_what_a_request_asks_for() {
         create(denied.clone()).await.assert_problem(StatusCode::FORBIDDEN, "forbidden");
     }
 }
+
+#[tokio::test]
+async fn a_key_that_inherits_acts_with_its_creators_policies_as_they_change() {
+    let app = spawn_app().await;
+    let owner = app.sign_up("owner@example.com", "acme").await;
+    assert_eq!(
+        create_function(&app, &owner, json!({"name": "web", "runtime": "wasm"})).await.status,
+        StatusCode::CREATED
+    );
+    let member = app.sign_up("dev@example.com", "dev-home").await;
+    app.add_member(&owner, owner.tenant, &member, "developer").await;
+    let created = app
+        .post(&format!("/v1/tenants/{}/api-keys", owner.tenant))
+        .token(&member.token)
+        .json(json!({"name": "ci", "role": "none", "inherit": true}))
+        .send()
+        .await;
+    assert_eq!(
+        (created.status, created.body["inherits"].as_bool()),
+        (StatusCode::CREATED, Some(true)),
+        "{}",
+        created.text
+    );
+    let key = created.body["secret"].as_str().unwrap().to_owned();
+    let get_web = || async { app.get(&format!("{}/web", functions_path(owner.tenant))).token(&key).send().await };
+    assert_eq!(get_web().await.status, StatusCode::OK, "the creator's Developer and Viewer");
+
+    // The creator's boundary bounds the key too; lifting it lifts the key's.
+    let boundary = format!("/v1/tenants/{}/members/{}/boundary", owner.tenant, member.id);
+    assert_eq!(put(&app, &owner.token, &boundary, json!({"policy": "Invoker"})).await.status, StatusCode::NO_CONTENT);
+    get_web().await.assert_problem(StatusCode::FORBIDDEN, "forbidden");
+    assert_eq!(app.delete(&boundary).token(&owner.token).send().await.status, StatusCode::NO_CONTENT);
+    assert_eq!(get_web().await.status, StatusCode::OK);
+
+    // The creator's role goes down to none: so does the key.
+    let demoted = app
+        .req(Method::PATCH, &format!("/v1/tenants/{}/members/{}", owner.tenant, member.id))
+        .token(&owner.token)
+        .json(json!({"role": "none"}))
+        .send()
+        .await;
+    assert_eq!(demoted.status, StatusCode::OK, "{}", demoted.text);
+    get_web().await.assert_problem(StatusCode::FORBIDDEN, "forbidden");
+}
