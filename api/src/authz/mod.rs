@@ -507,7 +507,8 @@ pub fn decide_with(
     }
 }
 
-/// [`decide`] on a resource that carries its own policy (a function's), in `resource_tenant`:
+/// [`decide`] on a resource that carries its own policy (a function's) and condition keys
+/// (its tags as `nimbus:ResourceTag/*`), in `resource_tenant`:
 /// the principal's tenant (its identity policies or the resource policy may allow) or, for an
 /// API key, another tenant (both must allow). A cross-tenant caller the resource policy does not
 /// name gets 404 like any stranger, so that the resource's existence is not confirmed.
@@ -517,12 +518,13 @@ pub fn decide_on(
     resource: &str,
     resource_tenant: Uuid,
     policy: Option<&nimbus_iam::CompiledPolicy>,
+    resource_context: Option<&nimbus_iam::Context>,
 ) -> Result<(), ApiError> {
     let cross = loaded.tenant != resource_tenant.to_string();
     if !cross {
         loaded.role.ok_or(ApiError::NotFound("tenant"))?;
     }
-    let d = loaded.evaluate_on(action.name(), resource, &resource_tenant.to_string(), policy, None);
+    let d = loaded.evaluate_on(action.name(), resource, &resource_tenant.to_string(), policy, resource_context);
     if d.is_allowed() {
         activity::record(loaded.tenant_id, loaded.who.0, loaded.who.1, action.name(), resource);
         return Ok(());

@@ -331,8 +331,21 @@ impl Loaded {
 
 /// Whether a caller without credentials may perform `action` on `resource` of `tenant`: only
 /// the resource's own `policy` can allow it (a statement with `Principal: "*"`).
-pub fn anonymous_allowed(action: Action, resource: &str, tenant: Uuid, policy: &CompiledPolicy) -> bool {
+pub fn anonymous_allowed(
+    action: Action,
+    resource: &str,
+    tenant: Uuid,
+    policy: &CompiledPolicy,
+    resource_context: Option<&Context>,
+) -> bool {
     let mut context = Context::new(chrono::Utc::now());
+    if let Some(extra) = resource_context {
+        for k in extra.keys() {
+            if let Some(v) = extra.get(k) {
+                context.insert(k, v.clone());
+            }
+        }
+    }
     if let Ok(Some(ip)) = REQUEST.try_with(|f| f.source_ip) {
         context.insert("nimbus:SourceIp", ip.to_string());
     }

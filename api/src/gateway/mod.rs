@@ -210,6 +210,7 @@ async fn route(state: &AppState, params: &[(String, String)], req: Request) -> R
             &resource,
             tenant,
             policy,
+            function.and_then(|f| f.tags.as_ref()),
         )?;
         let function = function.ok_or(ApiError::NotFound("function"))?;
         (tenant, function, Some(principal))
@@ -219,7 +220,13 @@ async fn route(state: &AppState, params: &[(String, String)], req: Request) -> R
                 |f| {
                     f.policy.as_deref().is_some_and(|p| {
                         let resource = nrn::function(f.tenant_id, function_name);
-                        authz::policies::anonymous_allowed(Action::InvokeFunction, &resource, f.tenant_id, p)
+                        authz::policies::anonymous_allowed(
+                            Action::InvokeFunction,
+                            &resource,
+                            f.tenant_id,
+                            p,
+                            f.tags.as_ref(),
+                        )
                     })
                 },
             );

@@ -9,7 +9,7 @@
 //! change. Per-node counters of outstanding requests live outside the table and survive reloads.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     sync::{
         Arc, Mutex, RwLock,
         atomic::{AtomicU32, AtomicU64, Ordering},
@@ -63,6 +63,8 @@ pub struct FunctionEntry {
     /// Its resource policy, compiled (who besides the tenant's own principals may invoke it:
     /// anyone with `Principal: "*"`, other tenants' keys it names).
     pub policy: Option<Arc<nimbus_iam::CompiledPolicy>>,
+    /// Its tags as condition keys (`nimbus:ResourceTag/<key>`), when it has any.
+    pub tags: Option<nimbus_iam::Context>,
 }
 
 /// A node serving invocations.
@@ -203,8 +205,8 @@ impl Default for Routes {
     }
 }
 
-/// A function's id, tenant, name, reserved concurrency and resource policy.
-type FunctionRow = (Uuid, Uuid, String, Option<i32>, Option<String>);
+/// A function's id, tenant, name, reserved concurrency, resource policy and tags.
+type FunctionRow = (Uuid, Uuid, String, Option<i32>, Option<String>, sqlx::types::Json<BTreeMap<String, String>>);
 
 #[derive(sqlx::FromRow)]
 struct NodeRow {
@@ -326,7 +328,7 @@ impl Routes {
         let mut tx = db::begin(pool, &Scope { gateway: true, ..Scope::default() }).await?;
         let tenants: Vec<(Uuid, String)> = sqlx::query_as("SELECT id, name FROM tenants").fetch_all(&mut *tx).await?;
         let functions: Vec<FunctionRow> =
-            sqlx::query_as("SELECT id, tenant_id, name, reserved_concurrency, resource_policy FROM functions")
+            sqlx::query_as("SELECT id, tenant_id, name, reserved_concurrency, resource_policy, tags FROM functions")
                 .fetch_all(&mut *tx)
                 .await?;
         let versions: Vec<(Uuid, Uuid, i32, sqlx::types::Json<StoredConfig>)> =
@@ -341,7 +343,14 @@ impl Routes {
 
         let mut by_id: HashMap<Uuid, FunctionEntry> = functions
             .iter()
-            .map(|(id, tenant_id, name, reserved, policy)| {
+            .map(|(id, tenant_id, name, reserved, policy, tags)| {
+                let tags = (!tags.0.is_empty()).then(|| {
+                    let mut c = nimbus_iam::Context::new(chrono::Utc::now());
+                    for (k, v) in &tags.0 {
+                        c.insert(&format!("nimbus:ResourceTag/{k}"), v.as_str());
+                    }
+                    c
+                });
                 // Stored policies were validated on save; one that no longer compiles allows
                 // nothing (and says so), rather than failing the whole table.
                 let policy = policy.as_deref().and_then(|doc| {
@@ -365,6 +374,7 @@ impl Routes {
                     aliases: HashMap::new(),
                     reserved_concurrency: reserved.and_then(|r| u32::try_from(r).ok()),
                     policy,
+                    tags,
                 };
                 (*id, entry)
             })
@@ -385,7 +395,7 @@ impl Routes {
             functions: HashMap::with_capacity(functions.len()),
             instances: HashMap::new(),
         };
-        for (id, tenant_id, name, _, _) in functions {
+        for (id, tenant_id, name, ..) in functions {
             if let Some(f) = by_id.remove(&id) {
                 table.functions.insert((tenant_id, name), f);
             }

@@ -246,6 +246,36 @@ async fn the_gateway_authorizes_routes_by_weight_and_pin_and_forwards_to_a_ready
         "{metrics}"
     );
     assert!(!metrics.contains("function=\"nope\""), "unknown names never become labels");
+
+    // Identity policies can decide by the function's tags (`nimbus:ResourceTag/*`).
+    let tester = app.sign_up("tester@example.com", "tester-home").await;
+    app.add_member(&owner, owner.tenant, &tester, "none").await;
+    let by_tag = app
+        .post(&format!("/v1/tenants/{}/policies", owner.tenant))
+        .token(&owner.token)
+        .json(json!({"name": "invoke-dev", "document": {"Version": "2012-10-17", "Statement": [{"Effect": "Allow",
+            "Action": "functions:InvokeFunction", "Resource": "*",
+            "Condition": {"StringEquals": {"nimbus:ResourceTag/stage": "dev"}}}]}}))
+        .send()
+        .await;
+    assert_eq!(by_tag.status, StatusCode::CREATED, "{}", by_tag.text);
+    let attach = format!("/v1/tenants/{}/members/{}/policies/invoke-dev", owner.tenant, tester.id);
+    assert_eq!(app.req(Method::PUT, &attach).token(&owner.token).send().await.status, StatusCode::NO_CONTENT);
+    let tag = |stage: &'static str| {
+        let req = app
+            .patch(&format!("{}/thumbs", functions_path(owner.tenant)))
+            .token(&owner.token)
+            .header("if-match", "*")
+            .json(json!({"tags": {"stage": stage}}));
+        req.send()
+    };
+    assert_eq!(tag("dev").await.status, StatusCode::OK);
+    app.state.routes.reload(&app.state.pool).await.unwrap();
+    let res = app.post("/fn/acme/thumbs:1").token(&tester.token).send().await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.text);
+    assert_eq!(tag("prod").await.status, StatusCode::OK);
+    app.state.routes.reload(&app.state.pool).await.unwrap();
+    app.post("/fn/acme/thumbs:1").token(&tester.token).send().await.assert_problem(StatusCode::FORBIDDEN, "forbidden");
 }
 
 #[tokio::test]
