@@ -802,7 +802,19 @@ pub async fn update_function(
     extract::Json(req): extract::Json<UpdateFunctionRequest>,
 ) -> ApiResult<(HeaderMap, Json<Function>)> {
     let resource = nrn::function(tenant_id, name.as_str());
-    let (mut tx, _) = authz::begin(&state.pool, &principal, Action::UpdateFunction, tenant_id, &resource).await?;
+    // What the change asks for, for conditions on it (the keys it does not change are absent).
+    let mut asked = nimbus_iam::Context::new(chrono::Utc::now());
+    if let Some(m) = req.memory_mb {
+        asked.insert("functions:MemorySize", m.to_string());
+    }
+    if let Some(tags) = &req.tags {
+        for (k, v) in tags {
+            asked.insert(&format!("nimbus:RequestTag/{k}"), v.as_str());
+        }
+        asked.insert("nimbus:TagKeys", tags.keys().cloned().collect::<Vec<String>>());
+    }
+    let (mut tx, _) =
+        authz::begin_with(&state.pool, &principal, Action::UpdateFunction, tenant_id, &resource, &asked).await?;
     let row = load(&mut tx, tenant_id, name.as_str(), true).await?;
     check_if_match(&headers, &etag(row.revision), true)?;
     let mut config = row.config();

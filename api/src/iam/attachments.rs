@@ -111,6 +111,17 @@ impl Who {
     }
 }
 
+/// `iam:PolicyNrn` of the policy named `name` (a managed policy's NRN, or the tenant's).
+pub(super) fn policy_context(tenant: Uuid, name: &str) -> nimbus_iam::Context {
+    let policy = match nimbus_iam::managed::managed(name) {
+        Some(m) => m.nrn(),
+        None => nrn::policy(tenant, name),
+    };
+    let mut c = nimbus_iam::Context::new(chrono::Utc::now());
+    c.insert("iam:PolicyNrn", policy);
+    c
+}
+
 /// A policy by name: `(managed name, tenant policy id)`, exactly one set; 404 when neither.
 async fn resolve(tx: &mut Tx, tenant: Uuid, name: &str) -> ApiResult<(Option<String>, Option<Uuid>)> {
     if nimbus_iam::managed::managed(name).is_some() {
@@ -157,7 +168,9 @@ pub(super) async fn attach(
         (Who::Group(..), false) => Action::AttachGroupPolicy,
     };
     let resource = who.nrn(tenant);
-    let (mut tx, _) = authz::begin(&state.pool, principal, action, tenant, &resource).await?;
+    // Which policy, for conditions on it (delegating "may attach only Viewer").
+    let asked = policy_context(tenant, name);
+    let (mut tx, _) = authz::begin_with(&state.pool, principal, action, tenant, &resource, &asked).await?;
     who.role(&mut tx, tenant).await?;
     let (managed, policy_id) = resolve(&mut tx, tenant, name).await?;
     let purpose = if boundary { "boundary" } else { "identity" };
@@ -222,7 +235,8 @@ pub(super) async fn detach(
         (Who::Group(..), Some(_)) => Action::DetachGroupPolicy,
     };
     let resource = who.nrn(tenant);
-    let (mut tx, _) = authz::begin(&state.pool, principal, action, tenant, &resource).await?;
+    let asked = name.map(|n| policy_context(tenant, n)).unwrap_or_else(|| nimbus_iam::Context::new(chrono::Utc::now()));
+    let (mut tx, _) = authz::begin_with(&state.pool, principal, action, tenant, &resource, &asked).await?;
     who.role(&mut tx, tenant).await?;
     let removed = match name {
         Some(name) => {

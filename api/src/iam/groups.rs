@@ -308,7 +308,7 @@ pub async fn attach_group_policy(
     ctx: RequestContext,
     Path((tenant_id, name, policy)): Path<(Uuid, Name, String)>,
 ) -> ApiResult<StatusCode> {
-    let who = group(&state, &principal, tenant_id, &name, Action::AttachGroupPolicy).await?;
+    let who = group(&state, &principal, tenant_id, &name, Action::AttachGroupPolicy, &policy).await?;
     attachments::attach(&state, &principal, &ctx, tenant_id, who, &policy, false).await
 }
 
@@ -326,14 +326,23 @@ pub async fn detach_group_policy(
     ctx: RequestContext,
     Path((tenant_id, name, policy)): Path<(Uuid, Name, String)>,
 ) -> ApiResult<StatusCode> {
-    let who = group(&state, &principal, tenant_id, &name, Action::DetachGroupPolicy).await?;
+    let who = group(&state, &principal, tenant_id, &name, Action::DetachGroupPolicy, &policy).await?;
     attachments::detach(&state, &principal, &ctx, tenant_id, who, Some(&policy)).await
 }
 
 /// The group as an attachment target, after authorizing `action` on it (so that a caller
 /// without the permission learns nothing of which groups exist).
-async fn group(state: &AppState, principal: &Principal, tenant: Uuid, name: &Name, action: Action) -> ApiResult<Who> {
-    let (mut tx, _) = authz::begin(&state.pool, principal, action, tenant, &nrn::group(tenant, name.as_str())).await?;
+async fn group(
+    state: &AppState,
+    principal: &Principal,
+    tenant: Uuid,
+    name: &Name,
+    action: Action,
+    policy: &str,
+) -> ApiResult<Who> {
+    let resource = nrn::group(tenant, name.as_str());
+    let asked = attachments::policy_context(tenant, policy);
+    let (mut tx, _) = authz::begin_with(&state.pool, principal, action, tenant, &resource, &asked).await?;
     let id = find(&mut tx, tenant, name.as_str()).await?;
     tx.commit().await?;
     Ok(Who::Group(id, name.as_str().to_owned()))

@@ -431,6 +431,28 @@ async fn conditions_see_what_a_request_asks_for() {
     ] {
         create(denied.clone()).await.assert_problem(StatusCode::FORBIDDEN, "forbidden");
     }
+
+    // Changes too: growing past 256 MiB is refused, shrinking is not.
+    let updates = app
+        .post(&policies(&owner))
+        .token(&owner.token)
+        .json(json!({"name": "small-updates", "document": doc(json!([{"Effect": "Allow", "Action": "functions:UpdateFunction",
+            "Resource": "*", "Condition": {"NumericLessThanEquals": {"functions:MemorySize": 256}}}]))}))
+        .send()
+        .await;
+    assert_eq!(updates.status, StatusCode::CREATED, "{}", updates.text);
+    let attach = format!("/v1/tenants/{}/members/{}/policies/small-updates", owner.tenant, member.id);
+    assert_eq!(put(&app, &owner.token, &attach, json!({})).await.status, StatusCode::NO_CONTENT);
+    let update = |memory: u32| {
+        let req = app
+            .patch(&format!("{}/a", functions_path(owner.tenant)))
+            .token(&member.token)
+            .header("if-match", "*")
+            .json(json!({"memory_mb": memory}));
+        req.send()
+    };
+    update(1024).await.assert_problem(StatusCode::FORBIDDEN, "forbidden");
+    assert_eq!(update(64).await.status, StatusCode::OK);
 }
 
 #[tokio::test]
@@ -475,4 +497,41 @@ async fn a_key_that_inherits_acts_with_its_creators_policies_as_they_change() {
         .await;
     assert_eq!(demoted.status, StatusCode::OK, "{}", demoted.text);
     get_web().await.assert_problem(StatusCode::FORBIDDEN, "forbidden");
+}
+
+#[tokio::test]
+async fn attaching_can_be_delegated_for_named_policies_only() {
+    let app = spawn_app().await;
+    let owner = app.sign_up("owner@example.com", "acme").await;
+    let lead = app.sign_up("lead@example.com", "lead-home").await;
+    let newcomer = app.sign_up("new@example.com", "new-home").await;
+    app.add_member(&owner, owner.tenant, &lead, "none").await;
+    app.add_member(&owner, owner.tenant, &newcomer, "none").await;
+    // The team lead may hand out Viewer, and nothing else.
+    let delegate = app
+        .post(&policies(&owner))
+        .token(&owner.token)
+        .json(json!({"name": "grant-viewer", "document": doc(json!([{"Effect": "Allow",
+            "Action": ["iam:AttachUserPolicy", "iam:DetachUserPolicy"], "Resource": "*",
+            "Condition": {"StringEquals": {"iam:PolicyNrn": "nrn:nimbus:iam::policy/Viewer"}}}]))}))
+        .send()
+        .await;
+    assert_eq!(delegate.status, StatusCode::CREATED, "{}", delegate.text);
+    let attach = |policy: &str| format!("/v1/tenants/{}/members/{}/policies/{policy}", owner.tenant, newcomer.id);
+    assert_eq!(
+        put(
+            &app,
+            &owner.token,
+            &format!("/v1/tenants/{}/members/{}/policies/grant-viewer", owner.tenant, lead.id),
+            json!({})
+        )
+        .await
+        .status,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(put(&app, &lead.token, &attach("Viewer"), json!({})).await.status, StatusCode::NO_CONTENT);
+    let refused = put(&app, &lead.token, &attach("TenantAdmin"), json!({})).await;
+    refused.assert_problem(StatusCode::FORBIDDEN, "forbidden");
+    assert_eq!(refused.body["action"], "iam:AttachUserPolicy");
+    assert_eq!(app.delete(&attach("Viewer")).token(&lead.token).send().await.status, StatusCode::NO_CONTENT);
 }
