@@ -353,16 +353,20 @@ async fn an_on_demand_load_is_a_cold_start_and_a_warm_instance_is_not() {
     let agent = Agent::start("cold", 1 << 20).await;
     let on_demand = agent.wasm("status.wat", 0, false);
     assert!(!on_demand.is_warm());
+    // Each body is read to its end: the usage record is in the spool once the response completes.
     let first = agent.post(on_demand.id(), "").send().await.unwrap();
     assert_eq!((first.status().as_u16(), header(&first, "x-nimbus-cold-start")), (404, "true".into()));
+    first.bytes().await.unwrap();
     assert!(on_demand.is_warm());
     let second = agent.post(on_demand.id(), "").send().await.unwrap();
     assert_eq!(header(&second, "x-nimbus-cold-start"), "false");
+    second.bytes().await.unwrap();
 
     let warmed = agent.wasm("status.wat", 1, false);
     warmed.warm_up().await.unwrap();
     let response = agent.post(warmed.id(), "").send().await.unwrap();
     assert_eq!(header(&response, "x-nimbus-cold-start"), "false", "reconciliation warmed it, not this call");
+    response.bytes().await.unwrap();
 
     agent.spool.rotate().unwrap();
     let colds: Vec<bool> = agent
