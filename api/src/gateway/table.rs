@@ -323,8 +323,14 @@ impl Routes {
 
     /// Rebuilds the table from PostgreSQL and forgets cached authentications.
     pub async fn reload(&self, pool: &db::Db) -> Result<(), sqlx::Error> {
-        let started = Instant::now();
         self.clear_auth();
+        self.rebuild(pool).await
+    }
+
+    /// Rebuilds the table from PostgreSQL, keeping cached authentications and policies (what a
+    /// change of nodes alone needs: their reports move routes, never permissions).
+    async fn rebuild(&self, pool: &db::Db) -> Result<(), sqlx::Error> {
+        let started = Instant::now();
         let mut tx = db::begin(pool, &Scope { gateway: true, ..Scope::default() }).await?;
         let tenants: Vec<(Uuid, String)> = sqlx::query_as("SELECT id, name FROM tenants").fetch_all(&mut *tx).await?;
         let functions: Vec<FunctionRow> =
@@ -451,14 +457,26 @@ impl Routes {
                     // The connection dropped and the listener reconnects on the next call:
                     // notifications in between are lost, so rebuild now.
                     Ok(Ok(None)) => self.reload_logged(&pool).await,
-                    Ok(Ok(Some(_))) => {
+                    Ok(Ok(Some(n))) => {
                         // Coalesce a burst (one transaction touching several tables), unless
                         // requests are held waiting for an instance.
                         if !self.holding() {
                             tokio::time::sleep(DEBOUNCE).await;
                         }
-                        while listener.next_buffered().is_some() {}
-                        self.reload_logged(&pool).await;
+                        let mut only_nodes = n.payload() == "nodes";
+                        while let Some(n) = listener.next_buffered() {
+                            only_nodes &= n.payload() == "nodes";
+                        }
+                        // Nodes' reports change routes every few seconds under churn; they
+                        // never change who may do what, so the caches stay.
+                        if only_nodes {
+                            if let Err(e) = self.rebuild(&pool).await {
+                                metrics::counter!("nimbus_gateway_table_reload_failures_total").increment(1);
+                                tracing::warn!(error = %e, "rebuilding the routing table failed; keeping the previous one");
+                            }
+                        } else {
+                            self.reload_logged(&pool).await;
+                        }
                     }
                     Ok(Err(e)) => {
                         tracing::warn!(error = %e, "the routing-table listener lost its connection");
