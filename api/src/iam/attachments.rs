@@ -53,12 +53,12 @@ pub struct BoundaryRequest {
     pub policy: String,
 }
 
-/// A member, an API key or a group of the tenant (a group by id and name).
+/// A member, an API key (by id) or a group (by name) of the tenant.
 #[derive(Clone)]
 pub(super) enum Who {
     Member(Uuid),
     Key(Uuid),
-    Group(Uuid, String),
+    Group(String),
 }
 
 impl Who {
@@ -66,7 +66,7 @@ impl Who {
         match self {
             Who::Member(u) => nrn::tenant_user(tenant, *u),
             Who::Key(k) => nrn::api_key_principal(tenant, *k),
-            Who::Group(_, name) => nrn::group(tenant, name),
+            Who::Group(name) => nrn::group(tenant, name),
         }
     }
 
@@ -74,40 +74,44 @@ impl Who {
         match self {
             Who::Member(_) => "user_id",
             Who::Key(_) => "api_key_id",
-            Who::Group(..) => "group_id",
+            Who::Group(_) => "group_id",
         }
     }
 
-    fn id(&self) -> Uuid {
-        match self {
-            Who::Member(u) | Who::Key(u) | Who::Group(u, _) => *u,
-        }
-    }
-
-    /// The principal's role (a group has none); 404 when it is not in the tenant.
-    async fn role(&self, tx: &mut Tx, tenant: Uuid) -> ApiResult<authz::Role> {
-        let role: Option<String> = match self {
-            Who::Group(..) => return Ok(authz::Role::None),
-            Who::Member(u) => {
+    /// Its id and role (a group has none), read in the caller's transaction after authorizing;
+    /// 404 when it is not in the tenant.
+    async fn resolve(&self, tx: &mut Tx, tenant: Uuid) -> ApiResult<(Uuid, authz::Role)> {
+        let (id, role): (Uuid, Option<String>) = match self {
+            Who::Group(name) => {
+                let id: Option<Uuid> = sqlx::query_scalar("SELECT id FROM groups WHERE tenant_id = $1 AND name = $2")
+                    .bind(tenant)
+                    .bind(name)
+                    .fetch_optional(&mut **tx)
+                    .await?;
+                return Ok((id.ok_or(ApiError::NotFound("group"))?, authz::Role::None));
+            }
+            Who::Member(u) => (
+                *u,
                 sqlx::query_scalar("SELECT role FROM memberships WHERE tenant_id = $1 AND user_id = $2")
                     .bind(tenant)
                     .bind(u)
                     .fetch_optional(&mut **tx)
-                    .await?
-            }
-            Who::Key(k) => {
+                    .await?,
+            ),
+            Who::Key(k) => (
+                *k,
                 sqlx::query_scalar("SELECT role FROM api_keys WHERE tenant_id = $1 AND id = $2")
                     .bind(tenant)
                     .bind(k)
                     .fetch_optional(&mut **tx)
-                    .await?
-            }
+                    .await?,
+            ),
         };
         let role = role.ok_or(match self {
             Who::Key(_) => ApiError::NotFound("API key"),
             _ => ApiError::NotFound("member"),
         })?;
-        authz::Role::parse(&role).map_err(ApiError::Internal)
+        Ok((id, authz::Role::parse(&role).map_err(ApiError::Internal)?))
     }
 }
 
@@ -134,14 +138,14 @@ async fn resolve(tx: &mut Tx, tenant: Uuid, name: &str) -> ApiResult<(Option<Str
 pub(super) async fn list(state: &AppState, principal: &Principal, tenant: Uuid, who: Who) -> ApiResult<Json<Attached>> {
     let (mut tx, _) =
         authz::begin(&state.pool, principal, Action::ListAttachedPolicies, tenant, &who.nrn(tenant)).await?;
-    let role = who.role(&mut tx, tenant).await?;
+    let (id, role) = who.resolve(&mut tx, tenant).await?;
     let rows: Vec<(String, String)> = sqlx::query_as(&format!(
         "SELECT a.purpose, coalesce(a.managed_policy, p.name) FROM policy_attachments a \
          LEFT JOIN policies p ON p.id = a.policy_id WHERE a.tenant_id = $1 AND a.{} = $2 ORDER BY a.id",
         who.column()
     ))
     .bind(tenant)
-    .bind(who.id())
+    .bind(id)
     .fetch_all(&mut *tx)
     .await?;
     tx.commit().await?;
@@ -165,13 +169,13 @@ pub(super) async fn attach(
         (_, true) => Action::PutPermissionsBoundary,
         (Who::Member(_), false) => Action::AttachUserPolicy,
         (Who::Key(_), false) => Action::AttachApiKeyPolicy,
-        (Who::Group(..), false) => Action::AttachGroupPolicy,
+        (Who::Group(_), false) => Action::AttachGroupPolicy,
     };
     let resource = who.nrn(tenant);
     // Which policy, for conditions on it (delegating "may attach only Viewer").
     let asked = policy_context(tenant, name);
     let (mut tx, _) = authz::begin_with(&state.pool, principal, action, tenant, &resource, &asked).await?;
-    who.role(&mut tx, tenant).await?;
+    let (id, _) = who.resolve(&mut tx, tenant).await?;
     let (managed, policy_id) = resolve(&mut tx, tenant, name).await?;
     let purpose = if boundary { "boundary" } else { "identity" };
     if boundary {
@@ -180,7 +184,7 @@ pub(super) async fn attach(
             who.column()
         ))
         .bind(tenant)
-        .bind(who.id())
+        .bind(id)
         .execute(&mut *tx)
         .await?;
     } else {
@@ -189,7 +193,7 @@ pub(super) async fn attach(
             who.column()
         ))
         .bind(tenant)
-        .bind(who.id())
+        .bind(id)
         .fetch_one(&mut *tx)
         .await?;
         if n >= MAX_ATTACHED {
@@ -206,7 +210,7 @@ pub(super) async fn attach(
     ))
     .bind(Uuid::now_v7())
     .bind(tenant)
-    .bind(who.id())
+    .bind(id)
     .bind(purpose)
     .bind(&managed)
     .bind(policy_id)
@@ -232,12 +236,12 @@ pub(super) async fn detach(
         (_, None) => Action::DeletePermissionsBoundary,
         (Who::Member(_), Some(_)) => Action::DetachUserPolicy,
         (Who::Key(_), Some(_)) => Action::DetachApiKeyPolicy,
-        (Who::Group(..), Some(_)) => Action::DetachGroupPolicy,
+        (Who::Group(_), Some(_)) => Action::DetachGroupPolicy,
     };
     let resource = who.nrn(tenant);
     let asked = name.map(|n| policy_context(tenant, n)).unwrap_or_else(|| nimbus_iam::Context::new(chrono::Utc::now()));
     let (mut tx, _) = authz::begin_with(&state.pool, principal, action, tenant, &resource, &asked).await?;
-    who.role(&mut tx, tenant).await?;
+    let (id, _) = who.resolve(&mut tx, tenant).await?;
     let removed = match name {
         Some(name) => {
             let (managed, policy_id) = resolve(&mut tx, tenant, name).await?;
@@ -247,7 +251,7 @@ pub(super) async fn detach(
                 who.column()
             ))
             .bind(tenant)
-            .bind(who.id())
+            .bind(id)
             .bind(&managed)
             .bind(policy_id)
             .execute(&mut *tx)
@@ -259,7 +263,7 @@ pub(super) async fn detach(
                 who.column()
             ))
             .bind(tenant)
-            .bind(who.id())
+            .bind(id)
             .execute(&mut *tx)
             .await?
         }
