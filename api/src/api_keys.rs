@@ -175,7 +175,8 @@ pub async fn create_api_key(
     }
     let resource = nrn::api_key(tenant_id, "*");
     let (mut tx, own) = authz::begin(&state.pool, &principal, Action::CreateApiKey, tenant_id, &resource).await?;
-    if req.role > own {
+    // A short-lived role credential never mints a long-lived one, whatever its policies say.
+    if req.role > own || matches!(principal, Principal::Role { .. }) {
         return Err(ApiError::Forbidden {
             action: format!("{} (role {})", Action::CreateApiKey.name(), req.role.as_str()),
             resource,
@@ -198,6 +199,7 @@ pub async fn create_api_key(
     let created_by = match &principal {
         Principal::User { user_id, .. } => Some(*user_id),
         Principal::ApiKey { created_by, .. } => *created_by,
+        Principal::Role { .. } => None,
     };
     let key: ApiKey = sqlx::query_as(&format!(
         "INSERT INTO api_keys (id, tenant_id, name, prefix, secret_hash, role, created_by, expires_at, inherits) \

@@ -57,6 +57,22 @@ pub enum Me {
         /// The key.
         api_key: KeyIdentity,
     },
+    /// A function's execution role (a role credential, as invocations hold it).
+    Role {
+        /// The role.
+        role: RoleIdentity,
+    },
+}
+
+/// The role a role credential stands for.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct RoleIdentity {
+    /// Role id.
+    pub id: Uuid,
+    /// Tenant the role belongs to.
+    pub tenant_id: Uuid,
+    /// The function whose invocation holds the credential.
+    pub function_id: Uuid,
 }
 
 /// Routes of this module.
@@ -86,6 +102,9 @@ pub async fn get_me(State(state): State<AppState>, principal: Principal) -> ApiR
         }
         Principal::ApiKey { key_id, tenant_id, role, .. } => {
             Ok(Json(Me::ApiKey { api_key: KeyIdentity { id: key_id, tenant_id, role } }))
+        }
+        Principal::Role { role_id, tenant_id, function_id } => {
+            Ok(Json(Me::Role { role: RoleIdentity { id: role_id, tenant_id, function_id } }))
         }
     }
 }

@@ -218,11 +218,15 @@ pub async fn list_tenants(
              FROM tenants t JOIN api_keys k ON k.tenant_id = t.id \
              WHERE k.id = $1 AND ($2::uuid IS NULL OR t.id > $2) ORDER BY t.id LIMIT $3",
         ),
+        // A role's tenant, with the role `none` (what it may do is its attached policies).
+        Principal::Role { tenant_id, .. } => (
+            Scope::tenant(*tenant_id, None),
+            "SELECT t.id, t.name, t.display_name, 'none' AS role, t.created_at, t.updated_at \
+             FROM tenants t JOIN roles r ON r.tenant_id = t.id \
+             WHERE r.id = $1 AND ($2::uuid IS NULL OR t.id > $2) ORDER BY t.id LIMIT $3",
+        ),
     };
-    let subject = match &principal {
-        Principal::User { user_id, .. } => *user_id,
-        Principal::ApiKey { key_id, .. } => *key_id,
-    };
+    let subject = principal.actor().1;
     let mut tx = db::begin(&state.pool, &scope).await?;
     let rows: Vec<TenantRow> =
         sqlx::query_as(rows).bind(subject).bind(after).bind(limit + 1).fetch_all(&mut *tx).await?;

@@ -274,6 +274,29 @@ impl Platform {
         (status, res.json().await.unwrap_or(serde_json::Value::Null))
     }
 
+    /// Creates a function from `spec`, uploads `code` and publishes version 1; returns the
+    /// version's id and the package's SHA-256.
+    pub async fn deploy(&self, spec: serde_json::Value, content_type: &str, code: Vec<u8>) -> (String, String) {
+        let fns = format!("/v1/tenants/{}/functions", self.tenant);
+        let name = spec["name"].as_str().expect("a name").to_owned();
+        let (s, b) = self.call(reqwest::Method::POST, &fns, Some(spec)).await;
+        assert_eq!(s, 201, "{b}");
+        let res = self
+            .http
+            .put(format!("{}{fns}/{name}/code", self.base))
+            .bearer_auth(&self.token)
+            .header("content-type", content_type)
+            .body(code)
+            .send()
+            .await
+            .expect("an upload");
+        assert!(res.status().is_success(), "{:?}", res.text().await);
+        let (s, v) =
+            self.call(reqwest::Method::POST, &format!("{fns}/{name}/versions"), Some(serde_json::json!({}))).await;
+        assert_eq!(s, 201, "{v}");
+        (v["id"].as_str().expect("an id").to_owned(), v["package"]["sha256"].as_str().expect("a hash").to_owned())
+    }
+
     /// A join token for up to `max_uses` agents.
     pub async fn join_token(&self, max_uses: u32) -> String {
         let (s, b) = self

@@ -46,26 +46,11 @@ impl P {
 
     /// Creates, uploads and publishes a function; returns its version id and package SHA-256.
     async fn deploy(&self, name: &str, runtime: &str, content_type: &str, code: Vec<u8>) -> (String, String) {
-        let fns = format!("/v1/tenants/{}/functions", self.tenant);
         let mut spec = json!({"name": name, "runtime": runtime, "timeout_ms": 5000});
         if runtime == "process" {
             spec["entry"] = json!("handler.sh");
         }
-        let (s, b) = self.call(reqwest::Method::POST, &fns, Some(spec)).await;
-        assert_eq!(s, 201, "{b}");
-        let res = self
-            .http
-            .put(format!("{}{fns}/{name}/code", self.base))
-            .bearer_auth(&self.token)
-            .header("content-type", content_type)
-            .body(code)
-            .send()
-            .await
-            .unwrap();
-        assert!(res.status().is_success(), "{:?}", res.text().await);
-        let (s, v) = self.call(reqwest::Method::POST, &format!("{fns}/{name}/versions"), Some(json!({}))).await;
-        assert_eq!(s, 201, "{v}");
-        (v["id"].as_str().unwrap().to_owned(), v["package"]["sha256"].as_str().unwrap().to_owned())
+        self.0.deploy(spec, content_type, code).await
     }
 
     async fn assign(&self, node: &str, functions: &[&str]) {

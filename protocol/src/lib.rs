@@ -30,6 +30,10 @@ pub const HEADER_INVOCATION_ID: &str = "x-nimbus-invocation-id";
 pub const HEADER_COLD_START: &str = "x-nimbus-cold-start";
 /// Response header: the machine-readable reason of a failed invocation.
 pub const HEADER_ERROR: &str = "x-nimbus-error";
+/// Request header from the gateway: the invocation's credential for its function's execution
+/// role, which the agent hands the function as `NIMBUS_TOKEN` (and never as an `HTTP_*`
+/// variable). Callers cannot send it: the gateway forwards none of their `x-nimbus-*` headers.
+pub const HEADER_CREDENTIAL: &str = "x-nimbus-credential";
 
 /// Longest node name (a DNS label).
 pub const MAX_NODE_NAME: usize = 63;

@@ -300,6 +300,7 @@ fn http_listener(scratch: &Path, hello: &[u8], concurrencies: &[usize]) -> Optio
         auth,
         draining: Arc::new(AtomicBool::new(false)),
         max_body_bytes: 6 << 20,
+        api_url: None,
     }));
     let tcp = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
     let url = format!("http://{}/invoke/{version_id}", tcp.local_addr().unwrap());

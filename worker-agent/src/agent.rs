@@ -221,6 +221,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
         auth: auth.clone(),
         draining: draining.clone(),
         max_body_bytes: settings.max_body_bytes,
+        api_url: Some(settings.control_plane()),
     }));
     let (stop_serving, serving_stopped) = watch::channel(false);
     let server = tokio::spawn(async move {

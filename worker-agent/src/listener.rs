@@ -29,7 +29,7 @@ use axum::{
     routing::{any, get},
 };
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use nimbus_protocol::{HEADER_COLD_START, HEADER_ERROR, HEADER_INVOCATION_ID};
+use nimbus_protocol::{HEADER_COLD_START, HEADER_CREDENTIAL, HEADER_ERROR, HEADER_INVOCATION_ID};
 use ring::digest::{SHA256, digest};
 use tracing::Instrument as _;
 use uuid::Uuid;
@@ -86,6 +86,8 @@ pub struct Listener {
     pub draining: Arc<AtomicBool>,
     /// Largest request body.
     pub max_body_bytes: usize,
+    /// The control plane's URL, handed to functions as `NIMBUS_API_URL`.
+    pub api_url: Option<String>,
 }
 
 /// The listener's routes.
@@ -102,7 +104,7 @@ pub fn router(listener: Arc<Listener>) -> Router {
 /// Headers that describe one connection, not the request (RFC 9110 §7.6.1), the credential
 /// the gateway used, and `proxy` (httpoxy: it would become `HTTP_PROXY`, which many HTTP
 /// clients in the function would take as their proxy): none of them reach the function.
-const NOT_FORWARDED: [&str; 11] = [
+const NOT_FORWARDED: [&str; 12] = [
     "connection",
     "keep-alive",
     "proxy-authenticate",
@@ -114,6 +116,7 @@ const NOT_FORWARDED: [&str; 11] = [
     "upgrade",
     "authorization",
     "proxy",
+    HEADER_CREDENTIAL,
 ];
 
 fn forwarded_headers(headers: &HeaderMap) -> Vec<(String, String)> {
@@ -226,6 +229,8 @@ async fn invoke(
         headers: forwarded_headers(&parts.headers),
         body,
         env: version.assignment.env.clone(),
+        api_url: listener.api_url.clone(),
+        credential: parts.headers.get(HEADER_CREDENTIAL).and_then(|v| v.to_str().ok()).map(str::to_owned),
     };
 
     // Waiting for a slot is bounded like the invocation itself would be.
@@ -379,6 +384,7 @@ mod tests {
             ("content-type", "text/plain"),
             ("x-test", "yes"),
             ("proxy", "http://evil.example:3128"),
+            ("x-nimbus-credential", "nrc_token"),
         ] {
             headers.insert(HeaderName::from_static(k), HeaderValue::from_static(v));
         }

@@ -95,7 +95,13 @@ impl Agent {
         let auth = Arc::new(InvokeAuth::default());
         auth.set(SECRET);
         let draining = Arc::new(AtomicBool::new(false));
-        let app = router(Arc::new(Listener { invoker, auth, draining: draining.clone(), max_body_bytes }));
+        let app = router(Arc::new(Listener {
+            invoker,
+            auth,
+            draining: draining.clone(),
+            max_body_bytes,
+            api_url: Some("http://control-plane.test".into()),
+        }));
         let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", tcp.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(tcp, app).await.unwrap() });

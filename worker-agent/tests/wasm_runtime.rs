@@ -24,6 +24,7 @@ fn request(body: &[u8]) -> Invocation {
         headers: vec![("content-type".into(), "text/plain".into()), ("x-test".into(), "yes".into())],
         body: body.to_vec(),
         env: BTreeMap::from([("GREETING".to_owned(), "hello".to_owned())]),
+        ..Invocation::default()
     }
 }
 

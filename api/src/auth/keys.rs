@@ -42,6 +42,48 @@ pub struct Claims {
     pub jti: Uuid,
 }
 
+/// Claims of a role credential: what an invocation of a function with an execution role acts
+/// as when it calls the API (see [`KeyRing::issue_role`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RoleClaims {
+    /// The role id.
+    pub sub: Uuid,
+    /// The role's tenant.
+    pub tid: Uuid,
+    /// The function whose invocations hold it (the credential is void once the function no
+    /// longer has this role).
+    pub fid: Uuid,
+    /// Issuer: the deployment's public URL.
+    pub iss: String,
+    /// Audience: always `nimbus-role`.
+    pub aud: String,
+    /// Issued at (seconds since the epoch).
+    pub iat: i64,
+    /// Expires at (seconds since the epoch).
+    pub exp: i64,
+    /// Token id.
+    pub jti: Uuid,
+}
+
+/// Audience of every role credential (so that one is never taken for an access token).
+pub const ROLE_AUDIENCE: &str = "nimbus-role";
+
+/// What the cache of verified tokens holds.
+#[derive(Debug, Clone)]
+enum Verified {
+    Access(Claims),
+    Role(RoleClaims),
+}
+
+impl Verified {
+    fn exp(&self) -> i64 {
+        match self {
+            Verified::Access(c) => c.exp,
+            Verified::Role(c) => c.exp,
+        }
+    }
+}
+
 /// Clock-skew allowance when checking expiry, in seconds.
 const LEEWAY_SECS: u64 = 30;
 
@@ -82,7 +124,7 @@ pub struct KeyRing {
     /// Tokens already verified, by the SHA-256 of the whole token: a client sends the same
     /// token for its whole life, and an Ed25519 verification is the costliest step of
     /// authentication. Emptied whenever the set of trusted keys changes.
-    verified: Arc<Mutex<HashMap<Vec<u8>, Claims>>>,
+    verified: Arc<Mutex<HashMap<Vec<u8>, Verified>>>,
     /// When an unknown `kid` last made us reload, so that bogus tokens cannot make every
     /// request query the database.
     last_miss_reload: Arc<Mutex<Option<Instant>>>,
@@ -210,12 +252,6 @@ impl KeyRing {
 
     /// Issues an access token for a user session; returns the token and its expiry.
     pub fn issue(&self, user: Uuid, session: Uuid) -> anyhow::Result<(String, DateTime<Utc>)> {
-        let (kid, key) = {
-            let keys = self.keys.read().expect("key ring lock");
-            let kid = keys.active.clone().context("no active signing key")?;
-            let key = keys.by_kid.get(&kid).cloned().context("active key not loaded")?;
-            (kid, key)
-        };
         let now = Utc::now();
         let exp = now + chrono::Duration::from_std(self.access_ttl)?;
         let claims = Claims {
@@ -227,15 +263,68 @@ impl KeyRing {
             exp: exp.timestamp(),
             jti: Uuid::now_v7(),
         };
+        Ok((self.sign(&claims)?, exp))
+    }
+
+    /// Issues a credential for `role` of `tenant`, held by invocations of `function`, valid for
+    /// `ttl`; returns the token and its expiry.
+    pub fn issue_role(
+        &self,
+        role: Uuid,
+        tenant: Uuid,
+        function: Uuid,
+        ttl: Duration,
+    ) -> anyhow::Result<(String, DateTime<Utc>)> {
+        let now = Utc::now();
+        let exp = now + chrono::Duration::from_std(ttl)?;
+        let claims = RoleClaims {
+            sub: role,
+            tid: tenant,
+            fid: function,
+            iss: self.issuer.clone(),
+            aud: ROLE_AUDIENCE.to_owned(),
+            iat: now.timestamp(),
+            exp: exp.timestamp(),
+            jti: Uuid::now_v7(),
+        };
+        Ok((self.sign(&claims)?, exp))
+    }
+
+    fn sign(&self, claims: &impl Serialize) -> anyhow::Result<String> {
+        let (kid, key) = {
+            let keys = self.keys.read().expect("key ring lock");
+            let kid = keys.active.clone().context("no active signing key")?;
+            let key = keys.by_kid.get(&kid).cloned().context("active key not loaded")?;
+            (kid, key)
+        };
         let mut header = Header::new(Algorithm::EdDSA);
         header.kid = Some(kid);
-        let token = jsonwebtoken::encode(&header, &claims, &key.encoding)?;
-        Ok((token, exp))
+        Ok(jsonwebtoken::encode(&header, claims, &key.encoding)?)
     }
 
     /// Verifies an access token: signature by a known key, issuer, audience, expiry.
     /// An unknown `kid` triggers one reload, so a key rotated on another replica is found.
     pub async fn verify(&self, token: &str) -> Result<Claims, VerifyError> {
+        match self.verify_as::<Claims>(token, AUDIENCE, Verified::Access).await? {
+            Verified::Access(c) => Ok(c),
+            Verified::Role(_) => Err(VerifyError::Invalid),
+        }
+    }
+
+    /// Verifies a role credential as [`KeyRing::verify`] does an access token.
+    pub async fn verify_role(&self, token: &str) -> Result<RoleClaims, VerifyError> {
+        match self.verify_as::<RoleClaims>(token, ROLE_AUDIENCE, Verified::Role).await? {
+            Verified::Role(c) => Ok(c),
+            Verified::Access(_) => Err(VerifyError::Invalid),
+        }
+    }
+
+    async fn verify_as<C: serde::de::DeserializeOwned>(
+        &self,
+        token: &str,
+        audience: &str,
+        wrap: fn(C) -> Verified,
+    ) -> Result<Verified, VerifyError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| VerifyError::Malformed)?;
         if header.alg != Algorithm::EdDSA {
             return Err(VerifyError::Malformed);
@@ -244,8 +333,9 @@ impl KeyRing {
         let digest = super::secret::sha256(token.as_bytes());
         let cached = self.verified.lock().expect("verified cache lock").get(&digest).cloned();
         if let Some(claims) = cached {
-            // Same checks as a fresh verification would make, minus the signature.
-            return if claims.exp + LEEWAY_SECS as i64 > Utc::now().timestamp() && self.key(&kid).is_some() {
+            // Same checks as a fresh verification would make, minus the signature (the audience
+            // is told by the kind of claims the token was verified as).
+            return if claims.exp() + LEEWAY_SECS as i64 > Utc::now().timestamp() && self.key(&kid).is_some() {
                 Ok(claims)
             } else {
                 Err(VerifyError::Expired)
@@ -269,20 +359,19 @@ impl KeyRing {
             }
         };
         let mut validation = Validation::new(Algorithm::EdDSA);
-        validation.set_audience(&[AUDIENCE]);
+        validation.set_audience(&[audience]);
         validation.set_issuer(&[&self.issuer]);
         validation.leeway = LEEWAY_SECS;
-        let claims =
-            jsonwebtoken::decode::<Claims>(token, &key.decoding, &validation).map(|d| d.claims).map_err(|e| match e
-                .kind()
-            {
+        let claims = jsonwebtoken::decode::<C>(token, &key.decoding, &validation).map(|d| wrap(d.claims)).map_err(
+            |e| match e.kind() {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => VerifyError::Expired,
                 _ => VerifyError::Invalid,
-            })?;
+            },
+        )?;
         let mut cache = self.verified.lock().expect("verified cache lock");
         if cache.len() >= VERIFIED_CACHE_MAX {
             let now = Utc::now().timestamp();
-            cache.retain(|_, c| c.exp + LEEWAY_SECS as i64 > now);
+            cache.retain(|_, c| c.exp() + LEEWAY_SECS as i64 > now);
             if cache.len() >= VERIFIED_CACHE_MAX {
                 cache.clear();
             }

@@ -1,4 +1,5 @@
-//! Authentication: who is calling (a user with an access token, or an API key) and from where.
+//! Authentication: who is calling (a user with an access token, an API key, or a function's
+//! execution role with a role credential) and from where.
 
 pub mod keys;
 pub mod password;
@@ -37,22 +38,45 @@ pub enum Principal {
         /// Who created it.
         created_by: Option<Uuid>,
     },
+    /// A function's execution role, as its invocations hold it (a role credential).
+    Role {
+        /// The role.
+        role_id: Uuid,
+        /// Its tenant.
+        tenant_id: Uuid,
+        /// The function whose invocation holds the credential.
+        function_id: Uuid,
+    },
 }
+
+/// How role credentials begin (`nrc_` and a signed token), so that they are told from API keys
+/// and access tokens without decoding them.
+pub const ROLE_CREDENTIAL_PREFIX: &str = "nrc_";
 
 impl Principal {
     /// The user, if the principal is one.
     pub fn user_id(&self) -> Option<Uuid> {
         match self {
             Principal::User { user_id, .. } => Some(*user_id),
-            Principal::ApiKey { .. } => None,
+            Principal::ApiKey { .. } | Principal::Role { .. } => None,
         }
     }
 
-    /// `("user", id)` or `("api_key", id)`: how audit rows and idempotency records name it.
+    /// The tenant the principal belongs to, for those bound to one (API keys and roles).
+    pub fn home_tenant(&self) -> Option<Uuid> {
+        match self {
+            Principal::User { .. } => None,
+            Principal::ApiKey { tenant_id, .. } | Principal::Role { tenant_id, .. } => Some(*tenant_id),
+        }
+    }
+
+    /// `("user", id)`, `("api_key", id)` or `("role", id)`: how audit rows and idempotency
+    /// records name it.
     pub fn actor(&self) -> (&'static str, Uuid) {
         match self {
             Principal::User { user_id, .. } => ("user", *user_id),
             Principal::ApiKey { key_id, .. } => ("api_key", *key_id),
+            Principal::Role { role_id, .. } => ("role", *role_id),
         }
     }
 }
@@ -86,6 +110,14 @@ pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Princ
         return api_keys::authenticate(state, token).await;
     }
     use keys::VerifyError;
+    if let Some(credential) = token.strip_prefix(ROLE_CREDENTIAL_PREFIX) {
+        return match state.keys.verify_role(credential).await {
+            Ok(c) => Ok(Principal::Role { role_id: c.sub, tenant_id: c.tid, function_id: c.fid }),
+            Err(VerifyError::Expired) => Err(ApiError::Unauthenticated("role credential expired")),
+            Err(VerifyError::Internal(e)) => Err(ApiError::Internal(e)),
+            Err(_) => Err(ApiError::Unauthenticated("invalid role credential")),
+        };
+    }
     match state.keys.verify(token).await {
         Ok(claims) => Ok(Principal::User { user_id: claims.sub, session_id: claims.sid }),
         Err(VerifyError::Expired) => Err(ApiError::Unauthenticated("access token expired")),

@@ -214,6 +214,20 @@ pub enum Action {
     AttachGroupPolicy,
     /// Detach a policy from a group.
     DetachGroupPolicy,
+    /// Create a role.
+    CreateRole,
+    /// List roles.
+    ListRoles,
+    /// Read a role with its policies and the functions using it.
+    GetRole,
+    /// Delete a role no function uses.
+    DeleteRole,
+    /// Attach a policy to a role.
+    AttachRolePolicy,
+    /// Detach a policy from a role.
+    DetachRolePolicy,
+    /// Give a role to a function as its execution role.
+    PassRole,
 }
 
 impl Action {
@@ -287,6 +301,13 @@ impl Action {
         Action::RemoveUserFromGroup,
         Action::AttachGroupPolicy,
         Action::DetachGroupPolicy,
+        Action::CreateRole,
+        Action::ListRoles,
+        Action::GetRole,
+        Action::DeleteRole,
+        Action::AttachRolePolicy,
+        Action::DetachRolePolicy,
+        Action::PassRole,
     ];
 
     /// The action's name, `<service>:<Verb><Noun>`.
@@ -360,6 +381,13 @@ impl Action {
             Action::RemoveUserFromGroup => "iam:RemoveUserFromGroup",
             Action::AttachGroupPolicy => "iam:AttachGroupPolicy",
             Action::DetachGroupPolicy => "iam:DetachGroupPolicy",
+            Action::CreateRole => "iam:CreateRole",
+            Action::ListRoles => "iam:ListRoles",
+            Action::GetRole => "iam:GetRole",
+            Action::DeleteRole => "iam:DeleteRole",
+            Action::AttachRolePolicy => "iam:AttachRolePolicy",
+            Action::DetachRolePolicy => "iam:DetachRolePolicy",
+            Action::PassRole => "iam:PassRole",
         }
     }
 
@@ -434,6 +462,10 @@ pub mod nrn {
     /// A group, or every group with `*`.
     pub fn group(t: Uuid, name: &str) -> String {
         format!("nrn:nimbus:iam:{t}:group/{name}")
+    }
+    /// A role (a resource of the `iam:*Role*` actions and a principal), or every role with `*`.
+    pub fn role(t: Uuid, name: &str) -> String {
+        format!("nrn:nimbus:iam:{t}:role/{name}")
     }
     /// A member as an IAM principal.
     pub fn tenant_user(t: Uuid, user: Uuid) -> String {

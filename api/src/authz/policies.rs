@@ -73,7 +73,7 @@ tokio::task_local! {
 
 struct Cache {
     generation: AtomicU64,
-    principals: Mutex<HashMap<(Uuid, Uuid), Arc<Loaded>>>,
+    principals: Mutex<HashMap<(Uuid, Uuid, Uuid), Arc<Loaded>>>,
     compiled: Mutex<HashMap<(Uuid, i32), Arc<CompiledPolicy>>>,
     managed: HashMap<&'static str, Arc<CompiledPolicy>>,
 }
@@ -96,11 +96,13 @@ pub fn managed(name: &str) -> Option<Arc<CompiledPolicy>> {
     CACHE.managed.get(name).cloned()
 }
 
-/// The key of a principal in the cache.
-fn key(principal: &Principal) -> Uuid {
+/// The key of a principal in the cache: its id and, for a role, the function holding it (what
+/// is loaded depends on the function still having the role).
+fn key(principal: &Principal) -> (Uuid, Uuid) {
     match principal {
-        Principal::User { user_id, .. } => *user_id,
-        Principal::ApiKey { key_id, .. } => *key_id,
+        Principal::User { user_id, .. } => (*user_id, Uuid::nil()),
+        Principal::ApiKey { key_id, .. } => (*key_id, Uuid::nil()),
+        Principal::Role { role_id, function_id, .. } => (*role_id, *function_id),
     }
 }
 
@@ -108,7 +110,12 @@ fn key(principal: &Principal) -> Uuid {
 pub fn cached(principal: &Principal, tenant: Uuid) -> Option<Arc<Loaded>> {
     let generation = CACHE.generation.load(Ordering::Acquire);
     let map = CACHE.principals.lock().unwrap_or_else(|p| p.into_inner());
-    map.get(&(key(principal), tenant)).filter(|l| l.generation == generation).cloned()
+    map.get(&{
+        let (id, function) = key(principal);
+        (id, function, tenant)
+    })
+    .filter(|l| l.generation == generation)
+    .cloned()
 }
 
 /// `principal` in `tenant`: from the cache, or read in `tx` (scoped to the tenant) and cached.
@@ -124,7 +131,8 @@ pub async fn load(tx: &mut Tx, principal: &Principal, tenant: Uuid) -> Result<Ar
     }
     // A change committed while this was read moved the generation on: the entry is then stale
     // at once and the next request reads again.
-    map.insert((key(principal), tenant), loaded.clone());
+    let (id, function) = key(principal);
+    map.insert((id, function, tenant), loaded.clone());
     Ok(loaded)
 }
 
@@ -146,6 +154,7 @@ struct Attachment {
 async fn read(tx: &mut Tx, principal: &Principal, tenant: Uuid, generation: u64) -> Result<Loaded, ApiError> {
     let t = tenant.to_string();
     let mut context = Context::new(chrono::Utc::now());
+    let mut void = false;
     let (role, who, iam_principal) = match principal {
         Principal::User { user_id, .. } => {
             let row: Option<MemberRow> = sqlx::query_as(
@@ -173,6 +182,36 @@ async fn read(tx: &mut Tx, principal: &Principal, tenant: Uuid, generation: u64)
             let role = (*tenant_id == tenant).then_some(*role);
             (role, *key_id, nimbus_iam::Principal::api_key(&t, &key_id.to_string()))
         }
+        Principal::Role { role_id, tenant_id, function_id } => {
+            // A role is in its tenant while the function holding the credential still has it
+            // as its execution role: changing or removing the role voids credentials at once.
+            // Without a function (the simulator, access reports): the role as such.
+            let name: Option<String> = if *tenant_id == tenant && function_id.is_nil() {
+                sqlx::query_scalar("SELECT name FROM roles WHERE tenant_id = $1 AND id = $2")
+                    .bind(tenant)
+                    .bind(role_id)
+                    .fetch_optional(&mut **tx)
+                    .await?
+            } else if *tenant_id == tenant {
+                sqlx::query_scalar(
+                    "SELECT r.name FROM roles r JOIN functions f ON f.tenant_id = r.tenant_id AND f.execution_role_id = r.id \
+                     WHERE r.tenant_id = $1 AND r.id = $2 AND f.id = $3",
+                )
+                .bind(tenant)
+                .bind(role_id)
+                .bind(function_id)
+                .fetch_optional(&mut **tx)
+                .await?
+            } else {
+                None
+            };
+            context.insert("nimbus:userid", role_id.to_string());
+            // A void credential (the role is gone or the function has another) is still of the
+            // tenant but is granted nothing: every decision is a 403 naming what it asked.
+            void = name.is_none();
+            let nrn_name = name.unwrap_or_else(|| role_id.to_string());
+            ((*tenant_id == tenant).then_some(Role::None), *role_id, nimbus_iam::Principal::role(&t, &nrn_name))
+        }
     };
     context.insert("nimbus:MultiFactorAuthPresent", false);
     let mut loaded = Loaded {
@@ -180,7 +219,7 @@ async fn read(tx: &mut Tx, principal: &Principal, tenant: Uuid, generation: u64)
         principal: iam_principal,
         tenant: t,
         tenant_id: tenant,
-        who: (if matches!(principal, Principal::User { .. }) { "user" } else { "api_key" }, who),
+        who: (principal.actor().0, who),
         identity: Vec::new(),
         boundary: None,
         guardrails: Vec::new(),
@@ -188,6 +227,9 @@ async fn read(tx: &mut Tx, principal: &Principal, tenant: Uuid, generation: u64)
         generation,
     };
     let Some(mut role) = role else { return Ok(loaded) };
+    if void {
+        return Ok(loaded);
+    }
     // A key that inherits acts with its creator's role, attachments and groups (the key's own
     // boundary still applies; its own attachments do not).
     let mut grants = who;
@@ -216,13 +258,14 @@ async fn read(tx: &mut Tx, principal: &Principal, tenant: Uuid, generation: u64)
 
     let attachments: Vec<Attachment> = sqlx::query_as(
         "SELECT a.purpose, a.managed_policy, a.policy_id, p.name, p.default_version AS version, v.document, \
-         (a.user_id = $3 OR a.api_key_id = $3) AS own \
+         (a.user_id = $3 OR a.api_key_id = $3 OR a.role_id = $3) AS own \
          FROM policy_attachments a \
          LEFT JOIN policies p ON p.tenant_id = a.tenant_id AND p.id = a.policy_id \
          LEFT JOIN policy_versions v ON v.policy_id = p.id AND v.version = p.default_version \
-         WHERE a.tenant_id = $1 AND ((a.purpose = 'identity' AND (a.user_id = $2 OR a.api_key_id = $2 OR a.group_id IN \
-           (SELECT g.group_id FROM group_members g WHERE g.tenant_id = $1 AND g.user_id = $2))) \
-           OR (a.purpose = 'boundary' AND (a.user_id = $3 OR a.api_key_id = $3 OR a.user_id = $2))) ORDER BY a.id",
+         WHERE a.tenant_id = $1 AND ((a.purpose = 'identity' AND (a.user_id = $2 OR a.api_key_id = $2 OR a.role_id = $2 \
+           OR a.group_id IN (SELECT g.group_id FROM group_members g WHERE g.tenant_id = $1 AND g.user_id = $2))) \
+           OR (a.purpose = 'boundary' AND (a.user_id = $3 OR a.api_key_id = $3 OR a.role_id = $3 OR a.user_id = $2))) \
+         ORDER BY a.id",
     )
     .bind(tenant)
     .bind(grants)

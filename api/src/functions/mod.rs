@@ -17,6 +17,7 @@ pub mod logs;
 pub mod metrics;
 pub mod packages;
 pub mod policy;
+pub mod role;
 pub mod validate;
 pub mod versions;
 
@@ -167,6 +168,9 @@ pub struct Function {
     pub scale: Vec<VersionScale>,
     /// The current code package, once one is uploaded.
     pub package: Option<PackageRef>,
+    /// The execution role its invocations act as when they call the API (set with
+    /// `PUT .../execution-role`); none: invocations get no credential.
+    pub execution_role: Option<String>,
     /// The ETag of this state; send it as `If-Match` to update.
     pub etag: String,
     /// The number the next published version gets.
@@ -331,6 +335,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .merge(logs::router())
         .merge(metrics::router())
         .merge(policy::router())
+        .merge(role::router())
 }
 
 /// The ETag of a revision.
@@ -384,11 +389,14 @@ pub(crate) struct FunctionRow {
     pub created_by: Option<Uuid>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    pub execution_role: Option<String>,
 }
 
 pub(crate) const FUNCTION_COLUMNS: &str = "id, tenant_id, name, runtime, entry, memory_mb, timeout_ms, concurrency, \
      min_scale, max_scale, reserved_concurrency, description, tags, environment, scaling, placement, \
-     package_id, revision, next_version, created_by, created_at, updated_at";
+     package_id, revision, next_version, created_by, created_at, updated_at, \
+     (SELECT r.name FROM roles r WHERE r.tenant_id = functions.tenant_id AND r.id = functions.execution_role_id) \
+     AS execution_role";
 
 /// A stored non-negative integer (the columns only ever hold checked values).
 fn unsigned(v: i32) -> u32 {
@@ -424,6 +432,7 @@ impl FunctionRow {
             placement: self.placement.0,
             scale,
             package,
+            execution_role: self.execution_role,
             etag: etag(self.revision),
             next_version: self.next_version,
             created_by: self.created_by,
@@ -652,7 +661,7 @@ pub async fn create_function(
     .bind(sqlx::types::Json(&environment))
     .bind(principal.user_id().or(match &principal {
         Principal::ApiKey { created_by, .. } => *created_by,
-        Principal::User { .. } => None,
+        Principal::User { .. } | Principal::Role { .. } => None,
     }))
     .bind(sqlx::types::Json(&scaling))
     .bind(sqlx::types::Json(&placement))

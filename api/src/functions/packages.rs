@@ -152,6 +152,7 @@ fn uploader(principal: &Principal) -> Option<Uuid> {
     match principal {
         Principal::User { user_id, .. } => Some(*user_id),
         Principal::ApiKey { created_by, .. } => *created_by,
+        Principal::Role { .. } => None,
     }
 }
 

@@ -27,7 +27,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::any,
 };
-use nimbus_protocol::{HEADER_COLD_START, HEADER_INVOCATION_ID};
+use nimbus_protocol::{HEADER_COLD_START, HEADER_CREDENTIAL, HEADER_INVOCATION_ID};
 use uuid::Uuid;
 
 use crate::{
@@ -200,10 +200,7 @@ async fn route(state: &AppState, params: &[(String, String)], req: Request) -> R
         let policy = function.and_then(|f| f.policy.as_deref());
         // An API key of another tenant acts with its own tenant's policies, and the function's
         // policy must name it (or its tenant) too.
-        let home = match &principal {
-            crate::auth::Principal::ApiKey { tenant_id, .. } => *tenant_id,
-            crate::auth::Principal::User { .. } => tenant,
-        };
+        let home = principal.home_tenant().unwrap_or(tenant);
         authz::decide_on(
             &*loaded_in(state, &principal, home).await?,
             Action::InvokeFunction,
@@ -377,6 +374,10 @@ async fn route(state: &AppState, params: &[(String, String)], req: Request) -> R
     );
     if let Some(id) = parts.headers.get("x-request-id") {
         headers.insert(HeaderName::from_static("x-request-id"), id.clone());
+    }
+    if let Some(role) = function.execution_role {
+        let credential = state.routes.credential(&state.keys, tenant, function.id, role)?;
+        headers.insert(HeaderName::from_static(HEADER_CREDENTIAL), credential);
     }
 
     // A request that is safe to send twice (an idempotent method without a body) goes to another

@@ -65,6 +65,8 @@ pub struct FunctionEntry {
     pub policy: Option<Arc<nimbus_iam::CompiledPolicy>>,
     /// Its tags as condition keys (`nimbus:ResourceTag/<key>`), when it has any.
     pub tags: Option<nimbus_iam::Context>,
+    /// Its execution role: invocations get a credential for it.
+    pub execution_role: Option<Uuid>,
 }
 
 /// A node serving invocations.
@@ -187,6 +189,8 @@ pub struct Routes {
     holds: Arc<Mutex<HashMap<Uuid, HoldEntry>>>,
     counters: Arc<Mutex<HashMap<Uuid, NodeCounters>>>,
     keys: Arc<Mutex<KeyCache>>,
+    /// Role credentials per (function, role), with when they expire.
+    credentials: Arc<Mutex<Credentials>>,
     started: Instant,
     replica: Uuid,
 }
@@ -199,14 +203,26 @@ impl Default for Routes {
             holds: Arc::default(),
             counters: Arc::default(),
             keys: Arc::default(),
+            credentials: Arc::default(),
             started: Instant::now(),
             replica: Uuid::now_v7(),
         }
     }
 }
 
-/// A function's id, tenant, name, reserved concurrency, resource policy and tags.
-type FunctionRow = (Uuid, Uuid, String, Option<i32>, Option<String>, sqlx::types::Json<BTreeMap<String, String>>);
+/// A function's id, tenant, name, reserved concurrency, resource policy, tags and execution role.
+type FunctionRow =
+    (Uuid, Uuid, String, Option<i32>, Option<String>, sqlx::types::Json<BTreeMap<String, String>>, Option<Uuid>);
+
+/// How long a role credential is valid.
+pub const CREDENTIAL_TTL: Duration = Duration::from_secs(3600);
+/// A cached credential is handed out while at least this much of its life is left: more than
+/// the longest an invocation may run (15 minutes), so that no invocation outlives its credential.
+pub const CREDENTIAL_MIN_LEFT: Duration = Duration::from_secs(20 * 60);
+/// Role credentials per (function, role), as header values, with when they expire.
+type Credentials = HashMap<(Uuid, Uuid), (axum::http::HeaderValue, Instant)>;
+/// Most credentials kept at once (one per function with a role).
+const CREDENTIALS_MAX: usize = 100_000;
 
 #[derive(sqlx::FromRow)]
 struct NodeRow {
@@ -243,6 +259,33 @@ impl Routes {
     pub fn clear_auth(&self) {
         self.keys.lock().unwrap_or_else(|p| p.into_inner()).clear();
         crate::authz::policies::invalidate();
+    }
+
+    /// The credential for `function`'s execution `role` that an invocation takes along: one
+    /// per function and role, signed once and handed out while [`CREDENTIAL_MIN_LEFT`] of it is
+    /// left (so a busy function costs no signature per invocation).
+    pub fn credential(
+        &self,
+        keys: &crate::auth::keys::KeyRing,
+        tenant: Uuid,
+        function: Uuid,
+        role: Uuid,
+    ) -> anyhow::Result<axum::http::HeaderValue> {
+        let now = Instant::now();
+        let mut cache = self.credentials.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((token, expires)) = cache.get(&(function, role)) {
+            if expires.saturating_duration_since(now) >= CREDENTIAL_MIN_LEFT {
+                return Ok(token.clone());
+            }
+        }
+        let (token, _) = keys.issue_role(role, tenant, function, CREDENTIAL_TTL)?;
+        let mut token = axum::http::HeaderValue::from_str(&format!("{}{token}", crate::auth::ROLE_CREDENTIAL_PREFIX))?;
+        token.set_sensitive(true);
+        if cache.len() >= CREDENTIALS_MAX {
+            cache.clear();
+        }
+        cache.insert((function, role), (token.clone(), now + CREDENTIAL_TTL));
+        Ok(token)
     }
 
     /// This replica's id (in pokes, so the autoscaler can sum what every replica holds).
@@ -333,10 +376,11 @@ impl Routes {
         let started = Instant::now();
         let mut tx = db::begin(pool, &Scope { gateway: true, ..Scope::default() }).await?;
         let tenants: Vec<(Uuid, String)> = sqlx::query_as("SELECT id, name FROM tenants").fetch_all(&mut *tx).await?;
-        let functions: Vec<FunctionRow> =
-            sqlx::query_as("SELECT id, tenant_id, name, reserved_concurrency, resource_policy, tags FROM functions")
-                .fetch_all(&mut *tx)
-                .await?;
+        let functions: Vec<FunctionRow> = sqlx::query_as(
+            "SELECT id, tenant_id, name, reserved_concurrency, resource_policy, tags, execution_role_id FROM functions",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
         let versions: Vec<(Uuid, Uuid, i32, sqlx::types::Json<StoredConfig>)> =
             sqlx::query_as("SELECT id, function_id, number, config FROM versions").fetch_all(&mut *tx).await?;
         let aliases: Vec<(Uuid, String, sqlx::types::Json<RoutingConfig>)> =
@@ -349,7 +393,7 @@ impl Routes {
 
         let mut by_id: HashMap<Uuid, FunctionEntry> = functions
             .iter()
-            .map(|(id, tenant_id, name, reserved, policy, tags)| {
+            .map(|(id, tenant_id, name, reserved, policy, tags, role)| {
                 let tags = (!tags.0.is_empty()).then(|| {
                     let mut c = nimbus_iam::Context::new(chrono::Utc::now());
                     for (k, v) in &tags.0 {
@@ -381,6 +425,7 @@ impl Routes {
                     reserved_concurrency: reserved.and_then(|r| u32::try_from(r).ok()),
                     policy,
                     tags,
+                    execution_role: *role,
                 };
                 (*id, entry)
             })

@@ -39,6 +39,8 @@ pub struct ReportParams {
     pub user_id: Option<Uuid>,
     /// Or the API key.
     pub api_key_id: Option<Uuid>,
+    /// Or the role, by name.
+    pub role: Option<String>,
     /// Days to look back, 1–90 (default 90).
     pub days: Option<i32>,
 }
@@ -101,7 +103,7 @@ pub async fn access_report(
     Path(tenant_id): Path<Uuid>,
     Query(q): Query<ReportParams>,
 ) -> ApiResult<Json<AccessReport>> {
-    let subject = Subject { user_id: q.user_id, api_key_id: q.api_key_id };
+    let subject = Subject { user_id: q.user_id, api_key_id: q.api_key_id, role: q.role.clone() };
     // Authorized first (on every member when no principal is named), so that a caller without
     // the permission learns nothing from the validation.
     let named = subject.nrn(tenant_id);

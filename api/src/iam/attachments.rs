@@ -1,5 +1,6 @@
-//! Attaching policies to principals: to members (`/members/{user_id}/policies`) and to API keys
-//! (`/api-keys/{key_id}/policies`), as identity policies (any number, at most
+//! Attaching policies to principals: to members (`/members/{user_id}/policies`), to API keys
+//! (`/api-keys/{key_id}/policies`) and (from [`super::groups`] and [`super::roles`]) to groups
+//! and roles, as identity policies (any number, at most
 //! [`MAX_ATTACHED`]) or as the one permissions boundary. A policy is named by its name: a
 //! managed policy's or one of the tenant's. Attaching is idempotent (`PUT`).
 
@@ -59,6 +60,7 @@ pub(super) enum Who {
     Member(Uuid),
     Key(Uuid),
     Group(String),
+    Role(String),
 }
 
 impl Who {
@@ -67,6 +69,7 @@ impl Who {
             Who::Member(u) => nrn::tenant_user(tenant, *u),
             Who::Key(k) => nrn::api_key_principal(tenant, *k),
             Who::Group(name) => nrn::group(tenant, name),
+            Who::Role(name) => nrn::role(tenant, name),
         }
     }
 
@@ -75,6 +78,7 @@ impl Who {
             Who::Member(_) => "user_id",
             Who::Key(_) => "api_key_id",
             Who::Group(_) => "group_id",
+            Who::Role(_) => "role_id",
         }
     }
 
@@ -89,6 +93,14 @@ impl Who {
                     .fetch_optional(&mut **tx)
                     .await?;
                 return Ok((id.ok_or(ApiError::NotFound("group"))?, authz::Role::None));
+            }
+            Who::Role(name) => {
+                let id: Option<Uuid> = sqlx::query_scalar("SELECT id FROM roles WHERE tenant_id = $1 AND name = $2")
+                    .bind(tenant)
+                    .bind(name)
+                    .fetch_optional(&mut **tx)
+                    .await?;
+                return Ok((id.ok_or(ApiError::NotFound("role"))?, authz::Role::None));
             }
             Who::Member(u) => (
                 *u,
@@ -170,6 +182,7 @@ pub(super) async fn attach(
         (Who::Member(_), false) => Action::AttachUserPolicy,
         (Who::Key(_), false) => Action::AttachApiKeyPolicy,
         (Who::Group(_), false) => Action::AttachGroupPolicy,
+        (Who::Role(_), false) => Action::AttachRolePolicy,
     };
     let resource = who.nrn(tenant);
     // Which policy, for conditions on it (delegating "may attach only Viewer").
@@ -237,6 +250,7 @@ pub(super) async fn detach(
         (Who::Member(_), Some(_)) => Action::DetachUserPolicy,
         (Who::Key(_), Some(_)) => Action::DetachApiKeyPolicy,
         (Who::Group(_), Some(_)) => Action::DetachGroupPolicy,
+        (Who::Role(_), Some(_)) => Action::DetachRolePolicy,
     };
     let resource = who.nrn(tenant);
     let asked = name.map(|n| policy_context(tenant, n)).unwrap_or_else(|| nimbus_iam::Context::new(chrono::Utc::now()));

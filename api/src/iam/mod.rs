@@ -1,7 +1,8 @@
 //! IAM over REST: a tenant's own policies and their versions ([`policies`]), attaching policies
 //! to members and API keys as identity policies or as their permissions boundary
 //! ([`attachments`]), validating documents and simulating decisions ([`simulate`]), and the
-//! guardrails platform operators set per tenant ([`guardrails`]). The evaluation itself is
+//! guardrails platform operators set per tenant ([`guardrails`]), groups ([`groups`]) and roles
+//! ([`roles`]), the access report and policy generation ([`access`]). The evaluation itself is
 //! `nimbus_iam`'s; what a principal has is loaded by [`crate::authz::policies`].
 
 pub mod access;
@@ -9,6 +10,7 @@ pub mod attachments;
 pub mod groups;
 pub mod guardrails;
 pub mod policies;
+pub mod roles;
 pub mod simulate;
 
 use serde::{Deserialize, Serialize};
@@ -26,6 +28,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .merge(guardrails::router())
         .merge(access::router())
         .merge(groups::router())
+        .merge(roles::router())
 }
 
 /// A policy document in a request: the JSON itself, or a string holding it (as the console's

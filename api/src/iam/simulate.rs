@@ -130,15 +130,18 @@ pub struct Subject {
     pub user_id: Option<Uuid>,
     /// An API key.
     pub api_key_id: Option<Uuid>,
+    /// A role, by name (as any function with it as its execution role would act).
+    pub role: Option<String>,
 }
 
 impl Subject {
     /// Its NRN; 422 unless exactly one id is given.
     pub fn nrn(&self, tenant: Uuid) -> Result<String, FieldError> {
-        match (self.user_id, self.api_key_id) {
-            (Some(u), None) => Ok(nrn::tenant_user(tenant, u)),
-            (None, Some(k)) => Ok(nrn::api_key_principal(tenant, k)),
-            _ => Err(FieldError::new("principal", "one_of", "exactly one of user_id and api_key_id")),
+        match (self.user_id, self.api_key_id, self.role.as_deref()) {
+            (Some(u), None, None) => Ok(nrn::tenant_user(tenant, u)),
+            (None, Some(k), None) => Ok(nrn::api_key_principal(tenant, k)),
+            (None, None, Some(r)) => Ok(nrn::role(tenant, r)),
+            _ => Err(FieldError::new("principal", "one_of", "exactly one of user_id, api_key_id and role")),
         }
     }
 
@@ -148,9 +151,22 @@ impl Subject {
         tx: &mut crate::db::Tx,
         tenant: Uuid,
     ) -> ApiResult<std::sync::Arc<authz::policies::Loaded>> {
-        let subject = match (self.user_id, self.api_key_id) {
-            (Some(user_id), _) => Principal::User { user_id, session_id: Uuid::nil() },
-            (_, Some(key_id)) => {
+        let subject = match (self.user_id, self.api_key_id, self.role.as_deref()) {
+            (Some(user_id), ..) => Principal::User { user_id, session_id: Uuid::nil() },
+            (_, _, Some(role)) => {
+                let id: Option<Uuid> = sqlx::query_scalar("SELECT id FROM roles WHERE tenant_id = $1 AND name = $2")
+                    .bind(tenant)
+                    .bind(role)
+                    .fetch_optional(&mut **tx)
+                    .await?;
+                // No function: the role as such, whichever function holds it.
+                Principal::Role {
+                    role_id: id.ok_or(ApiError::NotFound("role"))?,
+                    tenant_id: tenant,
+                    function_id: Uuid::nil(),
+                }
+            }
+            (_, Some(key_id), _) => {
                 let row: Option<(String, Option<Uuid>)> =
                     sqlx::query_as("SELECT role, created_by FROM api_keys WHERE tenant_id = $1 AND id = $2")
                         .bind(tenant)

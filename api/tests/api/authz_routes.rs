@@ -4,7 +4,7 @@
 //! authenticate or authorize fails here.
 
 use axum::http::{Method, StatusCode};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::helpers::{Req, spawn_app};
 
@@ -32,6 +32,34 @@ async fn every_route_is_public_by_design_or_authorized() {
     let bare = app.sign_up("bare@example.com", "bare-home").await;
     app.add_member(&owner, owner.tenant, &bare, "none").await;
     let (_, bare_key) = app.create_key(&owner.token, owner.tenant, "none").await;
+    // And a function's execution role with nothing attached, as an invocation holds it.
+    let bare_role = {
+        let t = owner.tenant;
+        let res =
+            app.post(&format!("/v1/tenants/{t}/roles")).token(&owner.token).json(json!({"name": "bare"})).send().await;
+        assert_eq!(res.status, StatusCode::CREATED, "{}", res.text);
+        let res = app
+            .post(&format!("/v1/tenants/{t}/functions"))
+            .token(&owner.token)
+            .json(json!({"name": "holder", "runtime": "wasm"}))
+            .send()
+            .await;
+        assert_eq!(res.status, StatusCode::CREATED, "{}", res.text);
+        let res = app
+            .req(Method::PUT, &format!("/v1/tenants/{t}/functions/holder/execution-role"))
+            .token(&owner.token)
+            .json(json!({"role": "bare"}))
+            .send()
+            .await;
+        assert_eq!(res.status, StatusCode::OK, "{}", res.text);
+        let (role, function): (uuid::Uuid, uuid::Uuid) =
+            sqlx::query_as("SELECT execution_role_id, id FROM functions WHERE name = 'holder'")
+                .fetch_one(&mut app.admin_conn().await)
+                .await
+                .unwrap();
+        let (token, _) = app.state.keys.issue_role(role, t, function, std::time::Duration::from_secs(600)).unwrap();
+        format!("nrc_{token}")
+    };
 
     let doc = serde_json::to_value(nimbus_api::openapi::document()).unwrap();
     let mut checked = 0;
@@ -60,7 +88,8 @@ async fn every_route_is_public_by_design_or_authorized() {
                 .replace("{sha256}", &"a".repeat(64))
                 .replace("{pool}", "spot")
                 .replace("{policy_name}", "Viewer")
-                .replace("{group_name}", "deployers");
+                .replace("{group_name}", "deployers")
+                .replace("{role_name}", "worker");
             assert!(!concrete.contains('{'), "no test value for a parameter of {path}");
             let m: Method = method.to_uppercase().parse().unwrap();
             let example = op
@@ -79,7 +108,7 @@ async fn every_route_is_public_by_design_or_authorized() {
                     res.status,
                     res.text
                 );
-                for (who, token) in [("a member", &bare.token), ("an API key", &bare_key)] {
+                for (who, token) in [("a member", &bare.token), ("an API key", &bare_key), ("a role", &bare_role)] {
                     let res = with_body(app.req(m.clone(), &concrete).token(token), &m, &example).send().await;
                     assert_eq!(
                         res.status,

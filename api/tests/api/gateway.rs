@@ -22,16 +22,18 @@ use crate::{
 
 /// What the stand-in agent saw of one request.
 #[derive(Debug, Clone)]
-struct Seen {
-    path: String,
-    authorization: String,
-    invocation_id: String,
-    body: String,
-    forwarded_credential: bool,
+pub(crate) struct Seen {
+    pub path: String,
+    pub authorization: String,
+    pub invocation_id: String,
+    pub body: String,
+    pub forwarded_credential: bool,
+    /// The role credential the gateway handed the invocation (`x-nimbus-credential`).
+    pub role_credential: Option<String>,
 }
 
 /// A stand-in for an agent's invocation listener: answers `v=<version id>` and records requests.
-async fn stand_in_agent() -> (String, Arc<Mutex<Vec<Seen>>>) {
+pub(crate) async fn stand_in_agent() -> (String, Arc<Mutex<Vec<Seen>>>) {
     let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
     let log = seen.clone();
     let app = axum::Router::new().fallback(move |req: Request| {
@@ -42,6 +44,8 @@ async fn stand_in_agent() -> (String, Arc<Mutex<Vec<Seen>>>) {
             let path = parts.uri.path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_default();
             let (authorization, invocation_id) = (header("authorization"), header("x-nimbus-invocation-id"));
             let forwarded_credential = parts.headers.get_all("authorization").iter().count() > 1;
+            let role_credential =
+                parts.headers.get("x-nimbus-credential").and_then(|v| v.to_str().ok()).map(str::to_owned);
             let body = axum::body::to_bytes(body, 1 << 20).await.unwrap();
             let version = path.trim_start_matches("/invoke/").split('/').next().unwrap_or("").to_owned();
             log.lock().unwrap().push(Seen {
@@ -50,6 +54,7 @@ async fn stand_in_agent() -> (String, Arc<Mutex<Vec<Seen>>>) {
                 invocation_id: invocation_id.clone(),
                 body: String::from_utf8_lossy(&body).into_owned(),
                 forwarded_credential,
+                role_credential,
             });
             (
                 [("x-nimbus-invocation-id", invocation_id), ("x-nimbus-cold-start", "true".to_owned())],
@@ -65,7 +70,7 @@ async fn stand_in_agent() -> (String, Arc<Mutex<Vec<Seen>>>) {
 }
 
 /// A node at `invoke_url` that reports `versions` ready; returns its invoke secret.
-async fn ready_node(app: &TestApp, admin: &User, name: &str, invoke_url: &str, versions: &[Uuid]) -> String {
+pub(crate) async fn ready_node(app: &TestApp, admin: &User, name: &str, invoke_url: &str, versions: &[Uuid]) -> String {
     let token = app.post("/v1/join-tokens").token(&admin.token).json(json!({"name": name})).send().await;
     let joined = app
         .post("/agent/v1/join")

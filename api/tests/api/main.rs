@@ -15,5 +15,6 @@ mod iam;
 mod idempotency;
 mod isolation;
 mod nodes;
+mod roles;
 mod s3;
 mod tenants;

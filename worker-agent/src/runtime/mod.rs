@@ -35,6 +35,11 @@ pub struct Invocation {
     pub body: Vec<u8>,
     /// The function's own environment.
     pub env: BTreeMap<String, String>,
+    /// The control plane's URL (`NIMBUS_API_URL`), for functions that call the API.
+    pub api_url: Option<String>,
+    /// The credential of the function's execution role for this invocation (`NIMBUS_TOKEN`),
+    /// when it has one.
+    pub credential: Option<String>,
 }
 
 /// Limits of one invocation.
@@ -218,6 +223,12 @@ pub fn contract_env_with_length(inv: &Invocation, content_length: u64) -> Vec<(S
     env.push(("NIMBUS_FUNCTION".into(), inv.function.clone()));
     env.push(("NIMBUS_VERSION".into(), inv.version.to_string()));
     env.push(("NIMBUS_INVOCATION_ID".into(), inv.id.clone()));
+    if let Some(url) = &inv.api_url {
+        env.push(("NIMBUS_API_URL".into(), url.clone()));
+    }
+    if let Some(token) = &inv.credential {
+        env.push(("NIMBUS_TOKEN".into(), token.clone()));
+    }
     env
 }
 
@@ -240,7 +251,14 @@ mod tests {
                 ("Proxy".into(), "http://evil:3128".into()),
             ],
             body: b"hello".to_vec(),
-            env: [("GREETING".to_owned(), "hi".to_owned()), ("NIMBUS_VERSION".to_owned(), "999".to_owned())].into(),
+            env: [
+                ("GREETING".to_owned(), "hi".to_owned()),
+                ("NIMBUS_VERSION".to_owned(), "999".to_owned()),
+                ("NIMBUS_TOKEN".to_owned(), "nrc_mine".to_owned()),
+            ]
+            .into(),
+            api_url: Some("http://cp.test".into()),
+            credential: Some("nrc_role".into()),
         };
         let env: BTreeMap<String, String> = contract_env(&inv).into_iter().collect();
         assert_eq!(env["REQUEST_METHOD"], "POST");
@@ -253,6 +271,11 @@ mod tests {
         assert_eq!(env["GREETING"], "hi");
         assert_eq!(env["NIMBUS_VERSION"], "3", "the function's own env cannot override the contract");
         assert_eq!(env["NIMBUS_INVOCATION_ID"], "inv-1");
+        assert_eq!(env["NIMBUS_API_URL"], "http://cp.test");
+        assert_eq!(env["NIMBUS_TOKEN"], "nrc_role", "the role credential, never the function's own variable");
+        let without = Invocation { credential: None, ..inv };
+        let env: BTreeMap<String, String> = contract_env(&without).into_iter().collect();
+        assert!(!env.contains_key("NIMBUS_TOKEN"), "no execution role, no credential");
     }
 
     #[test]
