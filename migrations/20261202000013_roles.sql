@@ -1,4 +1,4 @@
--- Roles (issue 6): principals no person signs in as. A function's execution role is what its
+-- Roles (issue 6), and the gateway reading guardrails: principals no person signs in as. A function's execution role is what its
 -- invocations act as when they call the Nimbus API: the gateway hands each invocation a
 -- short-lived credential for the role (signed like access tokens, nothing stored), and the
 -- role's attached policies, within its boundary, decide what that credential may do.
@@ -51,6 +51,9 @@ CREATE POLICY roles_update ON roles FOR UPDATE USING (tenant_id = nimbus_current
     WITH CHECK (tenant_id = nimbus_current_tenant());
 CREATE POLICY roles_delete ON roles FOR DELETE USING (tenant_id = nimbus_current_tenant());
 GRANT SELECT, INSERT, UPDATE, DELETE ON roles TO nimbus_app;
+
+-- The gateway holds tenants' guardrails, which bind anonymous invocations of public functions too.
+CREATE POLICY tenant_guardrails_gateway_read ON tenant_guardrails FOR SELECT USING (nimbus_gateway());
 
 CREATE TRIGGER roles_routing AFTER INSERT OR UPDATE OR DELETE ON roles
     FOR EACH STATEMENT EXECUTE FUNCTION nimbus_routing_changed();

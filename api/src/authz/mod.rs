@@ -499,8 +499,54 @@ pub async fn authorize(
     tenant: Uuid,
     resource: &str,
 ) -> Result<Role, ApiError> {
+    authorize_with(tx, principal, action, tenant, resource, None).await
+}
+
+/// [`authorize`] with the action's own condition keys. When `resource` is one function (or a
+/// version, alias, package or the logs of one), the function's resource policy and its tags
+/// (`nimbus:ResourceTag/*`) take part, read in the same transaction: a resource policy can
+/// allow a principal of the tenant what its identity policies do not, and conditions can
+/// look at the function's tags.
+async fn authorize_with(
+    tx: &mut Tx,
+    principal: &Principal,
+    action: Action,
+    tenant: Uuid,
+    resource: &str,
+    context: Option<&nimbus_iam::Context>,
+) -> Result<Role, ApiError> {
     let loaded = policies::load(tx, principal, tenant).await?;
-    decide(&loaded, action, resource)
+    if loaded.role.is_none() {
+        return Err(ApiError::NotFound("tenant"));
+    }
+    match policies::function_attributes(tx, tenant, resource).await? {
+        None => decide_with(&loaded, action, resource, context),
+        Some(attributes) => decide_resource(&loaded, action, resource, context, &attributes),
+    }
+}
+
+/// [`decide_with`] on a resource with attributes of its own (a function's resource policy and
+/// tags), in the principal's tenant.
+pub fn decide_resource(
+    loaded: &policies::Loaded,
+    action: Action,
+    resource: &str,
+    context: Option<&nimbus_iam::Context>,
+    attributes: &policies::ResourceAttributes,
+) -> Result<Role, ApiError> {
+    if action.is_platform() {
+        return decide_with(loaded, action, resource, context);
+    }
+    let role = loaded.role.ok_or(ApiError::NotFound("tenant"))?;
+    let merged = policies::merged(context, attributes.tags.as_ref());
+    let d = loaded.evaluate_on(action.name(), resource, &loaded.tenant, attributes.policy.as_deref(), merged.as_ref());
+    if d.is_allowed() {
+        activity::record(loaded.tenant_id, loaded.who.0, loaded.who.1, action.name(), resource);
+        Ok(role)
+    } else {
+        metrics::counter!("nimbus_authz_denied_total", "action" => action.name()).increment(1);
+        Err(ApiError::Forbidden { action: action.name().to_owned(), resource: resource.to_owned() })
+    }
 }
 
 /// The principal's role in `tenant`, `None` when it is not in the tenant.
@@ -608,8 +654,7 @@ pub async fn begin_with(
     context: &nimbus_iam::Context,
 ) -> Result<(Tx, Role), ApiError> {
     let mut tx = db::begin(pool, &Scope::tenant(tenant, principal.user_id())).await?;
-    let loaded = policies::load(&mut tx, principal, tenant).await?;
-    let role = decide_with(&loaded, action, resource, Some(context))?;
+    let role = authorize_with(&mut tx, principal, action, tenant, resource, Some(context)).await?;
     Ok((tx, role))
 }
 

@@ -372,14 +372,100 @@ impl Loaded {
     }
 }
 
+/// What a resource brings to a decision besides its name: a function's resource policy and its
+/// tags as `nimbus:ResourceTag/*` keys.
+#[derive(Debug, Default)]
+pub struct ResourceAttributes {
+    /// The resource policy, compiled.
+    pub policy: Option<Arc<CompiledPolicy>>,
+    /// The tags, as condition keys.
+    pub tags: Option<Context>,
+}
+
+/// The function `resource` names in `tenant` (itself, or one of its versions, aliases, packages
+/// or its logs), if it names exactly one that exists: its resource policy and tags, read in `tx`.
+pub async fn function_attributes(
+    tx: &mut Tx,
+    tenant: Uuid,
+    resource: &str,
+) -> Result<Option<ResourceAttributes>, ApiError> {
+    let prefix = format!("nrn:nimbus:functions:{tenant}:function/");
+    let Some(name) = resource.strip_prefix(&prefix).and_then(|rest| rest.split('/').next()) else {
+        return Ok(None);
+    };
+    if name.is_empty() || name.contains(['*', '?']) {
+        return Ok(None);
+    }
+    type Row = (Option<String>, sqlx::types::Json<HashMap<String, String>>);
+    let row: Option<Row> =
+        sqlx::query_as("SELECT resource_policy, tags FROM functions WHERE tenant_id = $1 AND name = $2")
+            .bind(tenant)
+            .bind(name)
+            .fetch_optional(&mut **tx)
+            .await?;
+    let Some((policy, tags)) = row else { return Ok(None) };
+    Ok(Some(ResourceAttributes {
+        policy: policy.map(|doc| resource_policy(&doc, name)).transpose()?,
+        tags: tag_context(&tags.0),
+    }))
+}
+
+/// Tags as `nimbus:ResourceTag/<key>` condition keys; `None` when there are none.
+pub fn tag_context<'a>(tags: impl IntoIterator<Item = (&'a String, &'a String)>) -> Option<Context> {
+    let mut c = Context::new(chrono::Utc::now());
+    let mut any = false;
+    for (k, v) in tags {
+        c.insert(&format!("nimbus:ResourceTag/{k}"), v.as_str());
+        any = true;
+    }
+    any.then_some(c)
+}
+
+/// A function's resource policy, compiled once per process per document.
+fn resource_policy(document: &str, function: &str) -> Result<Arc<CompiledPolicy>, ApiError> {
+    static COMPILED: LazyLock<Mutex<HashMap<Vec<u8>, Arc<CompiledPolicy>>>> = LazyLock::new(Mutex::default);
+    let digest = crate::auth::secret::sha256(document.as_bytes());
+    let mut map = COMPILED.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(p) = map.get(&digest) {
+        return Ok(p.clone());
+    }
+    let p = CompiledPolicy::compile(document, PolicyKind::Resource, format!("function:{function}"), 1)
+        .map_err(|e| ApiError::Internal(anyhow::anyhow!("a stored resource policy does not compile: {e:?}")))?;
+    if map.len() >= MAX_ENTRIES {
+        map.clear();
+    }
+    let p = Arc::new(p);
+    map.insert(digest, p.clone());
+    Ok(p)
+}
+
+/// `a`'s keys over `b`'s, or whichever is given.
+pub fn merged(a: Option<&Context>, b: Option<&Context>) -> Option<Context> {
+    match (a, b) {
+        (None, None) => None,
+        (Some(one), None) | (None, Some(one)) => Some(one.clone()),
+        (Some(a), Some(b)) => {
+            let mut c = b.clone();
+            for k in a.keys() {
+                if let Some(v) = a.get(k) {
+                    c.insert(k, v.clone());
+                }
+            }
+            Some(c)
+        }
+    }
+}
+
 /// Whether a caller without credentials may perform `action` on `resource` of `tenant`: only
-/// the resource's own `policy` can allow it (a statement with `Principal: "*"`).
+/// the resource's own `policy` can allow it (a statement with `Principal: "*"`), and the
+/// tenant's `guardrail` must allow it too.
 pub fn anonymous_allowed(
     action: Action,
     resource: &str,
     tenant: Uuid,
     policy: &CompiledPolicy,
     resource_context: Option<&Context>,
+    guardrail: Option<&CompiledPolicy>,
 ) -> bool {
     let mut context = Context::new(chrono::Utc::now());
     if let Some(extra) = resource_context {
@@ -401,6 +487,6 @@ pub fn anonymous_allowed(
         resource_tenant: Some(&tenant),
         context: &context,
     };
-    let set = PolicySet { resource: Some(policy), ..PolicySet::default() };
+    let set = PolicySet { resource: Some(policy), guardrails: guardrail.into_iter().collect(), ..PolicySet::default() };
     nimbus_iam::evaluate(&request, &set).is_allowed()
 }

@@ -223,6 +223,7 @@ async fn route(state: &AppState, params: &[(String, String)], req: Request) -> R
                             f.tenant_id,
                             p,
                             f.tags.as_ref(),
+                            table.guardrails.get(&f.tenant_id).map(|g| &**g),
                         )
                     })
                 },

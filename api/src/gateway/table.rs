@@ -95,6 +95,8 @@ pub struct Table {
     pub functions: HashMap<(Uuid, String), FunctionEntry>,
     /// Nodes with a ready instance, by version id.
     pub instances: HashMap<Uuid, Vec<Arc<Target>>>,
+    /// Tenants' guardrails, compiled (they bind anonymous invocations too).
+    pub guardrails: HashMap<Uuid, Arc<nimbus_iam::CompiledPolicy>>,
 }
 
 impl Table {
@@ -385,6 +387,8 @@ impl Routes {
             sqlx::query_as("SELECT id, function_id, number, config FROM versions").fetch_all(&mut *tx).await?;
         let aliases: Vec<(Uuid, String, sqlx::types::Json<RoutingConfig>)> =
             sqlx::query_as("SELECT function_id, name, routing FROM aliases").fetch_all(&mut *tx).await?;
+        let guardrails: Vec<(Uuid, String)> =
+            sqlx::query_as("SELECT tenant_id, document FROM tenant_guardrails").fetch_all(&mut *tx).await?;
         let nodes: Vec<NodeRow> =
             sqlx::query_as("SELECT id, zone, invoke_url, invoke_secret, versions FROM nodes WHERE state = 'ready'")
                 .fetch_all(&mut *tx)
@@ -394,13 +398,7 @@ impl Routes {
         let mut by_id: HashMap<Uuid, FunctionEntry> = functions
             .iter()
             .map(|(id, tenant_id, name, reserved, policy, tags, role)| {
-                let tags = (!tags.0.is_empty()).then(|| {
-                    let mut c = nimbus_iam::Context::new(chrono::Utc::now());
-                    for (k, v) in &tags.0 {
-                        c.insert(&format!("nimbus:ResourceTag/{k}"), v.as_str());
-                    }
-                    c
-                });
+                let tags = crate::authz::policies::tag_context(&tags.0);
                 // Stored policies were validated on save; one that no longer compiles allows
                 // nothing (and says so), rather than failing the whole table.
                 let policy = policy.as_deref().and_then(|doc| {
@@ -445,6 +443,23 @@ impl Routes {
             tenants: tenants.into_iter().map(|(id, name)| (name, id)).collect(),
             functions: HashMap::with_capacity(functions.len()),
             instances: HashMap::new(),
+            guardrails: guardrails
+                .into_iter()
+                .filter_map(|(tenant, doc)| {
+                    let name = format!("guardrail:{tenant}");
+                    match nimbus_iam::CompiledPolicy::compile(&doc, nimbus_iam::PolicyKind::Guardrail, name, 1) {
+                        Ok(p) => Some((tenant, Arc::new(p))),
+                        Err(e) => {
+                            // Fail closed: an anonymous call in that tenant is then never allowed.
+                            tracing::warn!(tenant = %tenant, error = ?e, "a tenant's guardrail does not compile");
+                            let deny_all = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Deny","Action":"*","Resource":"*"}]}"#;
+                            nimbus_iam::CompiledPolicy::compile(deny_all, nimbus_iam::PolicyKind::Guardrail, "guardrail:invalid", 1)
+                                .ok()
+                                .map(|p| (tenant, Arc::new(p)))
+                        }
+                    }
+                })
+                .collect(),
         };
         for (id, tenant_id, name, ..) in functions {
             if let Some(f) = by_id.remove(&id) {

@@ -188,6 +188,18 @@ async fn the_gateway_authorizes_routes_by_weight_and_pin_and_forwards_to_a_ready
     app.state.routes.reload(&app.state.pool).await.unwrap();
     let anonymous = app.post("/fn/acme/thumbs:1").send().await;
     assert_eq!((anonymous.status, anonymous.text.as_str()), (StatusCode::OK, format!("v={v1}").as_str()));
+    // The tenant's guardrail binds anonymous callers too.
+    let guardrail = format!("/v1/tenants/{}/guardrails", owner.tenant);
+    let rail = json!({"document": {"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": "*", "Resource": "*"},
+        {"Effect": "Deny", "Action": "functions:InvokeFunction", "Resource": thumbs.clone()}]}});
+    let res = app.req(Method::PUT, &guardrail).token(&admin.token).json(rail).send().await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.text);
+    app.state.routes.reload(&app.state.pool).await.unwrap();
+    app.post("/fn/acme/thumbs:1").send().await.assert_problem(StatusCode::UNAUTHORIZED, "unauthenticated");
+    assert_eq!(app.delete(&guardrail).token(&admin.token).send().await.status, StatusCode::NO_CONTENT);
+    app.state.routes.reload(&app.state.pool).await.unwrap();
+    assert_eq!(app.post("/fn/acme/thumbs:1").send().await.status, StatusCode::OK);
 
     // Another tenant's API key: its own policy must allow the function, and the function's
     // policy must name its tenant; either alone is not enough.

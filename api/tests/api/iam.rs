@@ -535,3 +535,65 @@ async fn attaching_can_be_delegated_for_named_policies_only() {
     assert_eq!(refused.body["action"], "iam:AttachUserPolicy");
     assert_eq!(app.delete(&attach("Viewer")).token(&lead.token).send().await.status, StatusCode::NO_CONTENT);
 }
+
+#[tokio::test]
+async fn rest_calls_on_a_function_see_its_tags_and_its_resource_policy() {
+    let app = spawn_app().await;
+    let owner = app.sign_up("owner@example.com", "acme").await;
+    let t = owner.tenant;
+    for (name, env) in [("shop", "prod"), ("sandbox", "dev")] {
+        let res = create_function(&app, &owner, json!({"name": name, "runtime": "wasm", "tags": {"env": env}})).await;
+        assert_eq!(res.status, StatusCode::CREATED, "{}", res.text);
+    }
+    let member = app.sign_up("dev@example.com", "dev-home").await;
+    app.add_member(&owner, t, &member, "none").await;
+
+    // Everything on functions, except changing production ones.
+    let created = app
+        .post(&policies(&owner))
+        .token(&owner.token)
+        .json(json!({"name": "not-prod", "document": doc(json!([
+            {"Effect": "Allow", "Action": ["functions:GetFunction", "functions:UpdateFunction"],
+             "Resource": "nrn:nimbus:functions:${nimbus:TenantId}:function/*"},
+            {"Effect": "Deny", "Action": "functions:UpdateFunction",
+             "Resource": "nrn:nimbus:functions:${nimbus:TenantId}:function/*",
+             "Condition": {"StringEquals": {"nimbus:ResourceTag/env": "prod"}}}]))}))
+        .send()
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.text);
+    let attach = format!("/v1/tenants/{t}/members/{}/policies/not-prod", member.id);
+    assert_eq!(put(&app, &owner.token, &attach, json!({})).await.status, StatusCode::NO_CONTENT);
+    let update = |name: &'static str| {
+        app.req(Method::PATCH, &format!("{}/{name}", functions_path(t)))
+            .token(&member.token)
+            .header("if-match", "*")
+            .json(json!({"memory_mb": 256}))
+            .send()
+    };
+    let denied = update("shop").await;
+    denied.assert_problem(StatusCode::FORBIDDEN, "forbidden");
+    assert_eq!(denied.body["action"], "functions:UpdateFunction");
+    let fine = update("sandbox").await;
+    assert_eq!(fine.status, StatusCode::OK, "{}", fine.text);
+    assert_eq!(fine.body["memory_mb"], 256);
+
+    // A resource policy can allow a principal of the tenant what its identity policies do not.
+    let reader = app.sign_up("reader@example.com", "reader-home").await;
+    app.add_member(&owner, t, &reader, "none").await;
+    let get = |name: &'static str| app.get(&format!("{}/{name}", functions_path(t))).token(&reader.token).send();
+    get("shop").await.assert_problem(StatusCode::FORBIDDEN, "forbidden");
+    let policy = json!({"document": doc(json!([{"Effect": "Allow", "Principal": {"Nimbus": format!("nrn:nimbus:iam:{t}:user/{}", reader.id)},
+        "Action": "functions:GetFunction", "Resource": format!("nrn:nimbus:functions:{t}:function/shop")}]))});
+    let set = put(&app, &owner.token, &format!("{}/shop/policy", functions_path(t)), policy).await;
+    assert_eq!(set.status, StatusCode::OK, "{}", set.text);
+    assert_eq!(get("shop").await.status, StatusCode::OK, "the function's policy allows it");
+    get("sandbox").await.assert_problem(StatusCode::FORBIDDEN, "forbidden");
+    // Only what the resource policy names: not changing it.
+    app.req(Method::PATCH, &format!("{}/shop", functions_path(t)))
+        .token(&reader.token)
+        .header("if-match", "*")
+        .json(json!({"memory_mb": 512}))
+        .send()
+        .await
+        .assert_problem(StatusCode::FORBIDDEN, "forbidden");
+}
