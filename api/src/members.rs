@@ -1,5 +1,7 @@
-//! Members of a tenant: list, add by e-mail, change role, remove. A tenant always keeps at
-//! least one admin.
+//! Members of a tenant: list, add by e-mail, change role, tag (principal tags), remove. A
+//! tenant always keeps at least one admin.
+
+use std::collections::BTreeMap;
 
 use axum::{Json, extract::State, http::StatusCode};
 use chrono::{DateTime, Utc};
@@ -34,6 +36,8 @@ pub struct Member {
     pub role: Role,
     /// Member since.
     pub created_at: DateTime<Utc>,
+    /// Principal tags in the tenant (`nimbus:PrincipalTag/<key>` in policies).
+    pub tags: BTreeMap<String, String>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -43,6 +47,7 @@ struct MemberRow {
     display_name: String,
     role: String,
     created_at: DateTime<Utc>,
+    tags: sqlx::types::Json<BTreeMap<String, String>>,
 }
 
 impl TryFrom<MemberRow> for Member {
@@ -54,6 +59,7 @@ impl TryFrom<MemberRow> for Member {
             display_name: r.display_name,
             role: Role::parse(&r.role)?,
             created_at: r.created_at,
+            tags: r.tags.0,
         })
     }
 }
@@ -78,10 +84,125 @@ pub struct UpdateMemberRequest {
 
 /// Routes of this module.
 pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(list_members, add_member)).routes(routes!(update_member, remove_member))
+    OpenApiRouter::new()
+        .routes(routes!(list_members, add_member))
+        .routes(routes!(update_member, remove_member))
+        .routes(routes!(put_member_tags))
+        .routes(routes!(delete_member_tag))
 }
 
-const MEMBER_SELECT: &str = "SELECT m.user_id, u.email, u.display_name, m.role, m.created_at \
+/// Body of `PUT .../members/{user_id}/tags`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MemberTagsRequest {
+    /// Every tag (replacing all): at most 50; keys of 1–128 letters, digits, spaces and
+    /// `_.:/=+-@` (not `nimbus:`…), values of at most 256 characters.
+    pub tags: BTreeMap<String, String>,
+}
+
+/// Set a member's principal tags in the tenant (replacing all): what `nimbus:PrincipalTag/<key>`
+/// conditions and `${nimbus:PrincipalTag/<key>}` variables see.
+#[utoipa::path(
+    put,
+    path = "/v1/tenants/{tenant_id}/members/{user_id}/tags",
+    tag = "members",
+    params(("tenant_id" = Uuid, Path, description = "Tenant id"), ("user_id" = Uuid, Path, description = "User id")),
+    request_body(content = MemberTagsRequest, example = json!({"tags": {"team": "payments"}})),
+    responses(
+        (status = 200, description = "The member with its tags", body = Member),
+        (status = 403, description = "Not allowed (`iam:TagPrincipal`)", body = crate::error::Problem),
+        (status = 404, description = "No such member", body = crate::error::Problem),
+        (status = 422, description = "A tag breaks a rule", body = crate::error::Problem),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn put_member_tags(
+    State(state): State<AppState>,
+    principal: Principal,
+    ctx: RequestContext,
+    Path((tenant_id, user_id)): Path<(Uuid, Uuid)>,
+    extract::Json(req): extract::Json<MemberTagsRequest>,
+) -> ApiResult<Json<Member>> {
+    let resource = nrn::tenant_user(tenant_id, user_id);
+    let mut asked = nimbus_iam::Context::new(chrono::Utc::now());
+    for (k, v) in &req.tags {
+        asked.insert(&format!("nimbus:RequestTag/{k}"), v.as_str());
+    }
+    asked.insert("nimbus:TagKeys", req.tags.keys().cloned().collect::<Vec<String>>());
+    let (mut tx, _) =
+        authz::begin_with(&state.pool, &principal, Action::TagPrincipal, tenant_id, &resource, &asked).await?;
+    let mut errors = Vec::new();
+    crate::functions::check_tags(&req.tags, &mut errors);
+    if !errors.is_empty() {
+        return Err(ApiError::Validation(errors));
+    }
+    let r = sqlx::query("UPDATE memberships SET tags = $3 WHERE tenant_id = $1 AND user_id = $2")
+        .bind(tenant_id)
+        .bind(user_id)
+        .bind(sqlx::types::Json(&req.tags))
+        .execute(&mut *tx)
+        .await?;
+    if r.rows_affected() == 0 {
+        return Err(ApiError::NotFound("member"));
+    }
+    audit::record_action(
+        &mut tx,
+        &ctx,
+        &principal,
+        Action::TagPrincipal,
+        tenant_id,
+        resource,
+        json!({"tags": req.tags.keys().collect::<Vec<_>>()}),
+    )
+    .await?;
+    let member = fetch_member(&mut tx, tenant_id, user_id).await?;
+    tx.commit().await?;
+    crate::authz::policies::invalidate();
+    Ok(Json(member))
+}
+
+/// Remove one of a member's principal tags.
+#[utoipa::path(
+    delete,
+    path = "/v1/tenants/{tenant_id}/members/{user_id}/tags/{tag_key}",
+    tag = "members",
+    params(("tenant_id" = Uuid, Path, description = "Tenant id"), ("user_id" = Uuid, Path, description = "User id"),
+        ("tag_key" = String, Path, description = "The tag's key")),
+    responses(
+        (status = 204, description = "Removed"),
+        (status = 403, description = "Not allowed (`iam:UntagPrincipal`)", body = crate::error::Problem),
+        (status = 404, description = "No such member, or it has no such tag", body = crate::error::Problem),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn delete_member_tag(
+    State(state): State<AppState>,
+    principal: Principal,
+    ctx: RequestContext,
+    Path((tenant_id, user_id, key)): Path<(Uuid, Uuid, String)>,
+) -> ApiResult<StatusCode> {
+    let resource = nrn::tenant_user(tenant_id, user_id);
+    let mut asked = nimbus_iam::Context::new(chrono::Utc::now());
+    asked.insert("nimbus:TagKeys", vec![key.clone()]);
+    let (mut tx, _) =
+        authz::begin_with(&state.pool, &principal, Action::UntagPrincipal, tenant_id, &resource, &asked).await?;
+    let r = sqlx::query("UPDATE memberships SET tags = tags - $3 WHERE tenant_id = $1 AND user_id = $2 AND tags ? $3")
+        .bind(tenant_id)
+        .bind(user_id)
+        .bind(&key)
+        .execute(&mut *tx)
+        .await?;
+    if r.rows_affected() == 0 {
+        return Err(ApiError::NotFound("member tag"));
+    }
+    audit::record_action(&mut tx, &ctx, &principal, Action::UntagPrincipal, tenant_id, resource, json!({"tag": key}))
+        .await?;
+    tx.commit().await?;
+    crate::authz::policies::invalidate();
+    Ok(StatusCode::NO_CONTENT)
+}
+
+const MEMBER_SELECT: &str = "SELECT m.user_id, u.email, u.display_name, m.role, m.created_at, m.tags \
      FROM memberships m JOIN users u ON u.id = m.user_id WHERE m.tenant_id = $1";
 
 /// Serializes membership changes in a tenant: role checks (the last admin) then see a state no

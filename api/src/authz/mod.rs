@@ -228,6 +228,10 @@ pub enum Action {
     DetachRolePolicy,
     /// Give a role to a function as its execution role.
     PassRole,
+    /// Set a member's principal tags.
+    TagPrincipal,
+    /// Remove a member's principal tag.
+    UntagPrincipal,
 }
 
 impl Action {
@@ -308,6 +312,8 @@ impl Action {
         Action::AttachRolePolicy,
         Action::DetachRolePolicy,
         Action::PassRole,
+        Action::TagPrincipal,
+        Action::UntagPrincipal,
     ];
 
     /// The action's name, `<service>:<Verb><Noun>`.
@@ -388,6 +394,8 @@ impl Action {
             Action::AttachRolePolicy => "iam:AttachRolePolicy",
             Action::DetachRolePolicy => "iam:DetachRolePolicy",
             Action::PassRole => "iam:PassRole",
+            Action::TagPrincipal => "iam:TagPrincipal",
+            Action::UntagPrincipal => "iam:UntagPrincipal",
         }
     }
 

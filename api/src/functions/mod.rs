@@ -532,10 +532,17 @@ fn check_config(c: &FunctionConfig, description: &str, errors: &mut Vec<FieldErr
             format!("at most {MAX_DESCRIPTION} characters without control characters"),
         ));
     }
-    if c.tags.len() > MAX_TAGS {
+    check_tags(&c.tags, errors);
+}
+
+/// Tag rules (functions' and principals'): at most [`MAX_TAGS`], keys of 1–[`MAX_TAG_KEY`]
+/// letters, digits, spaces and `_.:/=+-@` outside the reserved `nimbus:` prefix, values of at
+/// most [`MAX_TAG_VALUE`] characters without control characters. Errors name `tags.<key>`.
+pub fn check_tags(tags: &BTreeMap<String, String>, errors: &mut Vec<FieldError>) {
+    if tags.len() > MAX_TAGS {
         errors.push(FieldError::new("tags", "max_items", format!("at most {MAX_TAGS} tags")));
     }
-    for (k, v) in &c.tags {
+    for (k, v) in tags {
         let key_ok = !k.is_empty()
             && k.chars().count() <= MAX_TAG_KEY
             && k.chars().all(|ch| ch.is_alphanumeric() || " _.:/=+-@".contains(ch));

@@ -89,7 +89,8 @@ async fn every_route_is_public_by_design_or_authorized() {
                 .replace("{pool}", "spot")
                 .replace("{policy_name}", "Viewer")
                 .replace("{group_name}", "deployers")
-                .replace("{role_name}", "worker");
+                .replace("{role_name}", "worker")
+                .replace("{tag_key}", "team");
             assert!(!concrete.contains('{'), "no test value for a parameter of {path}");
             let m: Method = method.to_uppercase().parse().unwrap();
             let example = op

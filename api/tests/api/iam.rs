@@ -597,3 +597,62 @@ async fn rest_calls_on_a_function_see_its_tags_and_its_resource_policy() {
         .await
         .assert_problem(StatusCode::FORBIDDEN, "forbidden");
 }
+
+#[tokio::test]
+async fn principal_tags_are_set_by_api_and_decide_through_policy_variables() {
+    let app = spawn_app().await;
+    let owner = app.sign_up("owner@example.com", "acme").await;
+    let t = owner.tenant;
+    for name in ["payments-api", "search-api"] {
+        assert_eq!(
+            create_function(&app, &owner, json!({"name": name, "runtime": "wasm"})).await.status,
+            StatusCode::CREATED
+        );
+    }
+    let member = app.sign_up("dev@example.com", "dev-home").await;
+    app.add_member(&owner, t, &member, "none").await;
+    let created = app
+        .post(&policies(&owner))
+        .token(&owner.token)
+        .json(json!({"name": "own-team", "document": doc(json!([{"Effect": "Allow", "Action": "functions:GetFunction",
+            "Resource": "nrn:nimbus:functions:${nimbus:TenantId}:function/${nimbus:PrincipalTag/team}-*"}]))}))
+        .send()
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.text);
+    let attach = format!("/v1/tenants/{t}/members/{}/policies/own-team", member.id);
+    assert_eq!(put(&app, &owner.token, &attach, json!({})).await.status, StatusCode::NO_CONTENT);
+    let get = |name: &'static str| app.get(&format!("{}/{name}", functions_path(t))).token(&member.token).send();
+
+    // No tag: the variable does not resolve, the statement does not apply.
+    get("payments-api").await.assert_problem(StatusCode::FORBIDDEN, "forbidden");
+    let tags = format!("/v1/tenants/{t}/members/{}/tags", member.id);
+    let set = put(&app, &owner.token, &tags, json!({"tags": {"team": "payments"}})).await;
+    assert_eq!(set.status, StatusCode::OK, "{}", set.text);
+    assert_eq!(set.body["tags"], json!({"team": "payments"}));
+    assert_eq!(get("payments-api").await.status, StatusCode::OK, "in force at once");
+    get("search-api").await.assert_problem(StatusCode::FORBIDDEN, "forbidden");
+    assert_eq!(put(&app, &owner.token, &tags, json!({"tags": {"team": "search"}})).await.status, StatusCode::OK);
+    assert_eq!(get("search-api").await.status, StatusCode::OK);
+    get("payments-api").await.assert_problem(StatusCode::FORBIDDEN, "forbidden");
+
+    // Rules, and who may tag.
+    let bad = put(&app, &owner.token, &tags, json!({"tags": {"nimbus:team": "x"}})).await;
+    bad.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+    assert_eq!(bad.body["errors"][0]["field"], "tags.nimbus:team");
+    assert_eq!(get("search-api").await.status, StatusCode::OK, "a refused change changes nothing");
+    let denied = put(&app, &member.token, &tags, json!({"tags": {"team": "payments"}})).await;
+    denied.assert_problem(StatusCode::FORBIDDEN, "forbidden");
+    assert_eq!(denied.body["action"], "iam:TagPrincipal");
+    let listed = app.get(&format!("/v1/tenants/{t}/members")).token(&owner.token).send().await;
+    let shown =
+        listed.body["items"].as_array().unwrap().iter().find(|m| m["user_id"] == member.id.to_string()).cloned();
+    assert_eq!(shown.unwrap()["tags"], json!({"team": "search"}));
+
+    assert_eq!(app.delete(&format!("{tags}/team")).token(&owner.token).send().await.status, StatusCode::NO_CONTENT);
+    get("search-api").await.assert_problem(StatusCode::FORBIDDEN, "forbidden");
+    app.delete(&format!("{tags}/team"))
+        .token(&owner.token)
+        .send()
+        .await
+        .assert_problem(StatusCode::NOT_FOUND, "not_found");
+}
