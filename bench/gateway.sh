@@ -7,7 +7,10 @@
 # identity policies).
 #
 #   bench/gateway.sh [duration-seconds]      (env: REPEAT, default 3; BENCH_NO_BUILD=1 uses the
-#   release binaries as they are)
+#   release binaries as they are). The two gateway paths run interleaved (key, anonymous, key,
+#   ...), and the last line gives the difference of their medians, in throughput and in the API
+#   process's CPU time per invocation (user + system from /proc, which drift of the shared
+#   machine moves far less than throughput).
 #
 # Builds nimbus-api and nimbus-worker-agent in release mode, serves the API against a scratch
 # database on the machine's PostgreSQL, starts one agent, deploys the function, assigns it to the
@@ -96,35 +99,72 @@ for _ in $(seq 1 100); do curl -sf "$BASE/fn/bench/hello" -d x 2>/dev/null | gre
 
 REPEAT="${REPEAT:-3}"
 printf 'wrk.method = "POST"\nwrk.body = "ping"\n' > "$WORK/post.lua"
-run() { # name url secret (- for none) connections
-  local results=() out rps p50 p99 errors threads=1 header=()
-  [ "$4" -gt 1 ] && threads=2
-  [ "$3" = "-" ] || header=(-H "authorization: Bearer $3")
-  wrk -t$threads -c"$4" -d2s -s "$WORK/post.lua" "${header[@]}" "$2" >/dev/null
-  for _ in $(seq 1 "$REPEAT"); do
-    out=$(wrk -t$threads -c"$4" -d"${DURATION}s" --latency -s "$WORK/post.lua" "${header[@]}" "$2")
-    rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
-    p50=$(echo "$out" | awk '$1=="50%" {print $2}')
-    p99=$(echo "$out" | awk '$1=="99%" {print $2}')
-    errors=$(echo "$out" | awk '/Non-2xx/ {print $5}')
-    results+=("$rps $p50 $p99 ${errors:-0}")
-  done
-  local sorted median low high
-  sorted=$(printf '%s\n' "${results[@]}" | sort -n)
-  median=$(echo "$sorted" | sed -n "$(( (REPEAT + 1) / 2 ))p")
+cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; } # user + system clock ticks of a process
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
+sample() { # url secret (- for none) connections -> "rps p50 p99 non2xx api-cpu-us/req agent-cpu-us/req"
+  local out threads=1 header=() rps p50 p99 errors n a0 a1 g0 g1
+  [ "$3" -gt 1 ] && threads=2
+  [ "$2" = "-" ] || header=(-H "authorization: Bearer $2")
+  a0=$(cpu $API_PID); g0=$(cpu $AGENT_PID)
+  out=$(wrk -t$threads -c"$3" -d"${DURATION}s" --latency -s "$WORK/post.lua" "${header[@]}" "$1")
+  a1=$(cpu $API_PID); g1=$(cpu $AGENT_PID)
+  n=$(echo "$out" | awk '/requests in/ {print $1}')
+  rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+  p50=$(echo "$out" | awk '$1=="50%" {print $2}')
+  p99=$(echo "$out" | awk '$1=="99%" {print $2}')
+  errors=$(echo "$out" | awk '/Non-2xx/ {print $5}')
+  echo "$rps $p50 $p99 ${errors:-0} $(( (a1 - a0) * TICK_US / n )) $(( (g1 - g0) * TICK_US / n ))"
+}
+warm() { # url secret connections
+  local header=()
+  [ "$2" = "-" ] || header=(-H "authorization: Bearer $2")
+  wrk -t1 -c"$3" -d2s -s "$WORK/post.lua" "${header[@]}" "$1" >/dev/null
+}
+row() { # name connections samples... -> the median's row; sets MEDIAN and API_CPU (its median)
+  local name=$1 c=$2 sorted median low high rps p50 p99 errors api agent
+  shift 2
+  sorted=$(printf '%s\n' "$@" | sort -n)
+  median=$(echo "$sorted" | sed -n "$(( ($# + 1) / 2 ))p")
   low=$(echo "$sorted" | head -n1 | cut -d' ' -f1)
   high=$(echo "$sorted" | tail -n1 | cut -d' ' -f1)
-  read -r rps p50 p99 errors <<<"$median"
-  printf '| %s | %s | %s | %s–%s | %s | %s | %s |\n' "$1" "$4" "$rps" "$low" "$high" "$p50" "$p99" "$errors"
+  read -r rps p50 p99 errors api agent <<<"$median"
+  MEDIAN=$rps
+  API_CPU=$(printf '%s\n' "$@" | awk '{print $5}' | sort -n | sed -n "$(( ($# + 1) / 2 ))p")
+  printf '| %s | %s | %s | %s–%s | %s | %s | %s | %s | %s |\n' "$name" "$c" "$rps" "$low" "$high" "$p50" "$p99" "$errors" \
+    "$API_CPU" "$(printf '%s\n' "$@" | awk '{print $6}' | sort -n | sed -n "$(( ($# + 1) / 2 ))p")"
+}
+run() { # name url secret connections
+  local samples=()
+  warm "$2" "$3" "$4"
+  for _ in $(seq 1 "$REPEAT"); do samples+=("$(sample "$2" "$3" "$4")"); done
+  row "$1" "$4" "${samples[@]}"
+}
+# Authorization on vs off: the two gateway paths alternate run by run (key, anonymous, key, ...)
+# so that drift of the machine falls on both alike.
+compare() { # connections
+  local on=() off=() on_median on_cpu
+  warm "$BASE/fn/bench/hello" "$KEY" "$1"
+  warm "$BASE/fn/bench/hello" - "$1"
+  for _ in $(seq 1 "$REPEAT"); do
+    on+=("$(sample "$BASE/fn/bench/hello" "$KEY" "$1")")
+    off+=("$(sample "$BASE/fn/bench/hello" - "$1")")
+  done
+  row "gateway + agent (\`/fn/bench/hello\`, API key: authentication + identity policies)" "$1" "${on[@]}"
+  on_median=$MEDIAN
+  on_cpu=$API_CPU
+  row "gateway + agent, no credentials (public by resource policy)" "$1" "${off[@]}"
+  DIFFS+=("c$1: throughput $(awk -v a="$on_median" -v b="$MEDIAN" 'BEGIN {printf "%+.1f %%", (a - b) / b * 100}'), API CPU per invocation $(awk -v a="$on_cpu" -v b="$API_CPU" 'BEGIN {printf "%+.1f %%", (a - b) / b * 100}')")
 }
 
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -sr); $(date -u +%F)"
 echo "release builds; API, agent, PostgreSQL and wrk on the same machine; ${DURATION}s per run, $REPEAT runs per case, median shown"
 echo
-echo "| path | connections | inv/s (median) | inv/s (range) | p50 | p99 | non-2xx |"
-echo "|---|---|---|---|---|---|---|"
+echo "| path | connections | inv/s (median) | inv/s (range) | p50 | p99 | non-2xx | API CPU µs/inv | agent CPU µs/inv |"
+echo "|---|---|---|---|---|---|---|---|---|"
+DIFFS=()
 for c in 1 64; do
   run "agent directly (\`/invoke/<version>\`)" "$AGENT_URL/invoke/$VERSION" "$SECRET" $c
-  run "gateway + agent (\`/fn/bench/hello\`, API key)" "$BASE/fn/bench/hello" "$KEY" $c
-  run "gateway + agent, no credentials (public by resource policy)" "$BASE/fn/bench/hello" - $c
+  compare $c
 done
+echo
+echo "authorized vs anonymous gateway (medians of interleaved runs): ${DIFFS[*]}"

@@ -67,6 +67,9 @@ pub struct RoleClaims {
 
 /// Audience of every role credential (so that one is never taken for an access token).
 pub const ROLE_AUDIENCE: &str = "nimbus-role";
+/// How long a role credential is valid (a retired signing key keeps verifying at least this
+/// long, so that rotation never voids one early).
+pub const ROLE_CREDENTIAL_TTL: Duration = Duration::from_secs(3600);
 
 /// What the cache of verified tokens holds.
 #[derive(Debug, Clone)]
@@ -196,7 +199,7 @@ impl KeyRing {
 
     /// How long a retired key keeps verifying: the token lifetime plus clock-skew leeway.
     fn verify_grace(&self) -> Duration {
-        self.access_ttl + Duration::from_secs(120)
+        self.access_ttl.max(ROLE_CREDENTIAL_TTL) + Duration::from_secs(120)
     }
 
     async fn ensure_active_key(&self) -> anyhow::Result<()> {

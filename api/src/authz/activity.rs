@@ -16,8 +16,8 @@ use crate::db::{self, Scope};
 
 /// How often each replica writes what it counted.
 pub const FLUSH_EVERY: Duration = Duration::from_secs(10);
-/// Distinct keys counted between flushes at most; beyond, decisions are not logged (counted in
-/// `nimbus_iam_activity_dropped_total`) until the next flush.
+/// Distinct keys counted between flushes at most (spread over the shards); beyond, decisions are
+/// not logged (counted in `nimbus_iam_activity_dropped_total`) until the next flush.
 pub const MAX_KEYS: usize = 50_000;
 /// Days of activity kept.
 pub const RETENTION_DAYS: i32 = 90;
@@ -31,21 +31,49 @@ struct Key {
     resource: String,
 }
 
-/// Per key: how often allowed since the last flush, and when last.
-type Counts = HashMap<Key, (i64, DateTime<Utc>)>;
+/// Locks the counts are spread over, so that concurrent decisions rarely wait for each other.
+const SHARDS: usize = 16;
 
-static SEEN: LazyLock<Mutex<Counts>> = LazyLock::new(Mutex::default);
+/// Per key's hash, the keys with that hash (one, but for collisions) with how often they were
+/// allowed since the last flush and when last: a decision already counted costs no allocation.
+type Shard = HashMap<u64, Vec<(Key, (i64, DateTime<Utc>))>>;
+
+static SEEN: LazyLock<[Mutex<(Shard, usize)>; SHARDS]> = LazyLock::new(|| std::array::from_fn(|_| Mutex::default()));
+
+fn hash_of(tenant: Uuid, kind: &str, principal: Uuid, action: &str, resource: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (tenant, kind, principal, action, resource).hash(&mut h);
+    h.finish()
+}
 
 /// Counts one allowed decision.
 pub fn record(tenant: Uuid, kind: &'static str, principal: Uuid, action: &'static str, resource: &str) {
-    let now = Utc::now();
-    let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
-    let key = Key { tenant, kind, principal, action, resource: resource.to_owned() };
-    if let Some(entry) = seen.get_mut(&key) {
-        entry.0 += 1;
-        entry.1 = now;
-    } else if seen.len() < MAX_KEYS {
-        seen.insert(key, (1, now));
+    add(tenant, kind, principal, action, resource, 1, Utc::now());
+}
+
+fn add(
+    tenant: Uuid,
+    kind: &'static str,
+    principal: Uuid,
+    action: &'static str,
+    resource: &str,
+    n: i64,
+    at: DateTime<Utc>,
+) {
+    let h = hash_of(tenant, kind, principal, action, resource);
+    let mut guard = SEEN[(h as usize) % SHARDS].lock().unwrap_or_else(|p| p.into_inner());
+    let (shard, keys) = &mut *guard;
+    let same = |k: &Key| {
+        k.tenant == tenant && k.principal == principal && k.action == action && k.kind == kind && k.resource == resource
+    };
+    let entries = shard.entry(h).or_default();
+    if let Some((_, counts)) = entries.iter_mut().find(|(k, _)| same(k)) {
+        counts.0 += n;
+        counts.1 = counts.1.max(at);
+    } else if *keys < MAX_KEYS / SHARDS {
+        entries.push((Key { tenant, kind, principal, action, resource: resource.to_owned() }, (n, at)));
+        *keys += 1;
     } else {
         metrics::counter!("nimbus_iam_activity_dropped_total").increment(1);
     }
@@ -54,18 +82,18 @@ pub fn record(tenant: Uuid, kind: &'static str, principal: Uuid, action: &'stati
 /// Writes what was counted since the last flush (adding to the day's rows) and drops days past
 /// [`RETENTION_DAYS`]; returns the rows written. On failure the counts are put back.
 pub async fn flush(pool: &db::Db) -> anyhow::Result<usize> {
-    let taken: Vec<(Key, (i64, DateTime<Utc>))> =
-        std::mem::take(&mut *SEEN.lock().unwrap_or_else(|p| p.into_inner())).into_iter().collect();
+    let mut taken: Vec<(Key, (i64, DateTime<Utc>))> = Vec::new();
+    for shard in SEEN.iter() {
+        let (map, _) = std::mem::take(&mut *shard.lock().unwrap_or_else(|p| p.into_inner()));
+        taken.extend(map.into_values().flatten());
+    }
     if taken.is_empty() {
         return Ok(0);
     }
     let result = write(pool, &taken).await;
     if result.is_err() {
-        let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
         for (k, (n, at)) in taken {
-            let e = seen.entry(k).or_insert((0, at));
-            e.0 += n;
-            e.1 = e.1.max(at);
+            add(k.tenant, k.kind, k.principal, k.action, &k.resource, n, at);
         }
     }
     result

@@ -20,7 +20,7 @@ use std::{
     collections::HashMap,
     net::IpAddr,
     sync::{
-        Arc, LazyLock, Mutex,
+        Arc, LazyLock, Mutex, RwLock,
         atomic::{AtomicU64, Ordering},
     },
 };
@@ -73,14 +73,14 @@ tokio::task_local! {
 
 struct Cache {
     generation: AtomicU64,
-    principals: Mutex<HashMap<(Uuid, Uuid, Uuid), Arc<Loaded>>>,
+    principals: RwLock<HashMap<(Uuid, Uuid, Uuid), Arc<Loaded>>>,
     compiled: Mutex<HashMap<(Uuid, i32), Arc<CompiledPolicy>>>,
     managed: HashMap<&'static str, Arc<CompiledPolicy>>,
 }
 
 static CACHE: LazyLock<Cache> = LazyLock::new(|| Cache {
     generation: AtomicU64::new(1),
-    principals: Mutex::default(),
+    principals: RwLock::default(),
     compiled: Mutex::default(),
     managed: nimbus_iam::managed::MANAGED.iter().map(|m| (m.name, Arc::new(m.compile()))).collect(),
 });
@@ -88,7 +88,7 @@ static CACHE: LazyLock<Cache> = LazyLock::new(|| Cache {
 /// Drops every cached principal: the next decision for each loads its policies again.
 pub fn invalidate() {
     CACHE.generation.fetch_add(1, Ordering::AcqRel);
-    CACHE.principals.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    CACHE.principals.write().unwrap_or_else(|p| p.into_inner()).clear();
 }
 
 /// A managed policy, compiled.
@@ -109,7 +109,7 @@ fn key(principal: &Principal) -> (Uuid, Uuid) {
 /// The cached view of `principal` in `tenant`, if it is still current.
 pub fn cached(principal: &Principal, tenant: Uuid) -> Option<Arc<Loaded>> {
     let generation = CACHE.generation.load(Ordering::Acquire);
-    let map = CACHE.principals.lock().unwrap_or_else(|p| p.into_inner());
+    let map = CACHE.principals.read().unwrap_or_else(|p| p.into_inner());
     map.get(&{
         let (id, function) = key(principal);
         (id, function, tenant)
@@ -125,7 +125,7 @@ pub async fn load(tx: &mut Tx, principal: &Principal, tenant: Uuid) -> Result<Ar
     }
     let generation = CACHE.generation.load(Ordering::Acquire);
     let loaded = Arc::new(read(tx, principal, tenant, generation).await?);
-    let mut map = CACHE.principals.lock().unwrap_or_else(|p| p.into_inner());
+    let mut map = CACHE.principals.write().unwrap_or_else(|p| p.into_inner());
     if map.len() >= MAX_ENTRIES {
         map.clear();
     }

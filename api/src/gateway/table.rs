@@ -190,7 +190,7 @@ pub struct Routes {
     generation: Arc<tokio::sync::watch::Sender<u64>>,
     holds: Arc<Mutex<HashMap<Uuid, HoldEntry>>>,
     counters: Arc<Mutex<HashMap<Uuid, NodeCounters>>>,
-    keys: Arc<Mutex<KeyCache>>,
+    keys: Arc<RwLock<KeyCache>>,
     /// Role credentials per (function, role), with when they expire.
     credentials: Arc<Mutex<Credentials>>,
     started: Instant,
@@ -217,7 +217,7 @@ type FunctionRow =
     (Uuid, Uuid, String, Option<i32>, Option<String>, sqlx::types::Json<BTreeMap<String, String>>, Option<Uuid>);
 
 /// How long a role credential is valid.
-pub const CREDENTIAL_TTL: Duration = Duration::from_secs(3600);
+pub const CREDENTIAL_TTL: Duration = crate::auth::keys::ROLE_CREDENTIAL_TTL;
 /// A cached credential is handed out while at least this much of its life is left: more than
 /// the longest an invocation may run (15 minutes), so that no invocation outlives its credential.
 pub const CREDENTIAL_MIN_LEFT: Duration = Duration::from_secs(20 * 60);
@@ -243,13 +243,13 @@ impl Routes {
 
     /// The principal an API key authenticated as within [`AUTH_TTL`], if cached.
     pub fn cached_key(&self, digest: &[u8]) -> Option<Principal> {
-        let keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
         keys.get(digest).filter(|(_, at)| at.elapsed() < AUTH_TTL).map(|(p, _)| p.clone())
     }
 
     /// Remembers an API key's authentication.
     pub fn cache_key(&self, digest: Vec<u8>, principal: Principal) {
-        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
         if keys.len() >= AUTH_CACHE_MAX {
             keys.clear();
         }
@@ -259,7 +259,7 @@ impl Routes {
     /// Forgets every cached authentication and every principal's cached policies (an API key, a
     /// membership, a policy, an attachment or a guardrail may have changed).
     pub fn clear_auth(&self) {
-        self.keys.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.keys.write().unwrap_or_else(|p| p.into_inner()).clear();
         crate::authz::policies::invalidate();
     }
 
