@@ -204,6 +204,17 @@ pub fn hello_wasm() -> Vec<u8> {
     .unwrap()
 }
 
+/// A gzip tarball holding one executable file, `name`, with `script` in it (a process
+/// function's package).
+pub fn script_package(name: &str, script: &[u8]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+    let mut header = tar::Header::new_gnu();
+    header.set_size(script.len() as u64);
+    header.set_mode(0o755);
+    builder.append_data(&mut header, name, script).expect("a tar entry");
+    builder.into_inner().expect("a tarball").finish().expect("a gzip stream")
+}
+
 /// The real API on a fresh database with a signed-up platform admin (`ops@example.com`, tenant
 /// `acme`), and calls on its behalf.
 pub struct Platform {

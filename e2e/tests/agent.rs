@@ -14,12 +14,7 @@ const WAIT: Duration = Duration::from_secs(60);
 /// A gzip tarball holding one executable shell script `handler.sh`.
 fn hello_process() -> Vec<u8> {
     let script = b"#!/bin/sh\nread -r body\necho 'Content-Type: text/plain'\necho\necho \"hello from process $NIMBUS_FUNCTION: $body\"\necho 'a log line from process' >&2\n";
-    let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
-    let mut header = tar::Header::new_gnu();
-    header.set_size(script.len() as u64);
-    header.set_mode(0o755);
-    builder.append_data(&mut header, "handler.sh", &script[..]).unwrap();
-    builder.into_inner().unwrap().finish().unwrap()
+    nimbus_e2e::script_package("handler.sh", script)
 }
 
 /// The shared harness with this test's steps.

@@ -22,12 +22,7 @@ echo "token=${NIMBUS_TOKEN%%_*}" \
   "secret=$(call -X POST "$NIMBUS_API_URL/fn/acme/secret")" \
   "list=$(call "$NIMBUS_API_URL/v1/tenants/$TENANT_ID/functions")"
 "#;
-    let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
-    let mut header = tar::Header::new_gnu();
-    header.set_size(script.len() as u64);
-    header.set_mode(0o755);
-    builder.append_data(&mut header, "handler.sh", &script[..]).unwrap();
-    builder.into_inner().unwrap().finish().unwrap()
+    nimbus_e2e::script_package("handler.sh", script)
 }
 
 #[tokio::test]

@@ -24,6 +24,11 @@ async fn function_with_version(app: &TestApp, owner: &User, name: &str) -> uuid:
     v.body["id"].as_str().unwrap().parse().unwrap()
 }
 
+/// `PUT .../execution-role` of the function at `fpath`, as `user`.
+async fn give_role(app: &TestApp, user: &User, fpath: &str, role: &str) -> crate::helpers::TestResponse {
+    app.req(Method::PUT, &format!("{fpath}/execution-role")).token(&user.token).json(json!({"role": role})).send().await
+}
+
 async fn tenant_policy(app: &TestApp, owner: &User, name: &str, document: Value) {
     let res = app
         .post(&format!("/v1/tenants/{}/policies", owner.tenant))
@@ -82,19 +87,9 @@ async fn roles_are_created_listed_attached_and_not_deleted_while_a_function_uses
         StatusCode::CREATED
     );
     let fpath = format!("{}/jobs", functions_path(owner.tenant));
-    let res = app
-        .req(Method::PUT, &format!("{fpath}/execution-role"))
-        .token(&owner.token)
-        .json(json!({"role": "worker"}))
-        .send()
-        .await;
+    let res = give_role(&app, &owner, &fpath, "worker").await;
     assert_eq!(res.status, StatusCode::OK, "{}", res.text);
-    app.req(Method::PUT, &format!("{fpath}/execution-role"))
-        .token(&owner.token)
-        .json(json!({"role": "nobody"}))
-        .send()
-        .await
-        .assert_problem(StatusCode::NOT_FOUND, "not_found");
+    give_role(&app, &owner, &fpath, "nobody").await.assert_problem(StatusCode::NOT_FOUND, "not_found");
     let f = app.get(&fpath).token(&owner.token).send().await;
     assert_eq!(f.body["execution_role"], "worker");
 
@@ -131,12 +126,7 @@ async fn giving_a_function_a_role_needs_pass_role_on_that_role() {
     );
     let fpath = format!("{}/jobs", functions_path(owner.tenant));
     // A developer may change functions but not pass roles (the managed Developer has no PassRole).
-    let denied = app
-        .req(Method::PUT, &format!("{fpath}/execution-role"))
-        .token(&dev.token)
-        .json(json!({"role": "worker"}))
-        .send()
-        .await;
+    let denied = give_role(&app, &dev, &fpath, "worker").await;
     denied.assert_problem(StatusCode::FORBIDDEN, "forbidden");
     assert_eq!(denied.body["action"], "iam:PassRole");
     assert_eq!(denied.body["resource"], format!("nrn:nimbus:iam:{}:role/worker", owner.tenant));
@@ -155,19 +145,9 @@ async fn giving_a_function_a_role_needs_pass_role_on_that_role() {
         .send()
         .await;
     assert_eq!(res.status, StatusCode::NO_CONTENT, "{}", res.text);
-    let res = app
-        .req(Method::PUT, &format!("{fpath}/execution-role"))
-        .token(&dev.token)
-        .json(json!({"role": "worker"}))
-        .send()
-        .await;
+    let res = give_role(&app, &dev, &fpath, "worker").await;
     assert_eq!(res.status, StatusCode::OK, "{}", res.text);
-    app.req(Method::PUT, &format!("{fpath}/execution-role"))
-        .token(&dev.token)
-        .json(json!({"role": "admin-like"}))
-        .send()
-        .await
-        .assert_problem(StatusCode::FORBIDDEN, "forbidden");
+    give_role(&app, &dev, &fpath, "admin-like").await.assert_problem(StatusCode::FORBIDDEN, "forbidden");
     assert_eq!(app.get(&fpath).token(&owner.token).send().await.body["execution_role"], "worker");
 }
 
@@ -209,12 +189,7 @@ async fn an_invocation_credential_does_what_the_role_allows_and_nothing_else() {
     assert_eq!(seen.lock().unwrap().last().unwrap().role_credential, None, "a caller's header never reaches the agent");
 
     let fpath = format!("{}/caller", functions_path(t));
-    let res = app
-        .req(Method::PUT, &format!("{fpath}/execution-role"))
-        .token(&owner.token)
-        .json(json!({"role": "worker"}))
-        .send()
-        .await;
+    let res = give_role(&app, &owner, &fpath, "worker").await;
     assert_eq!(res.status, StatusCode::OK, "{}", res.text);
     app.state.routes.reload(&app.state.pool).await.unwrap();
     let res = app.post("/fn/acme/caller:1").token(&owner.token).send().await;
