@@ -186,10 +186,21 @@ pub fn decide(cfg: &Config, state: &mut State, obs: &Observation) -> Decision {
 /// sample ever seen (`first_ms`), so a version that just started is not diluted by seconds it
 /// did not exist. Seconds without a sample count as zero. `None` without any sample.
 pub fn window_average(samples: &[(u64, f64)], first_ms: Option<u64>, now_ms: u64, window_ms: u64) -> Option<f64> {
+    window_average_of(samples.iter().copied(), first_ms, now_ms, window_ms)
+}
+
+/// [`window_average`] over samples given in time order by an iterator (so that a caller can
+/// append a sample without copying the series).
+pub fn window_average_of(
+    samples: impl Iterator<Item = (u64, f64)>,
+    first_ms: Option<u64>,
+    now_ms: u64,
+    window_ms: u64,
+) -> Option<f64> {
     let first = first_ms?;
     let start = now_ms.saturating_sub(window_ms).max(first);
     let seconds = ((now_ms.saturating_sub(start)) / 1000).max(1) as f64;
-    let sum: f64 = samples.iter().filter(|(t, _)| *t >= start && *t < now_ms).map(|(_, c)| c).sum();
+    let sum: f64 = samples.filter(|(t, _)| *t >= start && *t < now_ms).map(|(_, c)| c).sum();
     Some(sum / seconds)
 }
 

@@ -39,7 +39,9 @@
 //! never evicted, so critical instances never make way for normal or low ones.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use rustc_hash::{FxHashMap as HashMap, FxHashSet};
 
 use uuid::Uuid;
 
@@ -118,7 +120,7 @@ struct Room {
 pub fn place(nodes: &[Node], demands: &[Demand], current: &Assignments) -> Placement {
     let usable: HashMap<Uuid, &Node> = nodes.iter().filter(|n| n.schedulable).map(|n| (n.id, n)).collect();
     let by_version: HashMap<Uuid, &Demand> = demands.iter().map(|d| (d.version, d)).collect();
-    let mut current_of: HashMap<Uuid, Vec<(Uuid, u32)>> = HashMap::new();
+    let mut current_of: HashMap<Uuid, Vec<(Uuid, u32)>> = HashMap::default();
     for (&(node, version), &n) in current {
         current_of.entry(version).or_default().push((node, n));
     }
@@ -133,7 +135,7 @@ pub fn place(nodes: &[Node], demands: &[Demand], current: &Assignments) -> Place
     });
     // Instances per version and node, mirroring `out.assignments` (which is keyed by node), so
     // that asking for one version's instances does not scan every assignment.
-    let mut index = Index::new();
+    let mut index = Index::default();
     let mut eligibility = Eligibility::new(&room, &usable);
     let placed_on = |index: &Index, version: Uuid| -> Vec<(Uuid, u32)> {
         index.get(&version).map(|m| m.iter().map(|(n, c)| (*n, *c)).collect()).unwrap_or_default()
@@ -175,7 +177,7 @@ pub fn place(nodes: &[Node], demands: &[Demand], current: &Assignments) -> Place
             let zones = zone_counts(&placed, &usable);
             let Some((node, _)) = placed
                 .into_iter()
-                .max_by_key(|(n, c)| (zones.get(&usable[n].zone).copied().unwrap_or(0), *c, Reverse(*n)))
+                .max_by_key(|(n, c)| (zones.get(usable[n].zone.as_str()).copied().unwrap_or(0), *c, Reverse(*n)))
             else {
                 break;
             };
@@ -207,7 +209,7 @@ pub fn place(nodes: &[Node], demands: &[Demand], current: &Assignments) -> Place
                 .filter(|(_, r)| r.slots > 0 && r.memory >= d.memory_mb)
                 .min_by_key(|(id, r)| {
                     let node = usable[*id];
-                    let zone = zones.get(&node.zone).copied().unwrap_or(0);
+                    let zone = zones.get(node.zone.as_str()).copied().unwrap_or(0);
                     let here = held.get(*id).copied().unwrap_or(0);
                     let cached = here > 0 || current.contains_key(&(**id, d.version));
                     (Reverse(matches(node, &preferred)), zone, here, !cached, Reverse(r.memory), **id)
@@ -235,7 +237,7 @@ pub fn place(nodes: &[Node], demands: &[Demand], current: &Assignments) -> Place
 struct Eligibility<'a> {
     nodes: Vec<&'a Node>,
     /// Tenants some node is dedicated to: only their demands see pools the others do not.
-    owners: std::collections::HashSet<Uuid>,
+    owners: FxHashSet<Uuid>,
     lists: HashMap<EligibilityKey<'a>, std::rc::Rc<[Uuid]>>,
 }
 
@@ -247,7 +249,7 @@ impl<'a> Eligibility<'a> {
     fn new(room: &BTreeMap<Uuid, Room>, usable: &HashMap<Uuid, &'a Node>) -> Self {
         let nodes: Vec<&Node> = room.keys().map(|id| usable[id]).collect();
         let owners = nodes.iter().filter_map(|n| n.dedicated_to).collect();
-        Eligibility { nodes, owners, lists: HashMap::new() }
+        Eligibility { nodes, owners, lists: HashMap::default() }
     }
 
     fn of(&mut self, d: &'a Demand) -> std::rc::Rc<[Uuid]> {
@@ -335,7 +337,7 @@ fn take_one(out: &mut Placement, index: &mut Index, node: Uuid, version: Uuid) {
 fn evict_for(
     d: &Demand,
     eligible: &[Uuid],
-    zones: &HashMap<String, u32>,
+    zones: &HashMap<&str, u32>,
     usable: &HashMap<Uuid, &Node>,
     by_version: &HashMap<Uuid, &Demand>,
     room: &mut BTreeMap<Uuid, Room>,
@@ -398,7 +400,7 @@ fn evict_for(
             }
         }
         let worst = chosen.iter().map(|c| c.0).max().unwrap_or(Priority::Low);
-        let zone = zones.get(&node.zone).copied().unwrap_or(0);
+        let zone = zones.get(node.zone.as_str()).copied().unwrap_or(0);
         let key = (worst, chosen.len(), Reverse(matches(node, &preferred)), zone, *id);
         if best.as_ref().is_none_or(|(k, _)| key < *k) {
             best = Some((key, chosen));
@@ -415,13 +417,11 @@ fn evict_for(
     Some(node)
 }
 
-fn zone_counts(placed: &[(Uuid, u32)], nodes: &HashMap<Uuid, &Node>) -> HashMap<String, u32> {
-    let mut zones: HashMap<String, u32> = HashMap::new();
-    for n in nodes.values() {
-        zones.entry(n.zone.clone()).or_insert(0);
-    }
+/// Instances of a version per zone (zones without any are absent: read them as 0).
+fn zone_counts<'a>(placed: &[(Uuid, u32)], nodes: &HashMap<Uuid, &'a Node>) -> HashMap<&'a str, u32> {
+    let mut zones: HashMap<&str, u32> = HashMap::default();
     for (node, c) in placed {
-        *zones.entry(nodes[node].zone.clone()).or_insert(0) += c;
+        *zones.entry(nodes[node].zone.as_str()).or_insert(0) += c;
     }
     zones
 }

@@ -26,7 +26,6 @@ use std::{
 
 use chrono::Utc;
 use futures_util::FutureExt;
-use nimbus_protocol::{InstanceState, VersionStatus};
 use sqlx::{Connection, postgres::PgListener};
 use uuid::Uuid;
 
@@ -150,7 +149,8 @@ pub fn compute(
 ) -> Outcome {
     // Warm instances keep a version active; parked rows alone do not (they are dropped once the
     // version is neither routed nor used, so old versions do not stay on nodes forever).
-    let assigned: HashSet<Uuid> = inputs.current.iter().filter(|(_, n)| **n > 0).map(|((_, v), _)| *v).collect();
+    let assigned: rustc_hash::FxHashSet<Uuid> =
+        inputs.current.iter().filter(|(_, n)| **n > 0).map(|((_, v), _)| *v).collect();
     let mut demands = Vec::new();
     let mut decided = Vec::new();
     for v in &inputs.versions {
@@ -172,11 +172,11 @@ pub fn compute(
         });
         let first_seen = *state.first_seen_ms.get_or_insert(now_ms);
         let ready = inputs.ready.get(&v.id).copied().unwrap_or(0);
-        let mut series: Vec<(u64, f64)> = traffic.cloned().unwrap_or_default();
-        if held_now > 0 {
-            // Held requests are demand now: one sample in the second that just ended.
-            series.push((now_ms.saturating_sub(1), f64::from(held_now)));
-        }
+        // Held requests are demand now: one sample in the second that just ended, after the
+        // agents' (appended as the series is read, not copied into it).
+        let held_sample = (held_now > 0).then(|| (now_ms.saturating_sub(1), f64::from(held_now)));
+        let reported = traffic.map_or(&[][..], Vec::as_slice);
+        let series = || reported.iter().copied().chain(held_sample);
         if !state.initial_done
             && (held_now > 0
                 || traffic.is_some()
@@ -185,9 +185,9 @@ pub fn compute(
         {
             state.initial_done = true;
         }
-        let first = series.first().map_or(first_seen, |(t, _)| (*t).min(first_seen));
+        let first = series().next().map_or(first_seen, |(t, _)| t.min(first_seen));
         let (stable, panic) = if state.initial_done {
-            let avg = |window| kpa::window_average(&series, Some(first), now_ms, window);
+            let avg = |window| kpa::window_average_of(series(), Some(first), now_ms, window);
             (avg(v.kpa.stable_window_ms), avg(v.kpa.panic_window_ms))
         } else {
             (None, None)
@@ -225,14 +225,14 @@ pub fn compute(
         });
     }
     let mut placed = placement::place(&inputs.nodes, &demands, &inputs.current);
-    let mut per_version: HashMap<Uuid, u32> = HashMap::new();
+    let mut per_version: rustc_hash::FxHashMap<Uuid, u32> = rustc_hash::FxHashMap::default();
     for ((_, v), n) in &placed.assignments {
         *per_version.entry(*v).or_insert(0) += n;
     }
     // Make before break: warm instances on a draining, lost or left node stay assigned there
     // until the version has as many ready elsewhere as it wants (a lost node's rows also survive
     // an outage of the control plane that marked every node lost). They do not count as placed.
-    let wanted: HashMap<Uuid, u32> = demands.iter().map(|d| (d.version, d.instances)).collect();
+    let wanted: rustc_hash::FxHashMap<Uuid, u32> = demands.iter().map(|d| (d.version, d.instances)).collect();
     for (&(node, v), &n) in &inputs.current {
         let want = wanted.get(&v).copied().unwrap_or(0);
         if n == 0 || want == 0 || !inputs.winding_down.contains(&node) || placed.unschedulable.contains_key(&v) {
@@ -278,7 +278,10 @@ struct NodeRow {
     state: String,
     draining: bool,
     labels: sqlx::types::Json<BTreeMap<String, String>>,
-    versions: sqlx::types::Json<Vec<VersionStatus>>,
+    /// The versions the node reports ready and their instances, in the same order (the
+    /// generated columns of migration 15: no JSON is decoded here).
+    ready_version_ids: Vec<Uuid>,
+    ready_instances: Vec<i32>,
 }
 
 /// What a tick re-reads: everything, or only the fleet (nodes, what they report, pool
@@ -346,7 +349,8 @@ async fn read_versions(tx: &mut db::Tx) -> Result<Vec<VersionInput>, sqlx::Error
 /// The nodes (capacity, labels, what they report ready) and the pool dedications.
 async fn read_fleet(tx: &mut db::Tx, inputs: &mut Inputs) -> Result<(), sqlx::Error> {
     let nodes: Vec<NodeRow> = sqlx::query_as(
-        "SELECT id, zone, memory_mb, instance_slots, state, draining, labels, versions FROM nodes \
+        "SELECT id, zone, memory_mb, instance_slots, state, draining, labels, ready_version_ids, ready_instances \
+         FROM nodes \
          WHERE state <> 'removed'",
     )
     .fetch_all(&mut **tx)
@@ -361,9 +365,10 @@ async fn read_fleet(tx: &mut db::Tx, inputs: &mut Inputs) -> Result<(), sqlx::Er
         .into_iter()
         .map(|n| {
             if n.state == "ready" {
-                for v in n.versions.0.iter().filter(|v| v.state == InstanceState::Ready) {
-                    *inputs.ready.entry(v.version_id).or_insert(0) += v.instances;
-                    *inputs.ready_on.entry((n.id, v.version_id)).or_insert(0) += v.instances;
+                for (v, i) in n.ready_version_ids.iter().zip(&n.ready_instances) {
+                    let i = u32::try_from(*i).unwrap_or(0);
+                    *inputs.ready.entry(*v).or_insert(0) += i;
+                    *inputs.ready_on.entry((n.id, *v)).or_insert(0) += i;
                 }
             }
             if n.draining || n.state == "lost" || n.state == "left" {
