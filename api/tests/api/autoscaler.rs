@@ -331,3 +331,53 @@ async fn a_watching_autoscaler_reads_versions_again_only_when_the_catalogue_chan
     unwatched.tick().await.unwrap();
     assert!(assigned(&app, &admin, n).await.contains(&(v1.to_string(), 1)), "an unwatched tick reads everything");
 }
+
+/// What `node` reports, through the agents' report route.
+async fn report(app: &TestApp, credential: &str, versions: Value) {
+    let res = app
+        .post("/agent/v1/reports")
+        .token(credential)
+        .json(json!({"revision": 1, "in_flight": 0, "versions": versions, "metrics": []}))
+        .send()
+        .await;
+    assert_eq!(res.status, StatusCode::NO_CONTENT, "{}", res.text);
+}
+
+#[tokio::test]
+async fn the_ready_instances_a_tick_reads_are_what_the_nodes_last_reported_ready() {
+    let app = spawn_app().await;
+    let admin = app.platform_admin().await;
+    let owner = app.sign_up("ready-owner@example.com", "ready").await;
+    let v1 = routed_thumbs(&app, &owner).await;
+    let other = Uuid::now_v7();
+    let mut nodes = Vec::new();
+    for name in ["r1", "r2"] {
+        let token = app.post("/v1/join-tokens").token(&admin.token).json(json!({"name": name})).send().await;
+        let joined = app
+            .post("/agent/v1/join")
+            .json(json!({"token": token.body["secret"], "name": name, "zone": "zone-a",
+                         "capacity": {"memory_mb": 4096, "cpu_millis": 2000, "instance_slots": 16},
+                         "invoke_url": "http://127.0.0.1:9"}))
+            .send()
+            .await;
+        assert_eq!(joined.status, StatusCode::CREATED, "{}", joined.text);
+        let id: Uuid = joined.body["node_id"].as_str().unwrap().parse().unwrap();
+        nodes.push((id, joined.body["credential"]["token"].as_str().unwrap().to_owned()));
+    }
+    let status = |v: Uuid, state: &str, instances: u32| json!({"version_id": v, "state": state, "instances": instances, "in_flight": 0, "error": null});
+    // Only entries reported `ready` count, per node and summed over nodes.
+    report(&app, &nodes[0].1, json!([status(v1, "ready", 2), status(other, "loading", 3)])).await;
+    report(&app, &nodes[1].1, json!([status(other, "failed", 1), status(v1, "ready", 1)])).await;
+    let inputs = nimbus_api::autoscaler::run::load(&app.state.pool).await.unwrap();
+    assert_eq!(inputs.ready.get(&v1), Some(&3), "{:?}", inputs.ready);
+    assert_eq!(inputs.ready.get(&other), None, "{:?}", inputs.ready);
+    assert_eq!(inputs.ready_on.get(&(nodes[0].0, v1)), Some(&2));
+    assert_eq!(inputs.ready_on.get(&(nodes[1].0, v1)), Some(&1));
+
+    // A later report replaces what the node reported before.
+    report(&app, &nodes[0].1, json!([status(v1, "loading", 0), status(other, "ready", 4)])).await;
+    let inputs = nimbus_api::autoscaler::run::load(&app.state.pool).await.unwrap();
+    assert_eq!(inputs.ready.get(&v1), Some(&1), "{:?}", inputs.ready);
+    assert_eq!(inputs.ready_on.get(&(nodes[0].0, v1)), None);
+    assert_eq!(inputs.ready_on.get(&(nodes[0].0, other)), Some(&4));
+}
