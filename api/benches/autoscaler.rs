@@ -24,7 +24,8 @@
 //!    same steady state tick by tick through
 //!    [`run::load`], [`run::merge_published`], [`run::compute`] and [`run::store`] (as a leader
 //!    holding the advisory lock, which `store` checks), each timed. The database is dropped at
-//!    the end. `NIMBUS_BENCH_SKIP_DB=1` skips this part.
+//!    the end. The server's Prometheus recorder is installed, so that the tick's per-version
+//!    gauges cost what they cost in the server. `NIMBUS_BENCH_SKIP_DB=1` skips this part.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -696,6 +697,7 @@ async fn with_database(f: &Fleet, url: &str) -> anyhow::Result<DbRun> {
     let replica = Uuid::now_v7();
     let mut decisions = Vec::new();
     let mut breakdown_cold = Duration::ZERO;
+    let mut samples = HashMap::new();
     for n in 0..=DB_BREAKDOWN_TICKS {
         report_ready(&mut su).await?;
         catch_up(&stats);
@@ -717,7 +719,7 @@ async fn with_database(f: &Fleet, url: &str) -> anyhow::Result<DbRun> {
         let l = if n == 0 { lf } else { t.elapsed() };
         let now = now_ms();
         let t = Instant::now();
-        let mut samples = stats.concurrency(Utc::now());
+        stats.concurrency_into(Utc::now(), Some(run::longest_window(&inputs)), &mut samples);
         run::merge_published(&pool, replica, &mut samples).await?;
         let m = t.elapsed();
         let t = Instant::now();
@@ -861,6 +863,8 @@ fn main() {
     }
     println!();
     println!("## Autoscaler::tick with PostgreSQL (load + compute + store), paced every {} s", TICK.as_secs());
+    // The server's Prometheus recorder, so that the tick's gauges cost what they cost there.
+    let _metrics = nimbus_api::telemetry::metrics_handle();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     rt.block_on(database_part(10_000)).expect("the PostgreSQL part");
 }

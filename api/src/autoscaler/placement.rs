@@ -111,37 +111,130 @@ impl Node {
     }
 }
 
+/// What is left on a usable node.
 struct Room {
     memory: u64,
     slots: u32,
 }
 
+/// One placement's working state. Usable nodes are numbered in ascending id order and demands
+/// by their position in the input ("slots"), so that the per-version and per-node bookkeeping
+/// is small vectors instead of maps keyed by ids.
+struct Work<'a> {
+    /// The schedulable nodes, ascending id.
+    nodes: &'a [&'a Node],
+    /// Each node's zone, numbered.
+    zone_of: Vec<usize>,
+    /// Zones there are.
+    zones: usize,
+    room: Vec<Room>,
+    demands: &'a [Demand],
+    /// Per slot: its instances, `(node, count)`; a count is 0 only for parked entries.
+    placed: Vec<Vec<(usize, u32)>>,
+    /// Per node: the slots given instances there at some point (read their counts in `placed`).
+    on_node: Vec<Vec<usize>>,
+}
+
+impl Work<'_> {
+    fn count(&self, slot: usize, node: usize) -> u32 {
+        self.placed[slot].iter().find(|(n, _)| *n == node).map_or(0, |(_, c)| *c)
+    }
+
+    fn total(&self, slot: usize) -> u32 {
+        self.placed[slot].iter().map(|(_, c)| c).sum()
+    }
+
+    /// Sets a slot's count on a node it has nothing on yet.
+    fn set(&mut self, slot: usize, node: usize, n: u32) {
+        self.placed[slot].push((node, n));
+        self.on_node[node].push(slot);
+    }
+
+    /// One more instance of `slot` on `node`.
+    fn add_one(&mut self, slot: usize, node: usize) {
+        match self.placed[slot].iter_mut().find(|(n, _)| *n == node) {
+            Some((_, c)) => *c += 1,
+            None => self.set(slot, node, 1),
+        }
+    }
+
+    /// One instance of `slot` fewer on `node` (which has at least one).
+    fn take_one(&mut self, slot: usize, node: usize) {
+        let at = self.placed[slot].iter().position(|(n, _)| *n == node).expect("placed");
+        let c = &mut self.placed[slot][at].1;
+        *c -= 1;
+        if *c == 0 {
+            self.placed[slot].swap_remove(at);
+        }
+    }
+
+    /// Instances of `slot` per zone, into `zones`.
+    fn zone_counts(&self, slot: usize, zones: &mut Vec<u32>) {
+        zones.clear();
+        zones.resize(self.zones, 0);
+        for &(n, c) in &self.placed[slot] {
+            zones[self.zone_of[n]] += c;
+        }
+    }
+}
+
 /// Places `demands` on `nodes`, starting from `current`.
 pub fn place(nodes: &[Node], demands: &[Demand], current: &Assignments) -> Placement {
-    let usable: HashMap<Uuid, &Node> = nodes.iter().filter(|n| n.schedulable).map(|n| (n.id, n)).collect();
-    let by_version: HashMap<Uuid, &Demand> = demands.iter().map(|d| (d.version, d)).collect();
-    let mut current_of: HashMap<Uuid, Vec<(Uuid, u32)>> = HashMap::default();
+    let mut usable: Vec<&Node> = nodes.iter().filter(|n| n.schedulable).collect();
+    usable.sort_by_key(|n| n.id);
+    usable.dedup_by_key(|n| n.id);
+    let index_of: HashMap<Uuid, usize> = usable.iter().enumerate().map(|(i, n)| (n.id, i)).collect();
+    let mut zone_names: Vec<&str> = Vec::new();
+    let zone_of: Vec<usize> = usable
+        .iter()
+        .map(|n| match zone_names.iter().position(|z| *z == n.zone) {
+            Some(z) => z,
+            None => {
+                zone_names.push(&n.zone);
+                zone_names.len() - 1
+            }
+        })
+        .collect();
+    let slot_of: HashMap<Uuid, usize> = demands.iter().enumerate().map(|(i, d)| (d.version, i)).collect();
+    // Per slot, its current instances on usable nodes, ascending node id (`current` is ordered
+    // by node, then version).
+    let mut current_of: Vec<Vec<(usize, u32)>> = vec![Vec::new(); demands.len()];
+    let mut last: Option<(Uuid, Option<usize>)> = None;
     for (&(node, version), &n) in current {
-        current_of.entry(version).or_default().push((node, n));
+        let ix = match last {
+            Some((id, ix)) if id == node => ix,
+            _ => {
+                let ix = index_of.get(&node).copied();
+                last = Some((node, ix));
+                ix
+            }
+        };
+        if let (Some(ix), Some(&slot)) = (ix, slot_of.get(&version)) {
+            current_of[slot].push((ix, n));
+        }
     }
-    let mut room: BTreeMap<Uuid, Room> =
-        usable.values().map(|n| (n.id, Room { memory: n.memory_mb, slots: n.slots })).collect();
+    let mut w = Work {
+        room: usable.iter().map(|n| Room { memory: n.memory_mb, slots: n.slots }).collect(),
+        on_node: vec![Vec::new(); usable.len()],
+        zones: zone_names.len(),
+        zone_of,
+        nodes: &usable,
+        demands,
+        placed: vec![Vec::new(); demands.len()],
+    };
     let mut out = Placement::default();
 
     // Critical first, then larger versions, so that big instances find room before small ones fill it.
-    let mut order: Vec<&Demand> = demands.iter().collect();
-    order.sort_by(|a, b| {
+    let mut order: Vec<usize> = (0..demands.len()).collect();
+    order.sort_by(|&a, &b| {
+        let (a, b) = (&demands[a], &demands[b]);
         b.rules.priority.cmp(&a.rules.priority).then(b.memory_mb.cmp(&a.memory_mb)).then(a.version.cmp(&b.version))
     });
-    // Instances per version and node, mirroring `out.assignments` (which is keyed by node), so
-    // that asking for one version's instances does not scan every assignment.
-    let mut index = Index::default();
-    let mut eligibility = Eligibility::new(&room, &usable);
-    let placed_on = |index: &Index, version: Uuid| -> Vec<(Uuid, u32)> {
-        index.get(&version).map(|m| m.iter().map(|(n, c)| (*n, *c)).collect()).unwrap_or_default()
-    };
+    let mut eligibility = Eligibility::new(&usable);
+    let mut zones = Vec::new();
 
-    for d in &order {
+    for &s in &order {
+        let d = &demands[s];
         let eligible = eligibility.of(d);
         if eligible.is_empty() {
             if d.instances > 0 {
@@ -152,37 +245,33 @@ pub fn place(nodes: &[Node], demands: &[Demand], current: &Assignments) -> Place
         }
 
         // 1. Keep what can stay: on eligible nodes, within capacity; parked versions at 0.
-        for &(node, n) in current_of.get(&d.version).map(Vec::as_slice).unwrap_or_default() {
-            if !usable.get(&node).is_some_and(|x| x.admits(d)) {
+        for &(node, n) in &current_of[s] {
+            if eligible.binary_search(&node).is_err() {
                 continue;
             }
             if d.instances == 0 {
-                set(&mut out, &mut index, node, d.version, 0);
+                w.set(s, node, 0);
                 continue;
             }
-            let r = room.get_mut(&node).expect("usable");
+            let r = &mut w.room[node];
             let fits = u64::from(r.slots.min(n)).min(r.memory / d.memory_mb.max(1)) as u32;
             if fits > 0 {
                 r.slots -= fits;
                 r.memory -= u64::from(fits) * d.memory_mb;
-                set(&mut out, &mut index, node, d.version, fits);
+                w.set(s, node, fits);
             }
         }
 
         // 2. Remove the surplus, from the zone with the most instances of the version first.
-        let have: u32 = placed_on(&index, d.version).iter().map(|(_, c)| c).sum();
-        let mut surplus = have.saturating_sub(d.instances);
+        let mut surplus = w.total(s).saturating_sub(d.instances);
         while surplus > 0 {
-            let placed = placed_on(&index, d.version);
-            let zones = zone_counts(&placed, &usable);
-            let Some((node, _)) = placed
-                .into_iter()
-                .max_by_key(|(n, c)| (zones.get(usable[n].zone.as_str()).copied().unwrap_or(0), *c, Reverse(*n)))
+            w.zone_counts(s, &mut zones);
+            let Some(&(node, _)) = w.placed[s].iter().max_by_key(|(n, c)| (zones[w.zone_of[*n]], *c, Reverse(*n)))
             else {
                 break;
             };
-            take_one(&mut out, &mut index, node, d.version);
-            let r = room.get_mut(&node).expect("usable");
+            w.take_one(s, node);
+            let r = &mut w.room[node];
             r.slots += 1;
             r.memory += d.memory_mb;
             surplus -= 1;
@@ -191,54 +280,60 @@ pub fn place(nodes: &[Node], demands: &[Demand], current: &Assignments) -> Place
 
     // 3. Place the shortfall one instance at a time (see the module docs for the ranking),
     //    evicting lower priorities when no eligible node has room.
-    for d in &order {
+    for &s in &order {
+        let d = &demands[s];
         if d.instances == 0 || out.unschedulable.contains_key(&d.version) {
+            continue;
+        }
+        let mut missing = d.instances.saturating_sub(w.total(s));
+        if missing == 0 {
             continue;
         }
         let eligible = eligibility.of(d);
         let preferred = preferred_labels(&d.rules);
-        let have: u32 = placed_on(&index, d.version).iter().map(|(_, c)| c).sum();
-        let mut missing = d.instances.saturating_sub(have);
+        let prefers: Vec<usize> = eligible.iter().map(|&n| matches(w.nodes[n], &preferred)).collect();
         while missing > 0 {
-            let placed = placed_on(&index, d.version);
-            let zones = zone_counts(&placed, &usable);
-            let held: HashMap<Uuid, u32> = placed.into_iter().collect();
+            w.zone_counts(s, &mut zones);
             let candidate = eligible
                 .iter()
-                .map(|id| (id, &room[id]))
-                .filter(|(_, r)| r.slots > 0 && r.memory >= d.memory_mb)
-                .min_by_key(|(id, r)| {
-                    let node = usable[*id];
-                    let zone = zones.get(node.zone.as_str()).copied().unwrap_or(0);
-                    let here = held.get(*id).copied().unwrap_or(0);
-                    let cached = here > 0 || current.contains_key(&(**id, d.version));
-                    (Reverse(matches(node, &preferred)), zone, here, !cached, Reverse(r.memory), **id)
+                .zip(&prefers)
+                .filter(|(n, _)| w.room[**n].slots > 0 && w.room[**n].memory >= d.memory_mb)
+                .min_by_key(|&(&n, &prefer)| {
+                    let here = w.count(s, n);
+                    let cached = here > 0 || current_of[s].iter().any(|(x, _)| *x == n);
+                    (Reverse(prefer), zones[w.zone_of[n]], here, !cached, Reverse(w.room[n].memory), n)
                 })
-                .map(|(id, _)| *id);
-            let candidate = candidate
-                .or_else(|| evict_for(d, &eligible, &zones, &usable, &by_version, &mut room, &mut out, &mut index));
+                .map(|(n, _)| *n);
+            let candidate = candidate.or_else(|| evict_for(s, &eligible, &prefers, &zones, &mut w, &mut out));
             let Some(node) = candidate else { break };
-            let r = room.get_mut(&node).expect("usable");
+            let r = &mut w.room[node];
             r.slots -= 1;
             r.memory -= d.memory_mb;
-            add_one(&mut out, &mut index, node, d.version);
+            w.add_one(s, node);
             missing -= 1;
         }
         if missing > 0 {
             out.unplaced.insert(d.version, missing);
         }
     }
+
+    let mut rows: Vec<((Uuid, Uuid), u32)> = Vec::with_capacity(w.placed.iter().map(Vec::len).sum());
+    for (s, placed) in w.placed.iter().enumerate() {
+        rows.extend(placed.iter().map(|&(n, c)| ((w.nodes[n].id, demands[s].version), c)));
+    }
+    rows.sort_unstable_by_key(|r| r.0);
+    out.assignments = rows.into_iter().collect();
     out
 }
 
-/// The eligible nodes of each demand (ids ascending), computed once per distinct eligibility:
-/// demands requiring the same labels and seeing the same pools share one list, so that ten
-/// thousand versions do not each test every node.
+/// The eligible nodes of each demand (node numbers ascending, i.e. ids ascending), computed once
+/// per distinct eligibility: demands requiring the same labels and seeing the same pools share
+/// one list, so that ten thousand versions do not each test every node.
 struct Eligibility<'a> {
-    nodes: Vec<&'a Node>,
+    nodes: &'a [&'a Node],
     /// Tenants some node is dedicated to: only their demands see pools the others do not.
     owners: FxHashSet<Uuid>,
-    lists: HashMap<EligibilityKey<'a>, std::rc::Rc<[Uuid]>>,
+    lists: HashMap<EligibilityKey<'a>, std::rc::Rc<[usize]>>,
 }
 
 /// What decides a demand's eligible nodes: its required labels, whether its tenant has a
@@ -246,20 +341,19 @@ struct Eligibility<'a> {
 type EligibilityKey<'a> = (&'a BTreeMap<String, String>, bool, Option<Uuid>);
 
 impl<'a> Eligibility<'a> {
-    fn new(room: &BTreeMap<Uuid, Room>, usable: &HashMap<Uuid, &'a Node>) -> Self {
-        let nodes: Vec<&Node> = room.keys().map(|id| usable[id]).collect();
+    fn new(nodes: &'a [&'a Node]) -> Self {
         let owners = nodes.iter().filter_map(|n| n.dedicated_to).collect();
         Eligibility { nodes, owners, lists: HashMap::default() }
     }
 
-    fn of(&mut self, d: &'a Demand) -> std::rc::Rc<[Uuid]> {
+    fn of(&mut self, d: &'a Demand) -> std::rc::Rc<[usize]> {
         // Whether a node admits `d` depends on its required labels, on whether its tenant has
         // a dedicated pool, and on its tenant only when some node is dedicated to that tenant.
         let tenant = (d.dedicated || self.owners.contains(&d.tenant)).then_some(d.tenant);
-        let nodes = &self.nodes;
+        let nodes = self.nodes;
         self.lists
             .entry((&d.rules.required, d.dedicated, tenant))
-            .or_insert_with(|| nodes.iter().filter(|n| n.admits(d)).map(|n| n.id).collect())
+            .or_insert_with(|| nodes.iter().enumerate().filter(|(_, n)| n.admits(d)).map(|(i, _)| i).collect())
             .clone()
     }
 }
@@ -300,76 +394,46 @@ fn unschedulable_reason(nodes: &[Node], d: &Demand) -> String {
     format!("no ready node{pool} has the labels {}", labels.join(", "))
 }
 
-/// Instances per version and node (the mirror of [`Placement::assignments`]).
-type Index = HashMap<Uuid, BTreeMap<Uuid, u32>>;
-
-/// Sets the instances of `version` on `node`.
-fn set(out: &mut Placement, index: &mut Index, node: Uuid, version: Uuid, n: u32) {
-    out.assignments.insert((node, version), n);
-    index.entry(version).or_default().insert(node, n);
-}
-
-/// One more instance of `version` on `node`.
-fn add_one(out: &mut Placement, index: &mut Index, node: Uuid, version: Uuid) {
-    let count = out.assignments.entry((node, version)).or_insert(0);
-    *count += 1;
-    index.entry(version).or_default().insert(node, *count);
-}
-
-/// One instance of `version` fewer on `node` (which has at least one).
-fn take_one(out: &mut Placement, index: &mut Index, node: Uuid, version: Uuid) {
-    let count = out.assignments.get_mut(&(node, version)).expect("placed");
-    *count -= 1;
-    let left = *count;
-    if left == 0 {
-        out.assignments.remove(&(node, version));
-        if let Some(m) = index.get_mut(&version) {
-            m.remove(&node);
-        }
-    } else {
-        index.entry(version).or_default().insert(node, left);
-    }
-}
-
-/// Makes room for one instance of `d` on one of its `eligible` nodes by evicting instances of
-/// strictly lower priority (see the module docs), and returns that node.
-#[expect(clippy::too_many_arguments, reason = "the placement's working state, passed apart for the borrow checker")]
+/// Makes room for one instance of slot `s` on one of its `eligible` nodes (with how many of its
+/// preferred labels each carries) by evicting instances of strictly lower priority (see the
+/// module docs), and returns that node.
 fn evict_for(
-    d: &Demand,
-    eligible: &[Uuid],
-    zones: &HashMap<&str, u32>,
-    usable: &HashMap<Uuid, &Node>,
-    by_version: &HashMap<Uuid, &Demand>,
-    room: &mut BTreeMap<Uuid, Room>,
+    s: usize,
+    eligible: &[usize],
+    prefers: &[usize],
+    zones: &[u32],
+    w: &mut Work<'_>,
     out: &mut Placement,
-    index: &mut Index,
-) -> Option<Uuid> {
+) -> Option<usize> {
+    let d = &w.demands[s];
     let fits = |slots: u32, memory: u64| slots > 0 && memory >= d.memory_mb;
-    let preferred = preferred_labels(&d.rules);
-    // Which node: (highest priority evicted, evictions, preferred labels, zone spread, id).
-    type Key = (Priority, usize, Reverse<usize>, u32, Uuid);
-    // The instances to evict: (priority, memory, version).
-    type Evictions = Vec<(Priority, u64, Uuid)>;
+    // Which node: (highest priority evicted, evictions, preferred labels, zone spread, node).
+    type Key = (Priority, usize, Reverse<usize>, u32, usize);
+    // The instances to evict: (priority, memory, slot).
+    type Evictions = Vec<(Priority, u64, usize)>;
     let mut best: Option<(Key, Evictions)> = None;
-    for id in eligible {
-        let node = usable[id];
+    for (&n, &prefer) in eligible.iter().zip(prefers) {
+        let node = w.nodes[n];
         if !fits(node.slots, node.memory_mb) {
             continue;
         }
-        // (priority, memory, version, count) of the instances that may make way, on this node.
-        let mut victims: Vec<(Priority, u64, Uuid, u32)> = out
-            .assignments
-            .range((*id, Uuid::nil())..=(*id, Uuid::max()))
-            .filter_map(|(&(_, v), &c)| {
-                let vd = by_version.get(&v)?;
+        // (priority, memory, version, count, slot) of the instances that may make way, on this node.
+        let mut candidates = w.on_node[n].clone();
+        candidates.sort_unstable();
+        candidates.dedup();
+        let mut victims: Vec<(Priority, u64, Uuid, u32, usize)> = candidates
+            .into_iter()
+            .filter_map(|v| {
+                let vd = &w.demands[v];
+                let c = w.count(v, n);
                 // Another tenant's instances make way only when they are `low` (evictable by
                 // choice): a tenant cannot push others' normal work off by calling its own critical.
                 let evictable = vd.rules.priority < d.rules.priority
                     && (vd.tenant == d.tenant || vd.rules.priority == Priority::Low);
-                (c > 0 && evictable).then_some((vd.rules.priority, vd.memory_mb, v, c))
+                (c > 0 && evictable).then_some((vd.rules.priority, vd.memory_mb, vd.version, c, v))
             })
             .collect();
-        let (mut slots, mut memory) = (room[id].slots, room[id].memory);
+        let (mut slots, mut memory) = (w.room[n].slots, w.room[n].memory);
         let mut chosen: Evictions = Vec::new();
         while !fits(slots, memory) {
             let Some(p) = victims.iter().filter(|x| x.3 > 0).map(|x| x.0).min() else { break };
@@ -385,7 +449,7 @@ fn evict_for(
             victim.3 -= 1;
             slots += 1;
             memory += victim.1;
-            chosen.push((p, victim.1, victim.2));
+            chosen.push((p, victim.1, victim.4));
         }
         if !fits(slots, memory) {
             continue;
@@ -400,30 +464,20 @@ fn evict_for(
             }
         }
         let worst = chosen.iter().map(|c| c.0).max().unwrap_or(Priority::Low);
-        let zone = zones.get(node.zone.as_str()).copied().unwrap_or(0);
-        let key = (worst, chosen.len(), Reverse(matches(node, &preferred)), zone, *id);
+        let key = (worst, chosen.len(), Reverse(prefer), zones[w.zone_of[n]], n);
         if best.as_ref().is_none_or(|(k, _)| key < *k) {
             best = Some((key, chosen));
         }
     }
     let ((.., node), chosen) = best?;
-    let r = room.get_mut(&node).expect("usable");
-    for (_, mem, version) in chosen {
-        take_one(out, index, node, version);
+    for (_, mem, victim) in chosen {
+        w.take_one(victim, node);
+        let r = &mut w.room[node];
         r.slots += 1;
         r.memory += mem;
-        *out.evicted.entry(version).or_insert(0) += 1;
+        *out.evicted.entry(w.demands[victim].version).or_insert(0) += 1;
     }
     Some(node)
-}
-
-/// Instances of a version per zone (zones without any are absent: read them as 0).
-fn zone_counts<'a>(placed: &[(Uuid, u32)], nodes: &HashMap<Uuid, &'a Node>) -> HashMap<&'a str, u32> {
-    let mut zones: HashMap<&str, u32> = HashMap::default();
-    for (node, c) in placed {
-        *zones.entry(nodes[node].zone.as_str()).or_insert(0) += c;
-    }
-    zones
 }
 
 #[cfg(test)]

@@ -232,10 +232,17 @@ pub fn compute(
     // Make before break: warm instances on a draining, lost or left node stay assigned there
     // until the version has as many ready elsewhere as it wants (a lost node's rows also survive
     // an outage of the control plane that marked every node lost). They do not count as placed.
-    let wanted: rustc_hash::FxHashMap<Uuid, u32> = demands.iter().map(|d| (d.version, d.instances)).collect();
-    for (&(node, v), &n) in &inputs.current {
+    let wanted: rustc_hash::FxHashMap<Uuid, u32> = if inputs.winding_down.is_empty() {
+        rustc_hash::FxHashMap::default()
+    } else {
+        demands.iter().map(|d| (d.version, d.instances)).collect()
+    };
+    let winding_down = inputs.winding_down.iter().flat_map(|&node| {
+        inputs.current.range((node, Uuid::nil())..=(node, Uuid::max())).map(move |(&(_, v), &n)| (node, v, n))
+    });
+    for (node, v, n) in winding_down {
         let want = wanted.get(&v).copied().unwrap_or(0);
-        if n == 0 || want == 0 || !inputs.winding_down.contains(&node) || placed.unschedulable.contains_key(&v) {
+        if n == 0 || want == 0 || placed.unschedulable.contains_key(&v) {
             continue;
         }
         let here = inputs.ready_on.get(&(node, v)).copied().unwrap_or(0);
@@ -409,6 +416,11 @@ fn state_moved(stored: &kpa::State, now: &kpa::State) -> bool {
         || active(now).abs_diff(active(stored)) >= STATE_REFRESH_MS
 }
 
+/// The longest window any version averages over (ms): older seconds change no decision.
+pub fn longest_window(inputs: &Inputs) -> u64 {
+    inputs.versions.iter().map(|v| v.kpa.stable_window_ms.max(v.kpa.panic_window_ms)).max().unwrap_or(0)
+}
+
 /// Where a tick writes, and as whom.
 pub struct Sink<'a> {
     /// The pool.
@@ -430,23 +442,33 @@ pub async fn store(
     written: &mut HashMap<Uuid, (Decided, kpa::State)>,
 ) -> anyhow::Result<usize> {
     let pool = sink.pool;
-    let tenant_of: HashMap<Uuid, Uuid> = inputs.versions.iter().map(|v| (v.id, v.tenant)).collect();
+    // What changed in the assignments, in one pass over both maps (both ordered by key).
     let (mut gone_nodes, mut gone_versions) = (Vec::new(), Vec::new());
-    for key in inputs.current.keys() {
-        if !outcome.assignments.contains_key(key) {
-            gone_nodes.push(key.0);
-            gone_versions.push(key.1);
+    let mut upserts: Vec<(&(Uuid, Uuid), u32)> = Vec::new();
+    let mut before = inputs.current.iter().peekable();
+    for (key, &n) in &outcome.assignments {
+        while let Some((gone, _)) = before.next_if(|(k, _)| *k < key) {
+            gone_nodes.push(gone.0);
+            gone_versions.push(gone.1);
+        }
+        if before.next_if(|(k, _)| *k == key).is_none_or(|(_, was)| *was != n) {
+            upserts.push((key, n));
         }
     }
+    for (gone, _) in before {
+        gone_nodes.push(gone.0);
+        gone_versions.push(gone.1);
+    }
     let (mut nodes, mut tenants, mut versions, mut counts) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for (key, n) in &outcome.assignments {
-        if inputs.current.get(key) != Some(n)
-            && let Some(t) = tenant_of.get(&key.1)
-        {
-            nodes.push(key.0);
-            tenants.push(*t);
-            versions.push(key.1);
-            counts.push(i32::try_from(*n).unwrap_or(i32::MAX));
+    if !upserts.is_empty() {
+        let tenant_of: rustc_hash::FxHashMap<Uuid, Uuid> = inputs.versions.iter().map(|v| (v.id, v.tenant)).collect();
+        for (key, n) in upserts {
+            if let Some(t) = tenant_of.get(&key.1) {
+                nodes.push(key.0);
+                tenants.push(*t);
+                versions.push(key.1);
+                counts.push(i32::try_from(n).unwrap_or(i32::MAX));
+            }
         }
     }
     let changed: Vec<&Decided> = outcome
@@ -458,7 +480,7 @@ pub async fn store(
                 .is_none_or(|(w, s)| w != *d || states.get(&d.version).is_some_and(|now| state_moved(s, now)))
         })
         .collect();
-    let active: HashSet<Uuid> = outcome.decided.iter().map(|d| d.version).collect();
+    let active: rustc_hash::FxHashSet<Uuid> = outcome.decided.iter().map(|d| d.version).collect();
     let stale: Vec<Uuid> = written.keys().filter(|v| !active.contains(v)).copied().collect();
     let writes = gone_nodes.len() + nodes.len() + changed.len() + stale.len();
     if writes == 0 && !sink.purge {
@@ -467,18 +489,21 @@ pub async fn store(
 
     // The gateway scope reads versions: a decision for a version deleted since the load is
     // skipped rather than failing the transaction on the foreign key.
+    //
+    // The commit does not wait for its WAL to reach the disk (`synchronous_commit = off`): all of
+    // this is recomputed every tick, and a PostgreSQL crash can lose at most the last fraction
+    // of a second of it, which the next tick (of this leader or the next) writes again.
     let mut tx = db::begin(pool, &Scope { platform: true, gateway: true, ..Scope::default() }).await?;
-    if let Some(pid) = sink.leader_pid {
-        let (leading,): (bool,) = sqlx::query_as(
-            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = $1 \
-             AND ((classid::bigint << 32) | objid::bigint) = $2)",
-        )
-        .bind(pid)
-        .bind(LOCK_KEY)
-        .fetch_one(&mut *tx)
-        .await?;
-        anyhow::ensure!(leading, "this replica no longer holds the autoscaler's lock");
-    }
+    let (_, leading): (String, bool) = sqlx::query_as(
+        "SELECT set_config('synchronous_commit', 'off', true), $1::int IS NULL OR EXISTS ( \
+         SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = $1 \
+         AND ((classid::bigint << 32) | objid::bigint) = $2)",
+    )
+    .bind(sink.leader_pid)
+    .bind(LOCK_KEY)
+    .fetch_one(&mut *tx)
+    .await?;
+    anyhow::ensure!(leading, "this replica no longer holds the autoscaler's lock");
     if sink.purge {
         let active: Vec<Uuid> = outcome.decided.iter().map(|d| d.version).collect();
         sqlx::query("DELETE FROM autoscaler_state WHERE NOT (version_id = ANY($1))")
@@ -566,9 +591,10 @@ pub async fn merge_published(
 ) -> Result<(), sqlx::Error> {
     let horizon = Utc::now() - chrono::TimeDelta::seconds(crate::nodes::stats::RECENT_SECONDS as i64);
     let mut tx = db::begin(pool, &Scope::platform(None)).await?;
-    sqlx::query("DELETE FROM concurrency_samples WHERE second < $1").bind(horizon).execute(&mut *tx).await?;
+    // One statement: the delete sees the rows older than the horizon, the read the others.
     let rows: Vec<(Uuid, chrono::DateTime<Utc>, f64)> = sqlx::query_as(
-        "SELECT version_id, second, sum(concurrency) FROM concurrency_samples \
+        "WITH gone AS (DELETE FROM concurrency_samples WHERE second < $2) \
+         SELECT version_id, second, sum(concurrency) FROM concurrency_samples \
          WHERE replica_id <> $1 AND second >= $2 GROUP BY version_id, second",
     )
     .bind(replica)
@@ -670,6 +696,71 @@ pub struct Autoscaler {
     loaded_at: Option<Instant>,
     /// The routing channel, while following it (see [`Autoscaler::watch`]).
     changes: Option<PgListener>,
+    /// The desired and ready gauges of the active versions.
+    gauges: Gauges,
+    /// The recent concurrency per version, refilled every tick (kept for its buffers).
+    samples: HashMap<Uuid, Vec<(u64, f64)>>,
+}
+
+/// The per-version gauges `nimbus_autoscaler_desired_instances` and
+/// `nimbus_autoscaler_ready_instances`, with the values they show: a tick sets only those that
+/// moved, through handles registered once per version (not a registry lookup and three label
+/// strings per version and tick).
+#[derive(Default)]
+struct Gauges {
+    shown: HashMap<Uuid, VersionGauges>,
+}
+
+struct VersionGauges {
+    desired: metrics::Gauge,
+    ready: metrics::Gauge,
+    values: (u32, u32),
+}
+
+impl Gauges {
+    /// Shows what a tick decided; versions no longer active show 0 and are forgotten.
+    fn show(&mut self, inputs: &Inputs, decided: &[Decided]) {
+        let mut seen: HashSet<Uuid> = HashSet::with_capacity(decided.len());
+        let mut labels_of: Option<HashMap<Uuid, &VersionInput>> = None;
+        for d in decided {
+            seen.insert(d.version);
+            let values = (d.desired, d.ready);
+            let g = match self.shown.entry(d.version) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    let labels_of =
+                        labels_of.get_or_insert_with(|| inputs.versions.iter().map(|v| (v.id, v)).collect());
+                    let Some(v) = labels_of.get(&d.version) else { continue };
+                    let labels = [
+                        ("tenant_id", d.tenant.to_string()),
+                        ("function", v.label.0.clone()),
+                        ("version", v.label.1.to_string()),
+                    ];
+                    // Nothing shown yet: both are set below.
+                    e.insert(VersionGauges {
+                        desired: metrics::gauge!("nimbus_autoscaler_desired_instances", &labels),
+                        ready: metrics::gauge!("nimbus_autoscaler_ready_instances", &labels),
+                        values: (u32::MAX, u32::MAX),
+                    })
+                }
+            };
+            if g.values.0 != values.0 {
+                g.desired.set(f64::from(values.0));
+            }
+            if g.values.1 != values.1 {
+                g.ready.set(f64::from(values.1));
+            }
+            g.values = values;
+        }
+        self.shown.retain(|v, g| {
+            let keep = seen.contains(v);
+            if !keep {
+                g.desired.set(0.0);
+                g.ready.set(0.0);
+            }
+            keep
+        });
+    }
 }
 
 /// The tables whose changes (announced on the routing channel) move a tick's versions.
@@ -704,6 +795,8 @@ impl Autoscaler {
             inputs: Inputs::default(),
             loaded_at: None,
             changes: None,
+            gauges: Gauges::default(),
+            samples: HashMap::new(),
         }
     }
 
@@ -751,10 +844,10 @@ impl Autoscaler {
         if what == Reload::Full {
             self.loaded_at = Some(Instant::now());
         }
-        let mut samples = self.stats.concurrency(Utc::now());
-        merge_published(&self.pool, self.replica, &mut samples).await?;
+        self.stats.concurrency_into(Utc::now(), Some(longest_window(&inputs)), &mut self.samples);
+        merge_published(&self.pool, self.replica, &mut self.samples).await?;
         let held = self.held.current(now);
-        let outcome = compute(&inputs, &mut self.states, &samples, &held, now);
+        let outcome = compute(&inputs, &mut self.states, &self.samples, &held, now);
         let sink = Sink { pool: &self.pool, leader_pid: self.leader_pid, purge: self.purge };
         let written = match store(&sink, &inputs, &outcome, &self.states, &mut self.written).await {
             Ok(n) => n,
@@ -765,18 +858,7 @@ impl Autoscaler {
             }
         };
         self.purge = false;
-        let labels_of: HashMap<Uuid, &VersionInput> = inputs.versions.iter().map(|v| (v.id, v)).collect();
-        for d in &outcome.decided {
-            if let Some(v) = labels_of.get(&d.version) {
-                let labels = [
-                    ("tenant_id", d.tenant.to_string()),
-                    ("function", v.label.0.clone()),
-                    ("version", v.label.1.to_string()),
-                ];
-                metrics::gauge!("nimbus_autoscaler_desired_instances", &labels).set(f64::from(d.desired));
-                metrics::gauge!("nimbus_autoscaler_ready_instances", &labels).set(f64::from(d.ready));
-            }
-        }
+        self.gauges.show(&inputs, &outcome.decided);
         metrics::histogram!("nimbus_autoscaler_tick_seconds").record(started.elapsed().as_secs_f64());
         // The assignments are now what this tick wrote (versions deleted meanwhile were skipped
         // by `store`; their deletion notified, so the next tick reads everything).

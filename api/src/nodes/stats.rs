@@ -27,6 +27,8 @@ pub const BUCKETS: usize = LATENCY_BUCKETS_MS.len() + 1;
 pub struct Second {
     /// Start of the second.
     pub second: DateTime<Utc>,
+    /// The same instant in milliseconds since the epoch (what the autoscaler averages over).
+    pub at_ms: u64,
     /// In-flight average, summed over nodes.
     pub concurrency: f64,
     /// Requests.
@@ -118,6 +120,7 @@ impl Stats {
             None => {
                 recent.push_back(Second {
                     second: m.second,
+                    at_ms: u64::try_from(m.second.timestamp_millis()).unwrap_or(0),
                     concurrency: m.concurrency,
                     requests: m.requests,
                     errors: m.errors,
@@ -164,20 +167,31 @@ impl Stats {
     /// in one pass under one lock. Versions whose newest second is older than that are
     /// forgotten here.
     pub fn concurrency(&self, now: DateTime<Utc>) -> HashMap<Uuid, Vec<(u64, f64)>> {
+        let mut out = HashMap::new();
+        self.concurrency_into(now, None, &mut out);
+        out
+    }
+
+    /// [`Stats::concurrency`] into `out`, reusing its series' buffers (the autoscaler keeps one
+    /// map across ticks instead of allocating a series per version every tick). With `window`
+    /// (ms), a series holds only the seconds of the last `window` before `now` and the newest
+    /// one before them (which falls outside every average of at most `window` but still tells
+    /// that the traffic began earlier): what the autoscaler's averages read, without copying the
+    /// rest of [`RECENT_SECONDS`].
+    pub fn concurrency_into(&self, now: DateTime<Utc>, window: Option<u64>, out: &mut HashMap<Uuid, Vec<(u64, f64)>>) {
         let horizon = now - TimeDelta::seconds(RECENT_SECONDS as i64);
+        let from = window.map_or(0, |w| u64::try_from(now.timestamp_millis()).unwrap_or(0).saturating_sub(w));
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         inner.recent.retain(|_, r| r.back().is_some_and(|s| s.second > horizon));
-        inner
-            .recent
-            .iter()
-            .map(|(v, r)| {
-                let samples = r
-                    .iter()
-                    .map(|s| (u64::try_from(s.second.timestamp_millis()).unwrap_or(0), s.concurrency))
-                    .collect();
-                (*v, samples)
-            })
-            .collect()
+        out.retain(|v, _| inner.recent.contains_key(v));
+        for (v, r) in &inner.recent {
+            let series = out.entry(*v).or_default();
+            series.clear();
+            // The first second to copy: the newest one before `from`, else the oldest.
+            // Scanned from the newest: only the seconds copied are read.
+            let inside = r.len() - r.iter().rev().take_while(|s| s.at_ms >= from).count();
+            series.extend(r.range(inside.saturating_sub(1)..).map(|s| (s.at_ms, s.concurrency)));
+        }
     }
 
     /// Publishes the concurrency of the last `seconds` seconds (complete or not: a later publish
@@ -281,5 +295,49 @@ pub async fn rollup_loop(stats: Stats, pool: db::Db) {
             Ok(n) => metrics::counter!("nimbus_metrics_rollups_written_total").increment(n as u64),
             Err(e) => tracing::warn!(error = ?e, "writing metrics rollups failed; kept for the next minute"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn second(version: Uuid, at: DateTime<Utc>, concurrency: f64) -> VersionMetrics {
+        VersionMetrics {
+            version_id: version,
+            tenant_id: Uuid::nil(),
+            second: at,
+            concurrency,
+            requests: 1,
+            errors: 0,
+            cold_starts: 0,
+            latency_buckets: vec![0; BUCKETS],
+        }
+    }
+
+    #[test]
+    fn a_window_keeps_its_seconds_and_the_newest_one_before_them_reusing_the_series() {
+        let stats = Stats::default();
+        let (v, quiet) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        let now = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        for (ago, c) in [(90, 1.0), (70, 2.0), (30, 3.0), (1, 4.0)] {
+            stats.record(Uuid::nil(), &second(v, now - TimeDelta::seconds(ago), c));
+        }
+        // Traffic 100 s ago only: nothing inside a 60 s window, but still seen as traffic.
+        stats.record(Uuid::nil(), &second(quiet, now - TimeDelta::seconds(100), 5.0));
+        let ms = |ago: i64| u64::try_from((now - TimeDelta::seconds(ago)).timestamp_millis()).unwrap();
+        let mut out = HashMap::new();
+        stats.concurrency_into(now, Some(60_000), &mut out);
+        assert_eq!(out[&v], vec![(ms(70), 2.0), (ms(30), 3.0), (ms(1), 4.0)]);
+        assert_eq!(out[&quiet], vec![(ms(100), 5.0)]);
+        stats.concurrency_into(now, None, &mut out);
+        assert_eq!(out[&v].len(), 4, "no window: every recent second");
+        assert_eq!(stats.concurrency(now), out);
+        let buffer = out[&v].as_ptr();
+        stats.concurrency_into(now, Some(60_000), &mut out);
+        assert_eq!(out[&v].as_ptr(), buffer, "the series' buffer is reused");
+        // Once the quiet version's second leaves the recent horizon it is forgotten.
+        stats.concurrency_into(now + TimeDelta::seconds(30), Some(60_000), &mut out);
+        assert!(!out.contains_key(&quiet) && out.contains_key(&v));
     }
 }

@@ -381,3 +381,44 @@ async fn the_ready_instances_a_tick_reads_are_what_the_nodes_last_reported_ready
     assert_eq!(inputs.ready_on.get(&(nodes[0].0, v1)), None);
     assert_eq!(inputs.ready_on.get(&(nodes[0].0, other)), Some(&4));
 }
+
+/// The value `/metrics` shows for the autoscaler gauge `name` of thumbs version 1, if any.
+async fn thumbs_gauge(app: &TestApp, name: &str) -> Option<f64> {
+    let metrics = app.get("/metrics").send().await.text;
+    metrics
+        .lines()
+        .find(|l| {
+            l.starts_with(&format!("{name}{{")) && l.contains("function=\"thumbs\"") && l.contains("version=\"1\"")
+        })
+        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+}
+
+#[tokio::test]
+async fn the_desired_and_ready_gauges_follow_the_decisions_and_fall_to_zero_when_a_version_goes_quiet() {
+    let app = spawn_app().await;
+    let admin = app.platform_admin().await;
+    let owner = app.sign_up("owner@example.com", "acme").await;
+    routed_thumbs(&app, &owner).await;
+    node(&app, &admin, "n-1", json!({})).await;
+    let mut autoscaler = Autoscaler::new(app.state.pool.clone(), app.db_url.clone(), app.state.stats.clone());
+    let (desired, ready) = ("nimbus_autoscaler_desired_instances", "nimbus_autoscaler_ready_instances");
+
+    autoscaler.tick().await.unwrap();
+    assert_eq!(thumbs_gauge(&app, desired).await, Some(1.0), "its initial scale");
+    assert_eq!(thumbs_gauge(&app, ready).await, Some(0.0), "no node reported it ready yet");
+
+    // Unschedulable, still routed: still wanted.
+    set_placement(&app, &owner, json!({"required": {"accelerator": "tpu"}})).await;
+    autoscaler.tick().await.unwrap();
+    assert_eq!(thumbs_gauge(&app, desired).await, Some(1.0));
+
+    // No alias routes to it and nothing is assigned: no longer active, and the gauges say 0
+    // rather than the last decision.
+    let gone =
+        app.delete(&format!("{}/thumbs/aliases/live", functions_path(owner.tenant))).token(&owner.token).send().await;
+    assert_eq!(gone.status, StatusCode::NO_CONTENT, "{}", gone.text);
+    autoscaler.tick().await.unwrap();
+    assert!(scale(&app, &owner).await.as_array().is_none_or(Vec::is_empty), "no decision for it any more");
+    assert_eq!(thumbs_gauge(&app, desired).await, Some(0.0));
+    assert_eq!(thumbs_gauge(&app, ready).await, Some(0.0));
+}
