@@ -690,7 +690,7 @@ async fn with_database(f: &Fleet, url: &str) -> anyhow::Result<DbRun> {
     let rows: Vec<(Uuid, sqlx::types::Json<kpa::State>)> =
         sqlx::query_as("SELECT version_id, state FROM autoscaler_state").fetch_all(&mut su).await?;
     states.extend(rows.into_iter().map(|(v, s)| (v, s.0)));
-    let mut written = HashMap::new();
+    let mut written = run::Written::default();
     let (mut load, mut merge, mut compute, mut store) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut load_full = Vec::new();
     let mut inputs = run::Inputs::default();
@@ -728,10 +728,10 @@ async fn with_database(f: &Fleet, url: &str) -> anyhow::Result<DbRun> {
         assert_eq!(outcome.decided.len(), f.specs.len(), "every routed version is active");
         // What `store` will write of the decisions (untimed): those that differ from what was
         // written last; the rest of its rows are assignments.
-        let rewritten = outcome.decided.iter().filter(|d| written.get(&d.version).is_none_or(|(w, _)| w != *d)).count();
+        let rewritten = outcome.decided.iter().filter(|d| written.decision(&d.version).is_none_or(|w| w != *d)).count();
         let t = Instant::now();
         let sink = run::Sink { pool: &pool, leader_pid: Some(leader_pid), purge: n == 0 };
-        let rows = run::store(&sink, &inputs, &outcome, &states, &mut written).await?;
+        let rows = run::store(&sink, &inputs, &outcome, &states, now, &mut written).await?;
         let s = t.elapsed();
         inputs.current = outcome.assignments;
         if n == 0 {

@@ -36,9 +36,21 @@ use crate::{
     telemetry, tenants,
 };
 
-/// Shared state of every handler.
+/// Shared state of every handler: one `Arc`, so that the clone each middleware layer and handler
+/// takes is one reference count, not one per field.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// What [`AppState`] holds.
+pub struct Shared {
     /// The application pool (role `nimbus_app`).
     pub pool: db::Db,
     /// Access-token signing keys.
@@ -61,6 +73,8 @@ pub struct AppState {
     pub limits: gateway::limits::Limits,
     /// The gateway's HTTP client to agents (pooled connections).
     pub http: reqwest::Client,
+    /// The gateway's own metric handles, registered once.
+    pub gateway_metrics: gateway::GatewayMetrics,
 }
 
 impl AppState {
@@ -99,11 +113,12 @@ impl AppState {
                 None
             }
         };
-        Ok(AppState {
+        let metrics = telemetry::metrics_handle();
+        Ok(AppState(Arc::new(Shared {
             pool,
             keys,
             settings: Arc::new(settings),
-            metrics: telemetry::metrics_handle(),
+            metrics,
             store,
             secrets,
             hub: nodes::Hub::default(),
@@ -118,7 +133,9 @@ impl AppState {
                 .connect_timeout(Duration::from_secs(2))
                 .build()
                 .context("building the gateway's HTTP client")?,
-        })
+            // After the recorder is installed (`metrics_handle`), so the handles are live.
+            gateway_metrics: gateway::GatewayMetrics::register(),
+        })))
     }
 }
 
@@ -157,13 +174,14 @@ pub fn app(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(state.settings.max_body_bytes))
         .with_state(state.clone());
     let console = nimbus_console::router(api.clone());
+    // The gateway's routes get none of the stack below (see `gateway::invoke`): only a panic
+    // guard. They are merged after the stack is applied, so it does not wrap them.
     let gateway = gateway::router()
-        .layer(middleware::from_fn_with_state(state.clone(), crate::authz::request_facts))
+        .layer(CatchPanicLayer::custom(|_| ApiError::Internal(anyhow::anyhow!("handler panicked")).into_response()))
         .with_state(state.clone());
     let timeouts = Timeouts { request: state.settings.request_timeout.0, upload: state.settings.upload_timeout.0 };
     api.merge(SwaggerUi::new("/docs").url("/openapi.json", doc))
         .nest("/console", console)
-        .merge(gateway)
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         // The console's forms get the same body limit as the API.
@@ -186,6 +204,7 @@ pub fn app(state: AppState) -> Router {
                 }))
                 .layer(middleware::from_fn_with_state(timeouts, enforce_timeout)),
         )
+        .merge(gateway)
 }
 
 /// The time limits of requests: package uploads get `--upload-timeout`, everything else
@@ -209,9 +228,6 @@ async fn enforce_timeout(
 ) -> axum::response::Response {
     let limit = if is_upload(req.method(), req.uri().path()) {
         t.upload
-    } else if req.uri().path().starts_with("/fn/") {
-        // Invocations are bounded by their function's own timeout (in the gateway).
-        Duration::from_secs(24 * 3600)
     } else if req.uri().path() == "/agent/v1/desired-state" {
         // The long-poll bounds itself (at most `MAX_WAIT_SECONDS`); it must not be cut shorter
         // by a request timeout below that.

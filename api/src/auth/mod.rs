@@ -137,26 +137,34 @@ pub struct RequestContext {
     pub user_agent: Option<String>,
 }
 
+/// The caller's address: the last `X-Forwarded-For` hop when the proxy in front is trusted
+/// (`trust_forwarded_for`), else the connection's peer.
+pub fn source_ip(
+    headers: &HeaderMap,
+    extensions: &axum::http::Extensions,
+    trust_forwarded_for: bool,
+) -> Option<IpAddr> {
+    let forwarded = if trust_forwarded_for {
+        headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit(',').next())
+            .and_then(|ip| ip.trim().parse::<IpAddr>().ok())
+    } else {
+        None
+    };
+    forwarded.or_else(|| extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip()))
+}
+
 impl FromRequestParts<AppState> for RequestContext {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         let header =
             |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok()).map(|s| s.chars().take(256).collect());
-        let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
-        let forwarded = if state.settings.trust_forwarded_for {
-            parts
-                .headers
-                .get("x-forwarded-for")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.rsplit(',').next())
-                .and_then(|ip| ip.trim().parse::<IpAddr>().ok())
-        } else {
-            None
-        };
         Ok(RequestContext {
             request_id: header("x-request-id"),
-            source_ip: forwarded.or(peer),
+            source_ip: source_ip(&parts.headers, &parts.extensions, state.settings.trust_forwarded_for),
             user_agent: header("user-agent"),
         })
     }

@@ -397,23 +397,40 @@ async fn read_fleet(tx: &mut db::Tx, inputs: &mut Inputs) -> Result<(), sqlx::Er
     Ok(())
 }
 
-/// How stale a stored `last_active_ms` may get before it is written again: an active version's
-/// activity moves every tick, and writing it every tick would rewrite most rows every 2 s. A new
-/// leader may therefore see a version as quiet up to this much earlier than it was.
-pub const STATE_REFRESH_MS: u64 = 30_000;
-
 /// Whether `now` differs from the `stored` KPA state enough to be written: any change but the
-/// last activity time, which counts once it moved [`STATE_REFRESH_MS`], and the scale-down-delay
-/// window, which counts when its maximum changes.
-fn state_moved(stored: &kpa::State, now: &kpa::State) -> bool {
+/// last activity time and the scale-down-delay window, which count when the version's activity
+/// (`active_now` against `active_stored`) or the window's maximum changes. While a version stays
+/// active its last activity is every tick's time, which the heartbeat records for all of them
+/// in one row (see [`Written`]); once it is quiet its last activity no longer moves.
+fn state_moved(stored: &kpa::State, active_stored: bool, now: &kpa::State, active_now: bool) -> bool {
     let max = |s: &kpa::State| s.delay_window.iter().map(|(_, n)| *n).max();
-    let active = |s: &kpa::State| s.last_active_ms.unwrap_or(0);
     stored.panic_since_ms != now.panic_since_ms
         || stored.max_panic != now.max_panic
         || stored.first_seen_ms != now.first_seen_ms
         || stored.initial_done != now.initial_done
         || max(stored) != max(now)
-        || active(now).abs_diff(active(stored)) >= STATE_REFRESH_MS
+        || active_stored != active_now
+        || !active_now && stored.last_active_ms != now.last_active_ms
+}
+
+/// What a leader last wrote: each version's decision with its KPA state and whether the version
+/// was active (had demand at that tick).
+///
+/// The stored rows of versions that stay active are not rewritten as their last activity moves
+/// (that was most of the rows written each tick): the heartbeat row (`autoscaler_heartbeat`)
+/// holds the time of the leader's last tick, and every row marked `active` was active then — a
+/// version that went quiet was rewritten, unmarked, in that tick's transaction. A new leader
+/// takes the heartbeat as their last activity ([`Autoscaler::resume`]).
+#[derive(Debug, Default)]
+pub struct Written {
+    decisions: HashMap<Uuid, (Decided, kpa::State, bool)>,
+}
+
+impl Written {
+    /// The decision last written for `version`.
+    pub fn decision(&self, version: &Uuid) -> Option<&Decided> {
+        self.decisions.get(version).map(|(d, ..)| d)
+    }
 }
 
 /// The longest window any version averages over (ms): older seconds change no decision.
@@ -433,13 +450,17 @@ pub struct Sink<'a> {
 }
 
 /// Writes what changed: assignments (one statement for removals, one for the rest) and the
-/// decisions that differ from `written` (what this leader wrote last), in one transaction.
+/// decisions that differ from `written` (what this leader wrote last), with the heartbeat, in
+/// one transaction (every tick: the heartbeat moves even when nothing else does). Returns the
+/// rows written besides the heartbeat. `now_ms` is the tick's time (a version whose last activity is `now_ms` is
+/// active).
 pub async fn store(
     sink: &Sink<'_>,
     inputs: &Inputs,
     outcome: &Outcome,
     states: &HashMap<Uuid, kpa::State>,
-    written: &mut HashMap<Uuid, (Decided, kpa::State)>,
+    now_ms: u64,
+    written: &mut Written,
 ) -> anyhow::Result<usize> {
     let pool = sink.pool;
     // What changed in the assignments, in one pass over both maps (both ordered by key).
@@ -471,21 +492,22 @@ pub async fn store(
             }
         }
     }
+    let active_now = |v: &Uuid| states.get(v).is_some_and(|s| s.last_active_ms == Some(now_ms));
     let changed: Vec<&Decided> = outcome
         .decided
         .iter()
         .filter(|d| {
-            written
-                .get(&d.version)
-                .is_none_or(|(w, s)| w != *d || states.get(&d.version).is_some_and(|now| state_moved(s, now)))
+            written.decisions.get(&d.version).is_none_or(|(w, s, was_active)| {
+                w != *d
+                    || states
+                        .get(&d.version)
+                        .is_some_and(|now| state_moved(s, *was_active, now, active_now(&d.version)))
+            })
         })
         .collect();
     let active: rustc_hash::FxHashSet<Uuid> = outcome.decided.iter().map(|d| d.version).collect();
-    let stale: Vec<Uuid> = written.keys().filter(|v| !active.contains(v)).copied().collect();
+    let stale: Vec<Uuid> = written.decisions.keys().filter(|v| !active.contains(v)).copied().collect();
     let writes = gone_nodes.len() + nodes.len() + changed.len() + stale.len();
-    if writes == 0 && !sink.purge {
-        return Ok(0);
-    }
 
     // The gateway scope reads versions: a decision for a version deleted since the load is
     // skipped rather than failing the transaction on the foreign key.
@@ -544,14 +566,14 @@ pub async fn store(
         };
         sqlx::query(
             "INSERT INTO autoscaler_state (version_id, tenant_id, function_id, state, desired, placed, ready, \
-             panicking, status, reason, updated_at) \
-             SELECT v, t, f, s::jsonb, d, p, r, pa, st, re, now() FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], \
-             $4::text[], $5::int[], $6::int[], $7::int[], $8::bool[], $9::text[], $10::text[]) \
-             AS u(v, t, f, s, d, p, r, pa, st, re) \
+             panicking, status, reason, active, updated_at) \
+             SELECT v, t, f, s::jsonb, d, p, r, pa, st, re, ac, now() FROM unnest($1::uuid[], $2::uuid[], \
+             $3::uuid[], $4::text[], $5::int[], $6::int[], $7::int[], $8::bool[], $9::text[], $10::text[], \
+             $11::bool[]) AS u(v, t, f, s, d, p, r, pa, st, re, ac) \
              WHERE EXISTS (SELECT 1 FROM versions WHERE versions.id = u.v) \
              ON CONFLICT (version_id) DO UPDATE SET state = EXCLUDED.state, desired = EXCLUDED.desired, \
              placed = EXCLUDED.placed, ready = EXCLUDED.ready, panicking = EXCLUDED.panicking, \
-             status = EXCLUDED.status, reason = EXCLUDED.reason, updated_at = now()",
+             status = EXCLUDED.status, reason = EXCLUDED.reason, active = EXCLUDED.active, updated_at = now()",
         )
         .bind(changed.iter().map(|d| d.version).collect::<Vec<_>>())
         .bind(changed.iter().map(|d| d.tenant).collect::<Vec<_>>())
@@ -563,18 +585,27 @@ pub async fn store(
         .bind(changed.iter().map(|d| d.panicking).collect::<Vec<_>>())
         .bind(changed.iter().map(|d| d.status).collect::<Vec<_>>())
         .bind(changed.iter().map(|d| d.reason.clone()).collect::<Vec<_>>())
+        .bind(changed.iter().map(|d| active_now(&d.version)).collect::<Vec<_>>())
         .execute(&mut *tx)
         .await?;
     }
     if !stale.is_empty() {
         sqlx::query("DELETE FROM autoscaler_state WHERE version_id = ANY($1)").bind(&stale).execute(&mut *tx).await?;
     }
+    sqlx::query(
+        "INSERT INTO autoscaler_heartbeat (tick_ms) VALUES ($1) \
+         ON CONFLICT (singleton) DO UPDATE SET tick_ms = EXCLUDED.tick_ms",
+    )
+    .bind(i64::try_from(now_ms).unwrap_or(i64::MAX))
+    .execute(&mut *tx)
+    .await?;
     tx.commit().await?;
     for d in changed {
-        written.insert(d.version, (d.clone(), states.get(&d.version).cloned().unwrap_or_default()));
+        let state = states.get(&d.version).cloned().unwrap_or_default();
+        written.decisions.insert(d.version, (d.clone(), state, active_now(&d.version)));
     }
     for v in stale {
-        written.remove(&v);
+        written.decisions.remove(&v);
     }
     Ok(writes)
 }
@@ -681,7 +712,7 @@ pub struct Autoscaler {
     stats: Stats,
     held: Held,
     states: HashMap<Uuid, kpa::State>,
-    written: HashMap<Uuid, (Decided, kpa::State)>,
+    written: Written,
     /// The pid of the lock connection while leading.
     leader_pid: Option<i32>,
     /// The next tick deletes stored decisions of inactive versions.
@@ -787,7 +818,7 @@ impl Autoscaler {
             stats,
             held: Held::default(),
             states: HashMap::new(),
-            written: HashMap::new(),
+            written: Written::default(),
             leader_pid: None,
             purge: false,
             replica,
@@ -849,7 +880,7 @@ impl Autoscaler {
         let held = self.held.current(now);
         let outcome = compute(&inputs, &mut self.states, &self.samples, &held, now);
         let sink = Sink { pool: &self.pool, leader_pid: self.leader_pid, purge: self.purge };
-        let written = match store(&sink, &inputs, &outcome, &self.states, &mut self.written).await {
+        let written = match store(&sink, &inputs, &outcome, &self.states, now, &mut self.written).await {
             Ok(n) => n,
             Err(e) => {
                 // What was written is unknown: the next tick reads it back.
@@ -867,19 +898,37 @@ impl Autoscaler {
         Ok(written)
     }
 
+    /// The KPA state this autoscaler carries for `version` (what a resumed leader starts from).
+    pub fn state(&self, version: &Uuid) -> Option<&kpa::State> {
+        self.states.get(version)
+    }
+
     /// Whether this replica leads now (shared with its publisher).
     pub fn leading(&self) -> Arc<std::sync::atomic::AtomicBool> {
         self.leading.clone()
     }
 
-    /// Resumes from the stored state (what a new leader does first).
+    /// Resumes from the stored state (what a new leader does first): versions stored as active
+    /// were active until the heartbeat (see [`Written`]).
     pub async fn resume(&mut self) -> Result<(), sqlx::Error> {
         let mut tx = db::begin(&self.pool, &Scope::platform(None)).await?;
-        let rows: Vec<(Uuid, sqlx::types::Json<kpa::State>)> =
-            sqlx::query_as("SELECT version_id, state FROM autoscaler_state").fetch_all(&mut *tx).await?;
+        let rows: Vec<(Uuid, sqlx::types::Json<kpa::State>, bool)> =
+            sqlx::query_as("SELECT version_id, state, active FROM autoscaler_state").fetch_all(&mut *tx).await?;
+        let heartbeat: Option<i64> =
+            sqlx::query_scalar("SELECT tick_ms FROM autoscaler_heartbeat").fetch_optional(&mut *tx).await?;
         tx.commit().await?;
-        self.states = rows.into_iter().map(|(v, s)| (v, s.0)).collect();
-        self.written.clear();
+        let heartbeat = heartbeat.and_then(|ms| u64::try_from(ms).ok());
+        self.states = rows
+            .into_iter()
+            .map(|(v, s, active)| {
+                let mut s = s.0;
+                if active {
+                    s.last_active_ms = s.last_active_ms.max(heartbeat);
+                }
+                (v, s)
+            })
+            .collect();
+        self.written = Written::default();
         self.purge = true;
         self.loaded_at = None;
         Ok(())

@@ -22,7 +22,7 @@ use std::{sync::atomic::Ordering, time::Duration};
 use axum::{
     Router,
     body::Body,
-    extract::{Path, Request, State},
+    extract::{RawPathParams, Request, State},
     http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header},
     response::{IntoResponse, Response},
     routing::any,
@@ -162,25 +162,116 @@ fn split_target(target: &str) -> (&str, Option<&str>) {
     }
 }
 
-async fn invoke(State(state): State<AppState>, Path(params): Path<Vec<(String, String)>>, req: Request) -> Response {
+/// Handles registered once per replica (after the recorder is installed): the gateway's own
+/// counters carry no per-request labels, so a request costs no registry lookup for them.
+pub struct GatewayMetrics {
+    /// `nimbus_gateway_requests_total` by status class (2xx, 4xx, 5xx).
+    requests: [metrics::Counter; 3],
+    duration: metrics::Histogram,
+    anonymous: metrics::Counter,
+    retries: metrics::Counter,
+    agent_failures: metrics::Counter,
+}
+
+impl GatewayMetrics {
+    /// Registers the handles with the installed recorder.
+    pub fn register() -> Self {
+        GatewayMetrics {
+            requests: ["2xx", "4xx", "5xx"].map(|c| metrics::counter!("nimbus_gateway_requests_total", "status" => c)),
+            duration: metrics::histogram!("nimbus_gateway_request_duration_seconds"),
+            anonymous: metrics::counter!("nimbus_gateway_anonymous_total"),
+            retries: metrics::counter!("nimbus_gateway_retries_total"),
+            agent_failures: metrics::counter!("nimbus_gateway_agent_failures_total"),
+        }
+    }
+}
+
+/// One version's metric handles (labels from the routing table only, so callers cannot grow
+/// the label set), kept in its [`table::VersionEntry`].
+#[derive(Debug)]
+pub struct VersionMetrics {
+    invocations: metrics::Counter,
+    /// `nimbus_function_invocations_by_status_total` by status class (2xx, 4xx, 5xx).
+    by_status: [metrics::Counter; 3],
+    response: metrics::Histogram,
+    cold_starts: metrics::Counter,
+    queue: metrics::Histogram,
+}
+
+impl VersionMetrics {
+    fn register(tenant: &str, function: &str, version: u32) -> Self {
+        let labels =
+            [("tenant", tenant.to_owned()), ("function", function.to_owned()), ("version", version.to_string())];
+        VersionMetrics {
+            invocations: metrics::counter!("nimbus_function_invocations_total", &labels),
+            by_status: ["2xx", "4xx", "5xx"].map(|c| {
+                metrics::counter!("nimbus_function_invocations_by_status_total", "status" => c, "function" => function.to_owned())
+            }),
+            response: metrics::histogram!("nimbus_function_response_seconds", &labels),
+            cold_starts: metrics::counter!("nimbus_function_cold_starts_total", "function" => function.to_owned()),
+            queue: metrics::histogram!("nimbus_gateway_queue_seconds", "function" => function.to_owned()),
+        }
+    }
+}
+
+/// The index of a status class in the `[2xx, 4xx, 5xx]` handle arrays.
+fn class(status: StatusCode) -> usize {
+    match status.as_u16() {
+        200..=299 => 0,
+        400..=499 => 1,
+        _ => 2,
+    }
+}
+
+/// `{base path}/invoke/{version}{path}?{query}` on the node's listener, or `None` when the
+/// result would leave the version's endpoint (the URL parser resolves dot segments).
+fn agent_url(base: &reqwest::Url, version: Uuid, path: &str, query: Option<&str>) -> Option<reqwest::Url> {
+    let mut url = base.clone();
+    let prefix = format!("{}/invoke/{version}", base.path().trim_end_matches('/'));
+    url.set_path(&format!("{prefix}{path}"));
+    url.set_query(query);
+    let rest = url.path().strip_prefix(prefix.as_str())?;
+    (rest.is_empty() || rest.starts_with('/')).then_some(url)
+}
+
+/// The gateway's routes sit outside the REST API's middleware stack (request-id generation,
+/// trace spans, per-route HTTP metrics, the request timeout): an invocation is bounded by its
+/// function's timeout, counted by the gateway's own metrics, and its request id is the
+/// caller's `x-request-id` or else its invocation id, echoed on every answer.
+async fn invoke(State(state): State<AppState>, params: RawPathParams, req: Request) -> Response {
     let started = std::time::Instant::now();
-    let response = match route(&state, &params, req).await {
+    let invocation_id = Uuid::now_v7();
+    let request_id = match req.headers().get(REQUEST_ID) {
+        Some(id) => id.clone(),
+        None => HeaderValue::from_str(invocation_id.hyphenated().encode_lower(&mut Uuid::encode_buffer()))
+            .unwrap_or(HeaderValue::from_static("")),
+    };
+    let facts = authz::policies::RequestFacts {
+        source_ip: crate::auth::source_ip(req.headers(), req.extensions(), state.settings.trust_forwarded_for),
+    };
+    let routed = route(&state, &params, req, invocation_id, &request_id);
+    let mut response = match authz::policies::REQUEST.scope(facts, routed).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     };
-    let status = response.status().as_u16();
-    let class = match status {
-        200..=299 => "2xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    };
-    metrics::counter!("nimbus_gateway_requests_total", "status" => class).increment(1);
-    metrics::histogram!("nimbus_gateway_request_duration_seconds").record(started.elapsed().as_secs_f64());
+    let m = &state.gateway_metrics;
+    m.requests[class(response.status())].increment(1);
+    m.duration.record(started.elapsed().as_secs_f64());
+    response.headers_mut().insert(REQUEST_ID, request_id);
     response
 }
 
-async fn route(state: &AppState, params: &[(String, String)], req: Request) -> Result<Response, ApiError> {
-    let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+/// The request-id header.
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+async fn route(
+    state: &AppState,
+    params: &RawPathParams,
+    req: Request,
+    invocation_id: Uuid,
+    request_id: &HeaderValue,
+) -> Result<Response, ApiError> {
+    let get = |k: &str| params.iter().find(|(n, _)| *n == k).map(|(_, v)| v);
     let (tenant_name, target) = (get("tenant").unwrap_or(""), get("target").unwrap_or(""));
     // The path after the function, as the caller sent it (still percent-encoded): the decoded
     // form could carry `/`, `..` or `?` into the agent's URL.
@@ -229,11 +320,10 @@ async fn route(state: &AppState, params: &[(String, String)], req: Request) -> R
                 },
             );
         let Some(function) = public else { return Err(ApiError::Unauthenticated("missing Authorization header")) };
-        metrics::counter!("nimbus_gateway_anonymous_total").increment(1);
+        state.gateway_metrics.anonymous.increment(1);
         (function.tenant_id, function, None)
     };
 
-    let invocation_id = Uuid::now_v7();
     let version = match qualifier.unwrap_or(DEFAULT_ALIAS) {
         q if q.bytes().all(|b| b.is_ascii_digit()) && !q.is_empty() => {
             let n: u32 = q.parse().map_err(|_| ApiError::NotFound("version"))?;
@@ -278,6 +368,9 @@ async fn route(state: &AppState, params: &[(String, String)], req: Request) -> R
         }
     };
 
+    let metrics = version
+        .metrics
+        .get_or_init(|| std::sync::Arc::new(VersionMetrics::register(tenant_name, function_name, version.number)));
     let zone = req.headers().get(HEADER_ZONE).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let target = match table.pick(version.id, zone.as_deref(), state.routes.now_ms()) {
         Some(t) => t,
@@ -312,8 +405,7 @@ async fn route(state: &AppState, params: &[(String, String)], req: Request) -> R
             // Time in the queue, for requests that were held (not those refused at once).
             if !matches!(held, Err(table::HoldRefusal::Full)) {
                 let queued = held_at.elapsed();
-                metrics::histogram!("nimbus_gateway_queue_seconds", "function" => function_name.to_owned())
-                    .record(queued.as_secs_f64());
+                metrics.queue.record(queued.as_secs_f64());
                 state.stats.record_queue(tenant, version.id, queued);
             }
             match held {
@@ -339,31 +431,26 @@ async fn route(state: &AppState, params: &[(String, String)], req: Request) -> R
     };
 
     let (parts, body) = req.into_parts();
-    let query = parts.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
-    let relative = format!("/invoke/{}{path}{query}", version.id);
-    let url = format!("{}{relative}", target.invoke_url);
     // Whatever the path holds, the request must stay below this version's endpoint.
-    let prefix = format!("/invoke/{}", version.id);
-    let stays =
-        reqwest::Url::parse(&url).is_ok_and(|u| u.path() == prefix || u.path().starts_with(&format!("{prefix}/")));
-    if !stays
-        || path.split('/').any(|seg| {
-            let lower = seg.to_ascii_lowercase();
-            seg == "."
-                || seg == ".."
-                || lower.contains("%2e%2e")
-                || lower.contains("%2f")
-                || lower.contains("%5c")
-                || seg.contains('\\')
-        })
-    {
+    let dotted = path.split('/').any(|seg| {
+        let lower = seg.to_ascii_lowercase();
+        seg == "."
+            || seg == ".."
+            || lower.contains("%2e%2e")
+            || lower.contains("%2f")
+            || lower.contains("%5c")
+            || seg.contains('\\')
+    });
+    let query = parts.uri.query();
+    let url = if dotted { None } else { agent_url(&target.base, version.id, &path, query) };
+    let Some(url) = url else {
         return Err(ApiError::InvalidPath(vec![crate::error::FieldError::new(
             "path",
             "no_dot_segments",
             "the path after the function may not hold `.`/`..` segments or encoded slashes",
         )]));
-    }
-    let mut headers = HeaderMap::new();
+    };
+    let mut headers = HeaderMap::with_capacity(parts.headers.len() + 4);
     for (name, value) in &parts.headers {
         if !HOP_BY_HOP.contains(&name.as_str()) && !name.as_str().starts_with("x-nimbus-") {
             headers.append(name.clone(), value.clone());
@@ -371,11 +458,10 @@ async fn route(state: &AppState, params: &[(String, String)], req: Request) -> R
     }
     headers.insert(
         HeaderName::from_static(HEADER_INVOCATION_ID),
-        HeaderValue::from_str(&invocation_id.to_string()).map_err(|e| anyhow::anyhow!(e))?,
+        HeaderValue::from_str(invocation_id.hyphenated().encode_lower(&mut Uuid::encode_buffer()))
+            .map_err(|e| anyhow::anyhow!(e))?,
     );
-    if let Some(id) = parts.headers.get("x-request-id") {
-        headers.insert(HeaderName::from_static("x-request-id"), id.clone());
-    }
+    headers.insert(REQUEST_ID, request_id.clone());
     if let Some(role) = function.execution_role {
         let credential = state.routes.credential(&state.keys, tenant, function.id, role)?;
         headers.insert(HeaderName::from_static(HEADER_CREDENTIAL), credential);
@@ -387,13 +473,20 @@ async fn route(state: &AppState, params: &[(String, String)], req: Request) -> R
         && axum::body::HttpBody::size_hint(&body).exact() == Some(0);
     let mut body = Some(body);
     let mut target = target;
+    let mut url = Some(url);
     let mut retried = false;
     let forwarded = std::time::Instant::now();
     let sent = loop {
-        headers.insert(
-            header::AUTHORIZATION,
-            HeaderValue::from_str(&format!("Bearer {}", target.invoke_secret)).map_err(|e| anyhow::anyhow!(e))?,
-        );
+        headers.insert(header::AUTHORIZATION, target.authorization.clone());
+        // Only a request that may be retried keeps a copy of its URL and headers.
+        let (attempt_url, attempt_headers) = match url.take() {
+            Some(u) if retry_safe => (u, headers.clone()),
+            Some(u) => (u, std::mem::take(&mut headers)),
+            None => match agent_url(&target.base, version.id, &path, query) {
+                Some(u) => (u, headers.clone()),
+                None => break Ok(None),
+            },
+        };
         let request_body = match body.take() {
             Some(b) if !retry_safe => reqwest::Body::wrap_stream(b.into_data_stream()),
             _ => reqwest::Body::from(Vec::new()),
@@ -405,8 +498,8 @@ async fn route(state: &AppState, params: &[(String, String)], req: Request) -> R
         let left = (version.timeout + TIMEOUT_MARGIN).saturating_sub(forwarded.elapsed());
         let sent = state
             .http
-            .request(parts.method.clone(), format!("{}{relative}", target.invoke_url))
-            .headers(headers.clone())
+            .request(parts.method.clone(), attempt_url)
+            .headers(attempt_headers)
             .timeout(left.max(Duration::from_millis(1)))
             .body(request_body)
             .send()
@@ -422,7 +515,7 @@ async fn route(state: &AppState, params: &[(String, String)], req: Request) -> R
                 match other {
                     // One retry: the next failure is the answer.
                     Some(t) if forwarded.elapsed() < version.timeout => {
-                        metrics::counter!("nimbus_gateway_retries_total").increment(1);
+                        state.gateway_metrics.retries.increment(1);
                         tracing::info!(node = %target.node_id, error = %e, "retrying an idempotent request on another node");
                         target = t;
                         retried = true;
@@ -431,26 +524,30 @@ async fn route(state: &AppState, params: &[(String, String)], req: Request) -> R
                     _ => break Err(e),
                 }
             }
-            sent => break sent,
+            sent => break sent.map(Some),
         }
     };
     // Per function and version (names from the routing table only, so callers cannot grow the
     // label set): invocations by status class, and the time to the agent's response head.
-    let record = |class: &'static str| {
-        let labels = [
-            ("tenant", tenant_name.to_owned()),
-            ("function", function_name.to_owned()),
-            ("version", version.number.to_string()),
-        ];
-        metrics::counter!("nimbus_function_invocations_total", &labels).increment(1);
-        metrics::counter!("nimbus_function_invocations_by_status_total", "status" => class, "function" => function_name.to_owned())
-            .increment(1);
-        metrics::histogram!("nimbus_function_response_seconds", &labels).record(forwarded.elapsed().as_secs_f64());
+    let record = |status: StatusCode| {
+        metrics.invocations.increment(1);
+        metrics.by_status[class(status)].increment(1);
+        metrics.response.record(forwarded.elapsed().as_secs_f64());
     };
     let upstream = match sent {
-        Ok(r) => r,
+        Ok(Some(r)) => r,
+        // The other node's listener URL cannot hold this path (a listener with a path of its
+        // own); the first node's could, so the path itself was fine.
+        Ok(None) => {
+            record(StatusCode::BAD_GATEWAY);
+            return Ok(problem(
+                StatusCode::BAD_GATEWAY,
+                "agent_unreachable",
+                "the node running the function could not be reached".to_owned(),
+            ));
+        }
         Err(e) if e.is_timeout() => {
-            record("5xx");
+            record(StatusCode::GATEWAY_TIMEOUT);
             return Ok(problem(
                 StatusCode::GATEWAY_TIMEOUT,
                 "function_timeout",
@@ -458,13 +555,13 @@ async fn route(state: &AppState, params: &[(String, String)], req: Request) -> R
             ));
         }
         Err(e) => {
-            record("5xx");
+            record(StatusCode::BAD_GATEWAY);
             // Only a node that cannot be reached is marked; a caller's broken body is not the
             // node's fault.
             if e.is_connect() {
                 target.failed_at.store(state.routes.now_ms().max(1), Ordering::Relaxed);
             }
-            metrics::counter!("nimbus_gateway_agent_failures_total").increment(1);
+            state.gateway_metrics.agent_failures.increment(1);
             tracing::warn!(node = %target.node_id, error = %e, "the agent could not be reached");
             return Ok(problem(
                 StatusCode::BAD_GATEWAY,
@@ -473,19 +570,20 @@ async fn route(state: &AppState, params: &[(String, String)], req: Request) -> R
             ));
         }
     };
-    record(match upstream.status().as_u16() {
-        200..=299 => "2xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    });
-    if upstream.headers().get(HEADER_COLD_START).is_some_and(|v| v == "true") {
-        metrics::counter!("nimbus_function_cold_starts_total", "function" => function_name.to_owned()).increment(1);
+    let status = upstream.status();
+    record(status);
+    let cold = upstream.headers().get(HEADER_COLD_START);
+    if cold.is_some_and(|v| v == "true") {
+        metrics.cold_starts.increment(1);
     }
-    let mut res = Response::builder().status(upstream.status());
+    let mut out = HeaderMap::with_capacity(upstream.headers().len() + 4);
+    if cold.is_none() {
+        out.insert(HEADER_COLD_START, HeaderValue::from_static("false"));
+    }
     // Functions share the console's origin until the gateway gets a host of its own: their pages
     // run sandboxed (an opaque origin: no access to the console or its cookies), and a cookie a
     // function sets may only be scoped below its own path.
-    let own_path = format!("/fn/{tenant_name}/{function_name}");
+    let own_path = std::cell::OnceCell::new();
     for (name, value) in upstream.headers() {
         if HOP_BY_HOP.contains(&name.as_str())
             || name == header::CONTENT_LENGTH
@@ -493,26 +591,28 @@ async fn route(state: &AppState, params: &[(String, String)], req: Request) -> R
         {
             continue;
         }
-        if name == header::SET_COOKIE && !cookie_stays_below(value, &own_path) {
+        if name == header::SET_COOKIE
+            && !cookie_stays_below(value, own_path.get_or_init(|| format!("/fn/{tenant_name}/{function_name}")))
+        {
             continue;
         }
-        res = res.header(name, value);
+        out.append(name.clone(), value.clone());
     }
-    res = res.header(header::CONTENT_SECURITY_POLICY, "sandbox allow-scripts allow-forms allow-popups allow-downloads");
-    let mut res = res;
-    if let Some(h) = res.headers_mut() {
-        // The platform's header, whatever the function said.
-        h.insert(HEADER_VERSION, HeaderValue::from(version.number));
-    }
-    if !upstream.headers().contains_key(HEADER_COLD_START) {
-        res = res.header(HEADER_COLD_START, "false");
-    }
+    out.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("sandbox allow-scripts allow-forms allow-popups allow-downloads"),
+    );
+    // The platform's header, whatever the function said.
+    out.insert(HEADER_VERSION, HeaderValue::from(version.number));
     // The permit is held until the response body has been sent (or the caller went away).
     let body = futures_util::StreamExt::map(upstream.bytes_stream(), move |chunk| {
         let _held = &permit;
         chunk
     });
-    Ok(res.body(Body::from_stream(body)).map_err(|e| anyhow::anyhow!(e))?)
+    let mut res = Response::new(Body::from_stream(body));
+    *res.status_mut() = status;
+    *res.headers_mut() = out;
+    Ok(res)
 }
 
 #[cfg(test)]

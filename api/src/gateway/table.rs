@@ -45,6 +45,9 @@ pub struct VersionEntry {
     pub number: u32,
     /// Its timeout: the gateway waits this long (plus a margin) for the agent.
     pub timeout: Duration,
+    /// Its metric handles, registered by the first invocation after the table was built (a
+    /// rebuild re-registers the same series, so their values carry on).
+    pub metrics: std::sync::OnceLock<Arc<super::VersionMetrics>>,
 }
 
 /// A function as the gateway sees it.
@@ -76,10 +79,11 @@ pub struct Target {
     pub node_id: Uuid,
     /// Its zone.
     pub zone: String,
-    /// Its invocation listener.
-    pub invoke_url: String,
-    /// The secret its listener wants.
-    pub invoke_secret: String,
+    /// Its invocation listener, parsed once per table (each request clones it and sets the
+    /// path and query).
+    pub base: reqwest::Url,
+    /// `Bearer <the secret its listener wants>`, marked sensitive.
+    pub authorization: axum::http::HeaderValue,
     /// Requests in flight to it, from this replica.
     pub outstanding: Arc<AtomicU32>,
     /// When a connection to it last failed (milliseconds since the gateway started; 0: never).
@@ -431,7 +435,7 @@ impl Routes {
         for (id, function_id, number, config) in versions {
             if let (Some(f), Ok(number)) = (by_id.get_mut(&function_id), u32::try_from(number)) {
                 let timeout = Duration::from_millis(u64::from(config.0.timeout_ms));
-                f.versions.insert(number, VersionEntry { id, number, timeout });
+                f.versions.insert(number, VersionEntry { id, number, timeout, metrics: Default::default() });
             }
         }
         for (function_id, name, routing) in aliases {
@@ -469,15 +473,15 @@ impl Routes {
         let mut counters = self.counters.lock().unwrap_or_else(|p| p.into_inner());
         counters.retain(|id, _| nodes.iter().any(|n| n.id == *id));
         for n in nodes {
+            let base = reqwest::Url::parse(&n.invoke_url).ok().filter(|u| !u.cannot_be_a_base());
+            let authorization = axum::http::HeaderValue::from_str(&format!("Bearer {}", n.invoke_secret)).ok();
+            let (Some(base), Some(mut authorization)) = (base, authorization) else {
+                tracing::warn!(node = %n.id, "a node's invoke URL or secret is not usable; it gets no invocations");
+                continue;
+            };
+            authorization.set_sensitive(true);
             let (outstanding, failed_at) = counters.entry(n.id).or_default().clone();
-            let target = Arc::new(Target {
-                node_id: n.id,
-                zone: n.zone,
-                invoke_url: n.invoke_url.trim_end_matches('/').to_owned(),
-                invoke_secret: n.invoke_secret,
-                outstanding,
-                failed_at,
-            });
+            let target = Arc::new(Target { node_id: n.id, zone: n.zone, base, authorization, outstanding, failed_at });
             for v in n.versions.0.iter().filter(|v| v.state == InstanceState::Ready) {
                 table.instances.entry(v.version_id).or_default().push(target.clone());
             }

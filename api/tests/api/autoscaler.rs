@@ -208,7 +208,7 @@ async fn one_replica_leads_at_a_time_and_another_takes_over_when_it_dies() {
         let outcome = compute(&inputs, &mut states, &Default::default(), &Default::default(), 1_000_000);
         assert_eq!(outcome.assignments.len(), 1, "there is something to write");
         let sink = Sink { pool: &app.state.pool, leader_pid: Some(pid), purge: false };
-        let refused = store(&sink, &inputs, &outcome, &states, &mut Default::default()).await;
+        let refused = store(&sink, &inputs, &outcome, &states, 1_000_000, &mut Default::default()).await;
         assert!(refused.is_err(), "a write without the lock is refused");
         assert!(assigned(&app, &admin, n).await.is_empty(), "and nothing was written");
     }
@@ -227,6 +227,63 @@ async fn one_replica_leads_at_a_time_and_another_takes_over_when_it_dies() {
     wait_assigned().await;
     assert_eq!(holders().await, 1, "the second replica leads now");
     second.abort();
+}
+
+/// The stored row of `version`: whether it was active, when it was written, and the heartbeat.
+async fn stored_activity(app: &TestApp, version: Uuid) -> (bool, chrono::DateTime<chrono::Utc>, i64) {
+    let mut c = app.admin_conn().await;
+    sqlx::query_as(
+        "SELECT s.active, s.updated_at, h.tick_ms FROM autoscaler_state s, autoscaler_heartbeat h \
+         WHERE s.version_id = $1",
+    )
+    .bind(version)
+    .fetch_one(&mut c)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn an_active_versions_row_is_not_rewritten_each_tick_and_a_new_leader_takes_its_activity_from_the_heartbeat() {
+    let app = spawn_app().await;
+    let admin = app.platform_admin().await;
+    let owner = app.sign_up("owner@example.com", "acme").await;
+    let v1 = routed_thumbs(&app, &owner).await;
+    node(&app, &admin, "w1", json!({})).await;
+    // Demand for the last minute, as this replica's agents reported it.
+    let now = chrono::Utc::now().duration_trunc(chrono::TimeDelta::seconds(1)).unwrap();
+    for s in 1..=60 {
+        app.state.stats.record(
+            owner.tenant,
+            &nimbus_protocol::VersionMetrics {
+                version_id: v1,
+                tenant_id: owner.tenant,
+                second: now - chrono::TimeDelta::seconds(s),
+                concurrency: 5.0,
+                requests: 10,
+                errors: 0,
+                cold_starts: 0,
+                latency_buckets: vec![],
+            },
+        );
+    }
+    let mut leader = Autoscaler::new(app.state.pool.clone(), app.db_url.clone(), app.state.stats.clone());
+    leader.tick().await.unwrap();
+    let (active, written_at, first_beat) = stored_activity(&app, v1).await;
+    assert!(active, "it had demand at the tick that wrote it");
+    assert_eq!(stored(&app, v1).await["last_active_ms"].as_i64(), Some(first_beat));
+
+    // Still active a tick later (the clock moved on): the row stays, the heartbeat moves.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    leader.tick().await.unwrap();
+    let (active, rewritten_at, beat) = stored_activity(&app, v1).await;
+    assert!(active && beat > first_beat, "{beat} after {first_beat}");
+    assert_eq!(rewritten_at, written_at, "the row was not rewritten");
+    assert_eq!(leader.state(&v1).and_then(|s| s.last_active_ms), u64::try_from(beat).ok());
+
+    // A new leader: the version was active until the heartbeat, not only until its row.
+    let mut next = Autoscaler::new(app.state.pool.clone(), app.db_url.clone(), app.state.stats.clone());
+    next.resume().await.unwrap();
+    assert_eq!(next.state(&v1).and_then(|s| s.last_active_ms), u64::try_from(beat).ok());
 }
 
 #[tokio::test]
@@ -289,6 +346,9 @@ async fn a_watching_autoscaler_reads_versions_again_only_when_the_catalogue_chan
     autoscaler.watch().await.unwrap();
     autoscaler.tick().await.unwrap();
     assert_eq!(assigned(&app, &admin, n).await, [(v1.to_string(), 1)]);
+    // A version counts as active when first seen; without demand the next tick stores it quiet.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_eq!(autoscaler.tick().await.unwrap(), 1, "the version's row, now quiet");
 
     // An assignment changed behind its back, with no catalogue change announced: the watching
     // autoscaler keeps the assignments it wrote and writes nothing (an unwatched one re-reads

@@ -26,6 +26,7 @@ pub(crate) struct Seen {
     pub path: String,
     pub authorization: String,
     pub invocation_id: String,
+    pub request_id: String,
     pub body: String,
     pub forwarded_credential: bool,
     /// The role credential the gateway handed the invocation (`x-nimbus-credential`).
@@ -43,6 +44,7 @@ pub(crate) async fn stand_in_agent() -> (String, Arc<Mutex<Vec<Seen>>>) {
             let header = |n: &str| parts.headers.get(n).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
             let path = parts.uri.path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_default();
             let (authorization, invocation_id) = (header("authorization"), header("x-nimbus-invocation-id"));
+            let request_id = header("x-request-id");
             let forwarded_credential = parts.headers.get_all("authorization").iter().count() > 1;
             let role_credential =
                 parts.headers.get("x-nimbus-credential").and_then(|v| v.to_str().ok()).map(str::to_owned);
@@ -52,6 +54,7 @@ pub(crate) async fn stand_in_agent() -> (String, Arc<Mutex<Vec<Seen>>>) {
                 path,
                 authorization,
                 invocation_id: invocation_id.clone(),
+                request_id,
                 body: String::from_utf8_lossy(&body).into_owned(),
                 forwarded_credential,
                 role_credential,
@@ -163,6 +166,17 @@ async fn the_gateway_authorizes_routes_by_weight_and_pin_and_forwards_to_a_ready
     assert_eq!(first.body, "picture");
     assert!(first.invocation_id.parse::<Uuid>().is_ok());
     assert_eq!(res.headers["x-nimbus-invocation-id"], first.invocation_id.as_str());
+    // The caller's request id reaches the function and comes back; without one, the
+    // invocation id is the request id.
+    assert_eq!(first.request_id, "req-1");
+    assert_eq!(res.headers["x-request-id"], "req-1");
+    let res = app.post("/fn/acme/thumbs:1").token(&owner.token).send().await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.text);
+    let second = seen.lock().unwrap()[1].clone();
+    assert_eq!(second.request_id, second.invocation_id);
+    assert_eq!(res.headers["x-request-id"], second.invocation_id.as_str());
+    let refused = app.post("/fn/acme/nope").token(&owner.token).header("x-request-id", "req-2").send().await;
+    assert_eq!(refused.headers["x-request-id"], "req-2", "the gateway's own answers carry it too");
 
     // The alias's weights, over many requests: about 10 % to version 2.
     let mut to_v2 = 0;
