@@ -229,6 +229,27 @@ async fn one_replica_leads_at_a_time_and_another_takes_over_when_it_dies() {
     second.abort();
 }
 
+/// `concurrency` in flight for `version` in each of the last 60 whole seconds, recorded in
+/// `stats` as agents report it.
+fn last_minute(stats: &nimbus_api::nodes::Stats, tenant: Uuid, version: Uuid, concurrency: f64) {
+    let now = chrono::Utc::now().duration_trunc(chrono::TimeDelta::seconds(1)).unwrap();
+    for s in 1..=60 {
+        stats.record(
+            tenant,
+            &nimbus_protocol::VersionMetrics {
+                version_id: version,
+                tenant_id: tenant,
+                second: now - chrono::TimeDelta::seconds(s),
+                concurrency,
+                requests: 10,
+                errors: 0,
+                cold_starts: 0,
+                latency_buckets: vec![],
+            },
+        );
+    }
+}
+
 /// The stored row of `version`: whether it was active, when it was written, and the heartbeat.
 async fn stored_activity(app: &TestApp, version: Uuid) -> (bool, chrono::DateTime<chrono::Utc>, i64) {
     let mut c = app.admin_conn().await;
@@ -250,22 +271,7 @@ async fn an_active_versions_row_is_not_rewritten_each_tick_and_a_new_leader_take
     let v1 = routed_thumbs(&app, &owner).await;
     node(&app, &admin, "w1", json!({})).await;
     // Demand for the last minute, as this replica's agents reported it.
-    let now = chrono::Utc::now().duration_trunc(chrono::TimeDelta::seconds(1)).unwrap();
-    for s in 1..=60 {
-        app.state.stats.record(
-            owner.tenant,
-            &nimbus_protocol::VersionMetrics {
-                version_id: v1,
-                tenant_id: owner.tenant,
-                second: now - chrono::TimeDelta::seconds(s),
-                concurrency: 5.0,
-                requests: 10,
-                errors: 0,
-                cold_starts: 0,
-                latency_buckets: vec![],
-            },
-        );
-    }
+    last_minute(&app.state.stats, owner.tenant, v1, 5.0);
     let mut leader = Autoscaler::new(app.state.pool.clone(), app.db_url.clone(), app.state.stats.clone());
     leader.tick().await.unwrap();
     let (active, written_at, first_beat) = stored_activity(&app, v1).await;
@@ -296,22 +302,7 @@ async fn the_leader_scales_on_what_agents_reported_to_other_replicas() {
 
     // Another replica's agents ran 35 invocations at once for the last minute; it publishes.
     let elsewhere = nimbus_api::nodes::Stats::default();
-    let now = chrono::Utc::now().duration_trunc(chrono::TimeDelta::seconds(1)).unwrap();
-    for s in 1..=60 {
-        elsewhere.record(
-            owner.tenant,
-            &nimbus_protocol::VersionMetrics {
-                version_id: v1,
-                tenant_id: owner.tenant,
-                second: now - chrono::TimeDelta::seconds(s),
-                concurrency: 35.0,
-                requests: 100,
-                errors: 0,
-                cold_starts: 0,
-                latency_buckets: vec![],
-            },
-        );
-    }
+    last_minute(&elsewhere, owner.tenant, v1, 35.0);
     assert!(elsewhere.publish(&app.state.pool, Uuid::now_v7(), 120).await.unwrap() >= 60);
 
     // This replica's own stats saw nothing, yet the leader wants 35 / (10 × 0.7) = 5 instances.
