@@ -7,7 +7,8 @@
 # identity policies).
 #
 #   bench/gateway.sh [duration-seconds]      (env: REPEAT, default 3; BENCH_NO_BUILD=1 uses the
-#   release binaries as they are). The two gateway paths run interleaved (key, anonymous, key,
+#   release binaries as they are; API_BIN and AGENT_BIN run other binaries, e.g. an older
+#   commit's build for an A/B comparison, without building). The two gateway paths run interleaved (key, anonymous, key,
 #   ...), and the last line gives the difference of their medians, in throughput and in the API
 #   process's CPU time per invocation (user + system from /proc, which drift of the shared
 #   machine moves far less than throughput).
@@ -26,14 +27,16 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/nimbus-target}"
 
 command -v wrk >/dev/null || apt-get install -y wrk >/dev/null
 command -v wat2wasm >/dev/null || apt-get install -y wabt >/dev/null
-[ -n "${BENCH_NO_BUILD:-}" ] || cargo build --release -p nimbus-api -p nimbus-worker-agent >/dev/null
+[ -n "${BENCH_NO_BUILD:-}${API_BIN:-}${AGENT_BIN:-}" ] || cargo build --release -p nimbus-api -p nimbus-worker-agent >/dev/null
+API_BIN="${API_BIN:-$CARGO_TARGET_DIR/release/nimbus-api}"
+AGENT_BIN="${AGENT_BIN:-$CARGO_TARGET_DIR/release/nimbus-worker-agent}"
 psql "$ADMIN_URL" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" -c "CREATE DATABASE $DB"
 if [ -S /var/run/postgresql/.s.PGSQL.5432 ]; then
   DB_URL="postgres://postgres@localhost/$DB?host=/var/run/postgresql"
 else
   DB_URL="${ADMIN_URL%/*}/$DB"
 fi
-"$CARGO_TARGET_DIR/release/nimbus-api" serve --database-url "$DB_URL" --listen "127.0.0.1:$PORT" --log warn \
+"$API_BIN" serve --database-url "$DB_URL" --listen "127.0.0.1:$PORT" --log warn \
   --package-dir "$WORK/packages" --tenant-rate-limit 0 --tenant-max-concurrency 100000 > "$WORK/api.log" 2>&1 &
 API_PID=$!
 AGENT_PID=
@@ -77,7 +80,7 @@ curl -sf "$FN/hello/aliases" -H "$AUTH" -H 'content-type: application/json' \
 JOIN=$(curl -sf "$BASE/v1/join-tokens" -H "$AUTH" -H 'content-type: application/json' -d '{"name":"bench"}' | json "d['secret']")
 NIMBUS_AGENT_CONTROL_PLANE_URL="$BASE" NIMBUS_AGENT_JOIN_TOKEN="$JOIN" NIMBUS_AGENT_NAME=bench NIMBUS_AGENT_ZONE=local \
   NIMBUS_AGENT_DATA_DIR="$WORK/agent" NIMBUS_AGENT_LISTEN=127.0.0.1:0 NIMBUS_AGENT_LOG=warn \
-  NIMBUS_AGENT_MAX_QUEUED=1000 "$CARGO_TARGET_DIR/release/nimbus-worker-agent" > "$WORK/agent.out" 2> "$WORK/agent.log" &
+  NIMBUS_AGENT_MAX_QUEUED=1000 "$AGENT_BIN" > "$WORK/agent.out" 2> "$WORK/agent.log" &
 AGENT_PID=$!
 for _ in $(seq 1 100); do grep -q "joined as node" "$WORK/agent.out" 2>/dev/null && break; sleep 0.1; done
 AGENT_URL=$(awk '/listening on/ {print $3}' "$WORK/agent.out")
