@@ -19,8 +19,10 @@
 //!    (`NIMBUS_TEST_DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432/postgres`, as the
 //!    whole-system tests), migrated, filled with the 10,000-version fleet by SQL, then
 //!    [`run::Autoscaler::tick`] paced as the real loop paces it (every 2 s; a cold tick, 31
-//!    warm-up ticks, 30 measured), with the agents' seconds recorded into its [`Stats`] and the
-//!    nodes' reported versions following the assignments between ticks (untimed). Then the
+//!    warm-up ticks, 30 measured), each followed, as in the loop, by
+//!    [`run::Autoscaler::refresh_if_due`] (the periodic full re-read, timed on its own), with
+//!    the agents' seconds recorded into its [`Stats`] and the nodes' reported versions following
+//!    the assignments between ticks (untimed). Then the
 //!    same steady state tick by tick through
 //!    [`run::load`], [`run::merge_published`], [`run::compute`] and [`run::store`] (as a leader
 //!    holding the advisory lock, which `store` checks), each timed. The database is dropped at
@@ -624,6 +626,8 @@ struct DbRun {
     cold: Duration,
     ticks: Vec<Duration>,
     writes: Vec<usize>,
+    /// The periodic full re-reads between the measured ticks (`Autoscaler::refresh_if_due`).
+    refreshes: Vec<Duration>,
     load: Vec<Duration>,
     load_full: Vec<Duration>,
     merge: Vec<Duration>,
@@ -662,7 +666,7 @@ async fn with_database(f: &Fleet, url: &str) -> anyhow::Result<DbRun> {
     let first = a.tick().await?;
     let cold = t.elapsed();
     assert!(first > f.specs.len(), "the cold tick writes every decision and the assignments: {first}");
-    let (mut ticks, mut writes) = (Vec::new(), Vec::new());
+    let (mut ticks, mut writes, mut refreshes) = (Vec::new(), Vec::new(), Vec::new());
     let mut next = tokio::time::Instant::now() + TICK;
     for n in 0..WARMUP_TICKS + DB_TICKS {
         report_ready(&mut su).await?;
@@ -671,12 +675,20 @@ async fn with_database(f: &Fleet, url: &str) -> anyhow::Result<DbRun> {
         let started = tokio::time::Instant::now();
         let t = Instant::now();
         let wrote = a.tick().await?;
+        let tick = t.elapsed();
+        // As the loop does after a tick: the periodic full re-read, off the tick's path.
+        let t = Instant::now();
+        let refreshed = a.refresh_if_due().await?;
         if n >= WARMUP_TICKS {
             writes.push(wrote);
-            ticks.push(t.elapsed());
+            ticks.push(tick);
+            if refreshed {
+                refreshes.push(t.elapsed());
+            }
         }
         next = (started + TICK).max(tokio::time::Instant::now());
     }
+    assert!(!refreshes.is_empty(), "the periodic re-read falls due within {DB_TICKS} ticks");
 
     // The same steady state, phase by phase (its own KPA state: its first tick rewrites every
     // decision, as a new leader's does).
@@ -757,6 +769,7 @@ async fn with_database(f: &Fleet, url: &str) -> anyhow::Result<DbRun> {
         cold,
         ticks,
         writes,
+        refreshes,
         load,
         load_full,
         merge,
@@ -805,6 +818,14 @@ async fn database_part(versions: usize) -> anyhow::Result<()> {
         pct(&r.ticks, 50.0),
         pct(&r.ticks, 99.0),
         max_ms(&r.ticks)
+    );
+    println!(
+        "| between ticks: the periodic full re-read of versions and assignments (`refresh_if_due`, every {} s) | {} | {:.1} ms | {:.1} ms | {:.1} ms |",
+        run::FULL_RELOAD.as_secs(),
+        r.refreshes.len(),
+        pct(&r.refreshes, 50.0),
+        pct(&r.refreshes, 99.0),
+        max_ms(&r.refreshes)
     );
     println!(
         "| load + merge + compute + store, first tick of a new leader (every decision rewritten) | 1 | {:.1} ms | | |",

@@ -11,6 +11,10 @@ use nimbus_worker_agent::{
 };
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
+// mimalloc, as in the API: glibc's malloc and free were ~12 % of the agent's CPU per invocation.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn init_logging(format: LogFormat, filter: &str) {
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
     // Logs go to standard error; standard output carries only the lines supervisors wait for.

@@ -165,6 +165,21 @@ fn one_warm_module_serves_many_invocations_in_fresh_instances() {
 }
 
 #[test]
+fn an_instance_never_sees_what_an_earlier_one_left_in_its_memory() {
+    // The pooling allocator reuses a module's slot and zeroes the first 128 KiB of its memory
+    // in place (the rest, and memory grown at run time, by `madvise`): every part must be clean.
+    let e = engine();
+    assert!(e.pooled(), "the pooling allocator is what this checks");
+    let module = e.compile(&common::wasm("dirty.wat")).unwrap();
+    let warm = e.prepare(&module).unwrap();
+    for i in 0..5 {
+        let o = e.invoke(&warm, &request(b""), &Limits::default());
+        assert_eq!(o.response.failure, None, "{}", String::from_utf8_lossy(&o.response.body));
+        assert_eq!(String::from_utf8_lossy(&o.response.body), "clean\n", "invocation {i}");
+    }
+}
+
+#[test]
 fn artifacts_round_trip_through_disk() {
     let e = engine();
     let artifact = e.precompile(&common::wasm("status.wat")).unwrap();

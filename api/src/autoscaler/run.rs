@@ -725,6 +725,8 @@ pub struct Autoscaler {
     inputs: Inputs,
     /// When the versions and assignments in `inputs` were last read.
     loaded_at: Option<Instant>,
+    /// How often they are read even without notifications ([`FULL_RELOAD`]).
+    full_reload: Duration,
     /// The routing channel, while following it (see [`Autoscaler::watch`]).
     changes: Option<PgListener>,
     /// The desired and ready gauges of the active versions.
@@ -825,10 +827,19 @@ impl Autoscaler {
             leading: Arc::default(),
             inputs: Inputs::default(),
             loaded_at: None,
+            full_reload: FULL_RELOAD,
             changes: None,
             gauges: Gauges::default(),
             samples: HashMap::new(),
         }
+    }
+
+    /// Reads versions and assignments at least every `period` even without notifications
+    /// (default [`FULL_RELOAD`]).
+    #[must_use]
+    pub fn full_reload_every(mut self, period: Duration) -> Self {
+        self.full_reload = period;
+        self
     }
 
     /// Follows the routing channel: from now on a tick re-reads versions and assignments only
@@ -848,7 +859,7 @@ impl Autoscaler {
     /// have been lost, or [`FULL_RELOAD`] passed, or there is no channel.
     fn catalogue_stale(&mut self) -> bool {
         let Some(listener) = self.changes.as_mut() else { return true };
-        let mut stale = self.loaded_at.is_none_or(|t| t.elapsed() >= FULL_RELOAD);
+        let mut stale = self.loaded_at.is_none_or(|t| t.elapsed() >= self.full_reload);
         loop {
             match listener.try_recv().now_or_never() {
                 None => break,
@@ -863,6 +874,30 @@ impl Autoscaler {
             }
         }
         stale
+    }
+
+    /// Between ticks: re-reads versions and assignments when the periodic full re-read
+    /// ([`FULL_RELOAD`]) would fall due at the next tick, so that this safety net is not on a
+    /// tick's path (a tick reads everything only when the routing channel announced a change).
+    /// Only while following the channel: without it every tick reads everything anyway. What was
+    /// announced before this read is covered by it; what comes after, the next tick sees. Returns
+    /// whether it read.
+    pub async fn refresh_if_due(&mut self) -> Result<bool, sqlx::Error> {
+        let due = self.loaded_at.is_some_and(|t| t.elapsed() + TICK >= self.full_reload);
+        if !due || self.changes.is_none() {
+            return Ok(false);
+        }
+        let _ = self.catalogue_stale();
+        if self.changes.is_none() {
+            return Ok(false);
+        }
+        if let Err(e) = reload(&self.pool, &mut self.inputs, Reload::Full).await {
+            // Part of it may have been replaced: the next tick reads everything.
+            self.loaded_at = None;
+            return Err(e);
+        }
+        self.loaded_at = Some(Instant::now());
+        Ok(true)
     }
 
     /// Runs one tick: load, decide, place, store. Returns the rows written.
@@ -1008,6 +1043,8 @@ impl Autoscaler {
             if let Err(e) = self.tick().await {
                 metrics::counter!("nimbus_autoscaler_tick_failures_total").increment(1);
                 tracing::warn!(error = %e, "an autoscaler tick failed");
+            } else if let Err(e) = self.refresh_if_due().await {
+                tracing::warn!(error = %e, "re-reading versions and assignments failed; the next tick reads them");
             }
         }
     }

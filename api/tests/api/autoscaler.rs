@@ -383,6 +383,41 @@ async fn a_watching_autoscaler_reads_versions_again_only_when_the_catalogue_chan
     assert!(assigned(&app, &admin, n).await.contains(&(v1.to_string(), 1)), "an unwatched tick reads everything");
 }
 
+#[tokio::test]
+async fn the_periodic_full_read_runs_between_ticks_and_sees_what_no_notification_announced() {
+    let app = spawn_app().await;
+    let admin = app.platform_admin().await;
+    let owner = app.sign_up("owner@example.com", "acme").await;
+    let v1 = routed_thumbs(&app, &owner).await;
+    let n = node(&app, &admin, "node-1", json!({})).await;
+    let mut su = app.admin_conn().await;
+
+    // With the default period the read is not due right after a tick's full read.
+    let mut default = Autoscaler::new(app.state.pool.clone(), app.db_url.clone(), app.state.stats.clone());
+    default.watch().await.unwrap();
+    default.tick().await.unwrap();
+    assert!(!default.refresh_if_due().await.unwrap(), "not due 30 s early");
+    assert_eq!(assigned(&app, &admin, n).await, [(v1.to_string(), 1)]);
+
+    // With a period of one tick it is due after every tick: an assignment deleted behind the
+    // autoscaler's back (nothing announced) is read between ticks, and the next tick restores it.
+    let mut autoscaler = Autoscaler::new(app.state.pool.clone(), app.db_url.clone(), app.state.stats.clone())
+        .full_reload_every(nimbus_api::autoscaler::run::TICK);
+    autoscaler.watch().await.unwrap();
+    autoscaler.resume().await.unwrap();
+    autoscaler.tick().await.unwrap();
+    sqlx::query("DELETE FROM assignments").execute(&mut su).await.unwrap();
+    assert!(autoscaler.refresh_if_due().await.unwrap(), "due with a one-tick period");
+    autoscaler.tick().await.unwrap();
+    assert_eq!(assigned(&app, &admin, n).await, [(v1.to_string(), 1)], "the row read back and restored");
+
+    // Without one (the default autoscaler, just refreshed), the same deletion stays unseen.
+    sqlx::query("DELETE FROM assignments").execute(&mut su).await.unwrap();
+    assert!(!default.refresh_if_due().await.unwrap());
+    default.tick().await.unwrap();
+    assert!(assigned(&app, &admin, n).await.is_empty(), "the kept assignments say nothing changed");
+}
+
 /// What `node` reports, through the agents' report route.
 async fn report(app: &TestApp, credential: &str, versions: Value) {
     let res = app

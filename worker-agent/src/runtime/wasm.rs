@@ -88,6 +88,11 @@ pub struct WasmEngine {
     pooled: bool,
 }
 
+/// Bytes of each pooled linear memory zeroed in place (kept resident) when its instance ends.
+const KEEP_RESIDENT_MEMORY: usize = 128 << 10;
+/// Bytes of each pooled table zeroed in place when its instance ends.
+const KEEP_RESIDENT_TABLE: usize = 16 << 10;
+
 fn config(settings: &WasmSettings, pooling: bool) -> Config {
     let mut c = Config::new();
     c.epoch_interruption(true);
@@ -98,7 +103,14 @@ fn config(settings: &WasmSettings, pooling: bool) -> Config {
         pool.total_core_instances(settings.instance_slots)
             .total_memories(settings.instance_slots)
             .total_tables(settings.instance_slots)
-            .max_memory_size(usize::try_from(settings.max_memory_mb << 20).unwrap_or(usize::MAX));
+            .max_memory_size(usize::try_from(settings.max_memory_mb << 20).unwrap_or(usize::MAX))
+            // A finished instance's memory and table are zeroed with `memset` up to these sizes
+            // instead of `madvise`: each `madvise` of a multi-threaded process costs a TLB
+            // shootdown on every core (14 % of the agent's CPU for a trivial function at
+            // concurrency 64, BENCHMARKS.md). Two wasm pages cover a small function's whole memory
+            // (C's default stack and a little heap); the slots keep at most this much resident.
+            .linear_memory_keep_resident(KEEP_RESIDENT_MEMORY)
+            .table_keep_resident(KEEP_RESIDENT_TABLE);
         c.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     }
     c
