@@ -8,8 +8,8 @@
 #
 #   bench/gateway.sh [duration-seconds]      (env: REPEAT, default 3; BENCH_NO_BUILD=1 uses the
 #   release binaries as they are; API_BIN and AGENT_BIN run other binaries, e.g. an older
-#   commit's build for an A/B comparison, without building). The two gateway paths run interleaved (key, anonymous, key,
-#   ...), and the last line gives the difference of their medians, in throughput and in the API
+#   commit's build for an A/B comparison, without building). The two gateway paths run
+#   interleaved (key, anonymous, key, ...), and the last line gives the difference of their medians, in throughput and in the API
 #   process's CPU time per invocation (user + system from /proc, which drift of the shared
 #   machine moves far less than throughput).
 #
