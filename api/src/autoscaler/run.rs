@@ -452,8 +452,8 @@ pub struct Sink<'a> {
 /// Writes what changed: assignments (one statement for removals, one for the rest) and the
 /// decisions that differ from `written` (what this leader wrote last), with the heartbeat, in
 /// one transaction (every tick: the heartbeat moves even when nothing else does). Returns the
-/// rows written besides the heartbeat. `now_ms` is the tick's time (a version whose last activity is `now_ms` is
-/// active).
+/// rows written besides the heartbeat. `now_ms` is the tick's time (a version whose last
+/// activity is `now_ms` is active).
 pub async fn store(
     sink: &Sink<'_>,
     inputs: &Inputs,

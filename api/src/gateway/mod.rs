@@ -241,15 +241,14 @@ fn agent_url(base: &reqwest::Url, version: Uuid, path: &str, query: Option<&str>
 async fn invoke(State(state): State<AppState>, params: RawPathParams, req: Request) -> Response {
     let started = std::time::Instant::now();
     let invocation_id = Uuid::now_v7();
-    let request_id = match req.headers().get(REQUEST_ID) {
-        Some(id) => id.clone(),
-        None => HeaderValue::from_str(invocation_id.hyphenated().encode_lower(&mut Uuid::encode_buffer()))
-            .unwrap_or(HeaderValue::from_static("")),
-    };
+    // A hyphenated UUID is always a valid header value.
+    let invocation = HeaderValue::from_str(invocation_id.hyphenated().encode_lower(&mut Uuid::encode_buffer()))
+        .unwrap_or(HeaderValue::from_static(""));
+    let request_id = req.headers().get(REQUEST_ID).cloned().unwrap_or_else(|| invocation.clone());
     let facts = authz::policies::RequestFacts {
         source_ip: crate::auth::source_ip(req.headers(), req.extensions(), state.settings.trust_forwarded_for),
     };
-    let routed = route(&state, &params, req, invocation_id, &request_id);
+    let routed = route(&state, &params, req, (invocation_id, invocation), &request_id);
     let mut response = match authz::policies::REQUEST.scope(facts, routed).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
@@ -268,7 +267,7 @@ async fn route(
     state: &AppState,
     params: &RawPathParams,
     req: Request,
-    invocation_id: Uuid,
+    (invocation_id, invocation): (Uuid, HeaderValue),
     request_id: &HeaderValue,
 ) -> Result<Response, ApiError> {
     let get = |k: &str| params.iter().find(|(n, _)| *n == k).map(|(_, v)| v);
@@ -456,11 +455,7 @@ async fn route(
             headers.append(name.clone(), value.clone());
         }
     }
-    headers.insert(
-        HeaderName::from_static(HEADER_INVOCATION_ID),
-        HeaderValue::from_str(invocation_id.hyphenated().encode_lower(&mut Uuid::encode_buffer()))
-            .map_err(|e| anyhow::anyhow!(e))?,
-    );
+    headers.insert(HeaderName::from_static(HEADER_INVOCATION_ID), invocation);
     headers.insert(REQUEST_ID, request_id.clone());
     if let Some(role) = function.execution_role {
         let credential = state.routes.credential(&state.keys, tenant, function.id, role)?;

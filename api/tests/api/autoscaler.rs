@@ -160,6 +160,25 @@ async fn a_tick_places_matching_nodes_only_reports_unschedulable_versions_and_re
     assert!((v["queue_ms_avg"].as_f64().unwrap() - 4.0).abs() < 0.5, "{v}");
 }
 
+/// A tenant (`owner`) with `thumbs` published and routed by `live`, and one ready node named
+/// `node_name` without labels: where most autoscaler tests start.
+struct One {
+    app: TestApp,
+    admin: User,
+    owner: User,
+    version: Uuid,
+    node: Uuid,
+}
+
+async fn one_routed_version_on_a_node(node_name: &str) -> One {
+    let app = spawn_app().await;
+    let admin = app.platform_admin().await;
+    let owner = app.sign_up("owner@example.com", "acme").await;
+    let version = routed_thumbs(&app, &owner).await;
+    let node = node(&app, &admin, node_name, json!({})).await;
+    One { app, admin, owner, version, node }
+}
+
 async fn stored(app: &TestApp, version: Uuid) -> Value {
     let mut c = app.admin_conn().await;
     sqlx::query_scalar::<_, Value>("SELECT state FROM autoscaler_state WHERE version_id = $1")
@@ -171,11 +190,7 @@ async fn stored(app: &TestApp, version: Uuid) -> Value {
 
 #[tokio::test]
 async fn one_replica_leads_at_a_time_and_another_takes_over_when_it_dies() {
-    let app = spawn_app().await;
-    let admin = app.platform_admin().await;
-    let owner = app.sign_up("owner@example.com", "acme").await;
-    let v1 = routed_thumbs(&app, &owner).await;
-    let n = node(&app, &admin, "w1", json!({})).await;
+    let One { app, admin, version: v1, node: n, .. } = one_routed_version_on_a_node("w1").await;
     let replica = || Autoscaler::new(app.state.pool.clone(), app.db_url.clone(), app.state.stats.clone()).run();
     let wait_assigned = || async {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -265,11 +280,7 @@ async fn stored_activity(app: &TestApp, version: Uuid) -> (bool, chrono::DateTim
 
 #[tokio::test]
 async fn an_active_versions_row_is_not_rewritten_each_tick_and_a_new_leader_takes_its_activity_from_the_heartbeat() {
-    let app = spawn_app().await;
-    let admin = app.platform_admin().await;
-    let owner = app.sign_up("owner@example.com", "acme").await;
-    let v1 = routed_thumbs(&app, &owner).await;
-    node(&app, &admin, "w1", json!({})).await;
+    let One { app, owner, version: v1, .. } = one_routed_version_on_a_node("w1").await;
     // Demand for the last minute, as this replica's agents reported it.
     last_minute(&app.state.stats, owner.tenant, v1, 5.0);
     let mut leader = Autoscaler::new(app.state.pool.clone(), app.db_url.clone(), app.state.stats.clone());
@@ -294,11 +305,7 @@ async fn an_active_versions_row_is_not_rewritten_each_tick_and_a_new_leader_take
 
 #[tokio::test]
 async fn the_leader_scales_on_what_agents_reported_to_other_replicas() {
-    let app = spawn_app().await;
-    let admin = app.platform_admin().await;
-    let owner = app.sign_up("owner@example.com", "acme").await;
-    let v1 = routed_thumbs(&app, &owner).await;
-    let n = node(&app, &admin, "w1", json!({})).await;
+    let One { app, admin, owner, version: v1, node: n } = one_routed_version_on_a_node("w1").await;
 
     // Another replica's agents ran 35 invocations at once for the last minute; it publishes.
     let elsewhere = nimbus_api::nodes::Stats::default();
@@ -326,11 +333,7 @@ async fn announced(listener: &mut sqlx::postgres::PgListener, table: &str) {
 
 #[tokio::test]
 async fn a_watching_autoscaler_reads_versions_again_only_when_the_catalogue_changes() {
-    let app = spawn_app().await;
-    let admin = app.platform_admin().await;
-    let owner = app.sign_up("owner@example.com", "acme").await;
-    let v1 = routed_thumbs(&app, &owner).await;
-    let n = node(&app, &admin, "node-1", json!({})).await;
+    let One { app, admin, owner, version: v1, node: n } = one_routed_version_on_a_node("node-1").await;
     let mut listener = sqlx::postgres::PgListener::connect(&app.db_url).await.unwrap();
     listener.listen(nimbus_api::gateway::table::CHANNEL).await.unwrap();
     let mut autoscaler = Autoscaler::new(app.state.pool.clone(), app.db_url.clone(), app.state.stats.clone());
@@ -385,11 +388,7 @@ async fn a_watching_autoscaler_reads_versions_again_only_when_the_catalogue_chan
 
 #[tokio::test]
 async fn the_periodic_full_read_runs_between_ticks_and_sees_what_no_notification_announced() {
-    let app = spawn_app().await;
-    let admin = app.platform_admin().await;
-    let owner = app.sign_up("owner@example.com", "acme").await;
-    let v1 = routed_thumbs(&app, &owner).await;
-    let n = node(&app, &admin, "node-1", json!({})).await;
+    let One { app, admin, version: v1, node: n, .. } = one_routed_version_on_a_node("node-1").await;
     let mut su = app.admin_conn().await;
 
     // With the default period the read is not due right after a tick's full read.
@@ -481,11 +480,7 @@ async fn thumbs_gauge(app: &TestApp, name: &str) -> Option<f64> {
 
 #[tokio::test]
 async fn the_desired_and_ready_gauges_follow_the_decisions_and_fall_to_zero_when_a_version_goes_quiet() {
-    let app = spawn_app().await;
-    let admin = app.platform_admin().await;
-    let owner = app.sign_up("owner@example.com", "acme").await;
-    routed_thumbs(&app, &owner).await;
-    node(&app, &admin, "n-1", json!({})).await;
+    let One { app, owner, .. } = one_routed_version_on_a_node("n-1").await;
     let mut autoscaler = Autoscaler::new(app.state.pool.clone(), app.db_url.clone(), app.state.stats.clone());
     let (desired, ready) = ("nimbus_autoscaler_desired_instances", "nimbus_autoscaler_ready_instances");
 
