@@ -71,8 +71,6 @@ pub struct Shared {
     pub routes: gateway::Routes,
     /// The gateway's admission limits.
     pub limits: gateway::limits::Limits,
-    /// The gateway's HTTP client to agents (pooled connections).
-    pub http: reqwest::Client,
     /// The gateway's own metric handles, registered once.
     pub gateway_metrics: gateway::GatewayMetrics,
 }
@@ -125,14 +123,6 @@ impl AppState {
             stats: nodes::Stats::default(),
             routes: gateway::Routes::default(),
             limits: gateway::limits::Limits::default(),
-            http: reqwest::Client::builder()
-                // A function's redirect is the caller's to follow, never the gateway's (it would
-                // carry the node's invoke secret to wherever the function points).
-                .redirect(reqwest::redirect::Policy::none())
-                .pool_max_idle_per_host(256)
-                .connect_timeout(Duration::from_secs(2))
-                .build()
-                .context("building the gateway's HTTP client")?,
             // After the recorder is installed (`metrics_handle`), so the handles are live.
             gateway_metrics: gateway::GatewayMetrics::register(),
         })))

@@ -24,6 +24,18 @@ use nimbus_worker_agent::{
 };
 use wasmtime_wasi::{WasiCtxBuilder, p1::WasiP1Ctx, p2::pipe::MemoryOutputPipe};
 
+thread_local! {
+    /// Each measuring thread's own single-threaded runtime: a guest runs as a future on it
+    /// (with its timeout's timer), as on the agent's workers.
+    static RUNTIME: tokio::runtime::Runtime =
+        tokio::runtime::Builder::new_current_thread().enable_time().build().expect("a runtime");
+}
+
+/// Runs `f` to completion on this thread's runtime.
+fn block<F: std::future::Future>(f: F) -> F::Output {
+    RUNTIME.with(|rt| rt.block_on(f))
+}
+
 /// The cheapest possible function: does nothing, answers an empty 200.
 const NOOP: &str = r#"(module (memory (export "memory") 1) (func (export "_start")))"#;
 
@@ -398,11 +410,11 @@ fn main() {
     std::fs::write(&artifact, engine.precompile(&noop).unwrap()).unwrap();
     for _ in 0..50 {
         let warm = engine.prepare(&engine.load_artifact(&artifact).unwrap()).unwrap();
-        engine.invoke(&warm, &inv, &limits);
+        block(engine.invoke(&warm, &inv, &limits));
     }
     let cold = repeat(2_000, || {
         let warm = engine.prepare(&engine.load_artifact(&artifact).unwrap()).unwrap();
-        let o = engine.invoke(&warm, &inv, &limits);
+        let o = block(engine.invoke(&warm, &inv, &limits));
         assert_eq!(o.response.status, 200);
     });
     t.row("wasm cold start, artifact on disk: load + prepare + invoke (noop)", &cold, false, "target p50 < 0.5 ms");
@@ -412,7 +424,7 @@ fn main() {
     t.row("↳ of which load (deserialize) + prepare (link)", &load, false, "");
     let warm_noop = engine.prepare(&engine.load_artifact(&artifact).unwrap()).unwrap();
     let run = repeat(2_000, || {
-        engine.invoke(&warm_noop, &inv, &limits);
+        block(engine.invoke(&warm_noop, &inv, &limits));
     });
     t.row("↳ of which instantiate + run (warm invocation)", &run, false, "");
 
@@ -428,7 +440,7 @@ fn main() {
             }
             let (module, compiled_now) = cache.wasm_module(&engine, &sha).unwrap();
             assert!(compiled_now);
-            let o = engine.invoke(&engine.prepare(&module).unwrap(), &inv, &limits);
+            let o = block(engine.invoke(&engine.prepare(&module).unwrap(), &inv, &limits));
             assert_eq!(o.response.status, 200);
             artifact_bytes = cache.size() - wasm.len() as u64;
         });
@@ -439,9 +451,9 @@ fn main() {
     // Warm invocations: Nimbus's WasmEngine::invoke against plain wasmtime, same module.
     let hello = wat::parse_str(HELLO).unwrap();
     let warm = engine.prepare(&engine.compile(&hello).unwrap()).unwrap();
-    assert_eq!(engine.invoke(&warm, &inv, &limits).response.body, b"hello\n");
+    assert_eq!(block(engine.invoke(&warm, &inv, &limits)).response.body, b"hello\n");
     let nimbus = || {
-        engine.invoke(&warm, &inv, &limits);
+        block(engine.invoke(&warm, &inv, &limits));
     };
     let default_plain = Plain::new(&wasmtime::Config::new(), &hello);
     let mut pooling = wasmtime::Config::new();

@@ -112,21 +112,8 @@ impl Invoker {
 
     async fn execute(&self, code: Code, inv: Invocation, limits: Limits, io: Io) -> Outcome {
         match code {
-            Code::Wasm(warm) => {
-                let engine = self.wasm.clone();
-                // wasmtime runs the guest on this thread until it returns or is interrupted.
-                let run = tokio::task::spawn_blocking(move || engine.invoke_streaming(&warm, &inv, &limits, io));
-                run.await.unwrap_or_else(|e| {
-                    tracing::error!(error = %e, "the wasm runtime failed");
-                    Outcome {
-                        response: Response::failed(FailureReason::Crash, "the runtime failed"),
-                        log: Vec::new(),
-                        log_truncated: false,
-                        cold_start: false,
-                        duration: Duration::ZERO,
-                    }
-                })
-            }
+            // The guest runs on this task, yielding at every epoch tick (see `runtime::wasm`).
+            Code::Wasm(warm) => self.wasm.invoke_streaming(&warm, &inv, &limits, io).await,
             Code::Process(package) => self.process.invoke_streaming(&package, &inv, &limits, io).await,
         }
     }

@@ -334,17 +334,10 @@ async fn a_stalled_download_fails_at_its_deadline_and_a_later_attempt_succeeds()
     assert_eq!(std::fs::read(cache.fetch(&client, &pkg, None).await.unwrap()).unwrap(), bytes);
 }
 
-/// The status of one invocation, run where wasmtime-wasi wants it: on a thread outside the
-/// async runtime (the agent uses its blocking pool).
-fn status(e: &WasmEngine, module: &wasmtime::Module) -> (u16, Vec<u8>) {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let o = e.invoke(&e.prepare(module).unwrap(), &Invocation::default(), &Limits::default());
-            (o.response.status, o.response.body)
-        })
-        .join()
-        .unwrap()
-    })
+/// The status and body of one invocation.
+async fn status(e: &WasmEngine, module: &wasmtime::Module) -> (u16, Vec<u8>) {
+    let o = e.invoke(&e.prepare(module).unwrap(), &Invocation::default(), &Limits::default()).await;
+    (o.response.status, o.response.body)
 }
 
 fn engine() -> WasmEngine {
@@ -373,7 +366,7 @@ async fn a_precompiled_artifact_is_reused_across_restarts() {
     let e = engine();
     let (module, compiled_now) = cache.wasm_module(&e, &pkg.sha256).unwrap();
     assert!(compiled_now);
-    assert_eq!(status(&e, &module), (404, b"nope".to_vec()));
+    assert_eq!(status(&e, &module).await, (404, b"nope".to_vec()));
     let artifact = scratch.0.join("artifacts").join(format!("{}-{}.cwasm", pkg.sha256, e.artifact_key()));
     assert!(artifact.is_file());
     assert_eq!(cache.size(), wasm.len() as u64 + std::fs::metadata(&artifact).unwrap().len());
@@ -385,7 +378,7 @@ async fn a_precompiled_artifact_is_reused_across_restarts() {
     let e = engine();
     let (module, compiled_now) = cache.wasm_module(&e, &pkg.sha256).unwrap();
     assert!(!compiled_now, "the artifact on disk is reused after a restart");
-    assert_eq!(status(&e, &module).0, 404);
+    assert_eq!(status(&e, &module).await.0, 404);
 
     // An artifact that does not load is compiled again (a new file: never rewrite a mapped one).
     drop(module);

@@ -16,6 +16,7 @@
 
 pub mod limits;
 pub mod table;
+pub mod upstream;
 
 use std::{sync::atomic::Ordering, time::Duration};
 
@@ -225,7 +226,7 @@ fn class(status: StatusCode) -> usize {
 
 /// `{base path}/invoke/{version}{path}?{query}` on the node's listener, or `None` when the
 /// result would leave the version's endpoint (the URL parser resolves dot segments).
-fn agent_url(base: &reqwest::Url, version: Uuid, path: &str, query: Option<&str>) -> Option<reqwest::Url> {
+fn agent_url(base: &url::Url, version: Uuid, path: &str, query: Option<&str>) -> Option<url::Url> {
     let mut url = base.clone();
     let prefix = format!("{}/invoke/{version}", base.path().trim_end_matches('/'));
     url.set_path(&format!("{prefix}{path}"));
@@ -483,22 +484,21 @@ async fn route(
             },
         };
         let request_body = match body.take() {
-            Some(b) if !retry_safe => reqwest::Body::wrap_stream(b.into_data_stream()),
-            _ => reqwest::Body::from(Vec::new()),
+            Some(b) if !retry_safe => b,
+            _ => Body::empty(),
         };
+        let Ok(uri) = axum::http::Uri::try_from(&attempt_url[url::Position::BeforePath..]) else { break Ok(None) };
+        let mut request = axum::http::Request::new(request_body);
+        *request.method_mut() = parts.method.clone();
+        *request.uri_mut() = uri;
+        *request.headers_mut() = attempt_headers;
         // Counted while the request to the agent is out; the guard gives the count back even
         // when the caller goes away and this future is dropped mid-request.
         let outstanding = Outstanding::take(&target.outstanding);
         // A retry gets what is left of the one deadline, not a new one.
         let left = (version.timeout + TIMEOUT_MARGIN).saturating_sub(forwarded.elapsed());
-        let sent = state
-            .http
-            .request(parts.method.clone(), attempt_url)
-            .headers(attempt_headers)
-            .timeout(left.max(Duration::from_millis(1)))
-            .body(request_body)
-            .send()
-            .await;
+        let deadline = tokio::time::Instant::now() + left.max(Duration::from_millis(1));
+        let sent = target.links.send(request, deadline).await;
         drop(outstanding);
         match sent {
             Err(e) if retry_safe && !retried && !e.is_timeout() => {
@@ -600,11 +600,9 @@ async fn route(
     // The platform's header, whatever the function said.
     out.insert(HEADER_VERSION, HeaderValue::from(version.number));
     // The permit is held until the response body has been sent (or the caller went away).
-    let body = futures_util::StreamExt::map(upstream.bytes_stream(), move |chunk| {
-        let _held = &permit;
-        chunk
-    });
-    let mut res = Response::new(Body::from_stream(body));
+    let mut relay = upstream.into_body();
+    relay.hold(permit);
+    let mut res = Response::new(Body::new(relay));
     *res.status_mut() = status;
     *res.headers_mut() = out;
     Ok(res)

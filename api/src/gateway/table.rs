@@ -81,7 +81,9 @@ pub struct Target {
     pub zone: String,
     /// Its invocation listener, parsed once per table (each request clones it and sets the
     /// path and query).
-    pub base: reqwest::Url,
+    pub base: url::Url,
+    /// Its pooled connections (kept across table rebuilds while its listener stays the same).
+    pub links: Arc<super::upstream::Links>,
     /// `Bearer <the secret its listener wants>`, marked sensitive.
     pub authorization: axum::http::HeaderValue,
     /// Requests in flight to it, from this replica.
@@ -172,8 +174,14 @@ impl Drop for HoldGuard<'_> {
     }
 }
 
-/// A node's outstanding-request counter and last failure, shared by every table built.
-type NodeCounters = (Arc<AtomicU32>, Arc<AtomicU64>);
+/// A node's outstanding-request counter, last failure and connections, shared by every table
+/// built.
+#[derive(Default)]
+struct NodeCounters {
+    outstanding: Arc<AtomicU32>,
+    failed_at: Arc<AtomicU64>,
+    links: Option<Arc<super::upstream::Links>>,
+}
 
 /// How long the gateway trusts an authentication it looked up. Changes of API keys also clear
 /// the cache at once (through the `nimbus_routing` notification); the bound covers a missed
@@ -473,15 +481,27 @@ impl Routes {
         let mut counters = self.counters.lock().unwrap_or_else(|p| p.into_inner());
         counters.retain(|id, _| nodes.iter().any(|n| n.id == *id));
         for n in nodes {
-            let base = reqwest::Url::parse(&n.invoke_url).ok().filter(|u| !u.cannot_be_a_base());
+            let base = url::Url::parse(&n.invoke_url).ok().filter(|u| !u.cannot_be_a_base());
             let authorization = axum::http::HeaderValue::from_str(&format!("Bearer {}", n.invoke_secret)).ok();
             let (Some(base), Some(mut authorization)) = (base, authorization) else {
                 tracing::warn!(node = %n.id, "a node's invoke URL or secret is not usable; it gets no invocations");
                 continue;
             };
             authorization.set_sensitive(true);
-            let (outstanding, failed_at) = counters.entry(n.id).or_default().clone();
-            let target = Arc::new(Target { node_id: n.id, zone: n.zone, base, authorization, outstanding, failed_at });
+            let shared = counters.entry(n.id).or_default();
+            let links = match &shared.links {
+                Some(links) if links.serve(&base) => links.clone(),
+                _ => match super::upstream::Links::new(&base) {
+                    Some(links) => shared.links.insert(Arc::new(links)).clone(),
+                    None => {
+                        tracing::warn!(node = %n.id, url = %base, "a node's invoke URL is not plain http; it gets no invocations");
+                        continue;
+                    }
+                },
+            };
+            let (outstanding, failed_at) = (shared.outstanding.clone(), shared.failed_at.clone());
+            let target =
+                Arc::new(Target { node_id: n.id, zone: n.zone, base, authorization, links, outstanding, failed_at });
             for v in n.versions.0.iter().filter(|v| v.state == InstanceState::Ready) {
                 table.instances.entry(v.version_id).or_default().push(target.clone());
             }

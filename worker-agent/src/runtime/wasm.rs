@@ -1,9 +1,13 @@
 //! The `wasm` runtime: wasmtime with WASI preview 1, per the handler contract.
 //!
 //! - One [`WasmEngine`] per agent: cranelift, epoch interruption (a ticker thread advances the
-//!   epoch every millisecond; a store's deadline is its timeout in ticks), and the pooling
-//!   instance allocator sized from settings — or the on-demand allocator when the host cannot
-//!   reserve the pool's address space.
+//!   epoch every millisecond), and the pooling instance allocator sized from settings — or the
+//!   on-demand allocator when the host cannot reserve the pool's address space.
+//! - Guests run on the async runtime's own threads, each on a stack of its own (wasmtime's
+//!   `call_async`, on a fiber): at every epoch tick a running guest yields to the scheduler, and
+//!   once past its timeout it is stopped there. Host calls (reading a body that streams in,
+//!   sleeping) wait as futures, never blocking a thread. Handing each guest to a blocking-pool
+//!   thread and back instead cost two thread wake-ups per invocation (BENCHMARKS.md).
 //! - A [`WarmModule`] is a compiled module already linked against WASI (`InstancePre`): what an
 //!   agent keeps per warm version. Instantiating one is the cold-start cost once code is cached.
 //! - Each invocation gets a fresh store and instance: stdin is the body (in memory, or a
@@ -110,7 +114,11 @@ fn config(settings: &WasmSettings, pooling: bool) -> Config {
             // concurrency 64, BENCHMARKS.md). Two wasm pages cover a small function's whole memory
             // (C's default stack and a little heap); the slots keep at most this much resident.
             .linear_memory_keep_resident(KEEP_RESIDENT_MEMORY)
-            .table_keep_resident(KEEP_RESIDENT_TABLE);
+            .table_keep_resident(KEEP_RESIDENT_TABLE)
+            // One fiber stack per running guest. They are not zeroed between guests (wasmtime's
+            // default: compiled code never reads a stack slot it has not written, and zeroing
+            // would cost a `madvise` or a 2 MiB `memset` per invocation).
+            .total_stacks(settings.instance_slots);
         c.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     }
     c
@@ -131,7 +139,7 @@ impl WasmEngine {
             (Engine::new(&config(settings, false)).map_err(wt)?, false)
         };
         let mut linker = Linker::new(&engine);
-        p1::add_to_linker_sync(&mut linker, |h: &mut Host| &mut h.wasi).map_err(wt)?;
+        p1::add_to_linker_async(&mut linker, |h: &mut Host| &mut h.wasi).map_err(wt)?;
         let weak = engine.weak();
         std::thread::Builder::new().name("wasm-epoch".into()).spawn(move || {
             while let Some(engine) = weak.upgrade() {
@@ -184,16 +192,14 @@ impl WasmEngine {
         Ok(WarmModule { pre: self.linker.instantiate_pre(module).map_err(wt)? })
     }
 
-    /// Runs one invocation to completion on the calling thread (a blocking-pool thread), its
-    /// response buffered.
-    pub fn invoke(&self, warm: &WarmModule, inv: &Invocation, limits: &Limits) -> Outcome {
-        self.invoke_streaming(warm, inv, limits, Io::default())
+    /// Runs one invocation to completion, its response buffered.
+    pub async fn invoke(&self, warm: &WarmModule, inv: &Invocation, limits: &Limits) -> Outcome {
+        self.invoke_streaming(warm, inv, limits, Io::default()).await
     }
 
-    /// Runs one invocation to completion on the calling thread (a blocking-pool thread within a
-    /// Tokio runtime when `io` streams), with the body streaming in and the response streaming out
-    /// as `io` says.
-    pub fn invoke_streaming(&self, warm: &WarmModule, inv: &Invocation, limits: &Limits, io: Io) -> Outcome {
+    /// Runs one invocation to completion (within a Tokio runtime), with the body streaming in and
+    /// the response streaming out as `io` says.
+    pub async fn invoke_streaming(&self, warm: &WarmModule, inv: &Invocation, limits: &Limits, io: Io) -> Outcome {
         let started = Instant::now();
         let stdout = ResponsePipe(Arc::new(Mutex::new(Stdout::new(limits.max_response_bytes, io.response))));
         let stderr = BoundedPipe::new(limits.max_log_bytes);
@@ -218,14 +224,29 @@ impl WasmEngine {
             .build();
         let mut store = Store::new(&self.engine, Host { wasi, limits: limits_store });
         store.limiter(|h| &mut h.limits);
-        let ticks = (limits.timeout.as_micros() / EPOCH_TICK.as_micros()).max(1) as u64;
-        store.set_epoch_deadline(ticks);
-        store.epoch_deadline_trap();
-
-        let result = warm.pre.instantiate(&mut store).and_then(|instance| {
-            let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
-            start.call(&mut store, ())
+        // Every tick the guest yields to the scheduler, so that others (and the listener) run;
+        // past its timeout it is stopped (a trap the caller sees as a timeout).
+        let timeout = limits.timeout;
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            if started.elapsed() >= timeout {
+                Ok(wasmtime::UpdateDeadline::Interrupt)
+            } else {
+                Ok(wasmtime::UpdateDeadline::Yield(1))
+            }
         });
+
+        let run = async {
+            let instance = warm.pre.instantiate_async(&mut store).await?;
+            let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
+            start.call_async(&mut store, ()).await
+        };
+        // The epoch stops a guest only while it runs its own code; one waiting in the host (a
+        // sleep, say) is stopped here, by dropping it.
+        let result = match tokio::time::timeout(timeout + EPOCH_TICK, run).await {
+            Ok(result) => result,
+            Err(_) => Err(Trap::Interrupt.into()),
+        };
         let duration = started.elapsed();
         drop(store);
         let timeout = || {
