@@ -8,7 +8,12 @@
 #
 #   bench/gateway.sh [duration-seconds]      (env: REPEAT, default 3; BENCH_NO_BUILD=1 uses the
 #   release binaries as they are; API_BIN and AGENT_BIN run other binaries, e.g. an older
-#   commit's build for an A/B comparison, without building). The two gateway paths run
+#   commit's build for an A/B comparison, without building; API_BIN_B starts a second API
+#   replica from that binary on the same database, whose gateway routes to the same agent, and
+#   then measures only the two gateways, run by run in turn with the agent called directly:
+#   an A/B of two API builds in one run, on one agent and one database, which the machine's
+#   drift cannot tell apart. Swap API_BIN and API_BIN_B for a second run: only replica A gets
+#   the agent's reports and usage). The two gateway paths run
 #   interleaved (key, anonymous, key, ...), and the last line gives the difference of their medians, in throughput and in the API
 #   process's CPU time per invocation (user + system from /proc, which drift of the shared
 #   machine moves far less than throughput).
@@ -40,8 +45,10 @@ fi
   --package-dir "$WORK/packages" --tenant-rate-limit 0 --tenant-max-concurrency 100000 > "$WORK/api.log" 2>&1 &
 API_PID=$!
 AGENT_PID=
+API_B_PID=
 cleanup() {
   [ -n "$AGENT_PID" ] && kill "$AGENT_PID" 2>/dev/null && wait "$AGENT_PID" 2>/dev/null
+  [ -n "$API_B_PID" ] && kill "$API_B_PID" 2>/dev/null && wait "$API_B_PID" 2>/dev/null
   kill $API_PID 2>/dev/null; wait $API_PID 2>/dev/null
   psql "$ADMIN_URL" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)"
   rm -rf "$WORK"
@@ -104,19 +111,24 @@ REPEAT="${REPEAT:-3}"
 printf 'wrk.method = "POST"\nwrk.body = "ping"\n' > "$WORK/post.lua"
 cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; } # user + system clock ticks of a process
 TICK_US=$((1000000 / $(getconf CLK_TCK)))
-sample() { # url secret (- for none) connections -> "rps p50 p99 non2xx api-cpu-us/req agent-cpu-us/req"
-  local out threads=1 header=() rps p50 p99 errors n a0 a1 g0 g1
+# Context switches of all threads of a process: each one a thread parked (waiting for work) or
+# preempted, the cost of the wake-ups between tasks and processes that CPU time alone hides.
+switches() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {n += $2} END {print n + 0}'; }
+# url secret (- for none) connections
+#   -> "rps p50 p99 non2xx api-cpu-us/req agent-cpu-us/req api-switches-per-100-req"
+sample() {
+  local out threads=1 header=() rps p50 p99 errors n a0 a1 g0 g1 w0 w1
   [ "$3" -gt 1 ] && threads=2
   [ "$2" = "-" ] || header=(-H "authorization: Bearer $2")
-  a0=$(cpu $API_PID); g0=$(cpu $AGENT_PID)
+  a0=$(cpu "${MEASURED_API:-$API_PID}"); g0=$(cpu $AGENT_PID); w0=$(switches "${MEASURED_API:-$API_PID}")
   out=$(wrk -t$threads -c"$3" -d"${DURATION}s" --latency -s "$WORK/post.lua" "${header[@]}" "$1")
-  a1=$(cpu $API_PID); g1=$(cpu $AGENT_PID)
+  a1=$(cpu "${MEASURED_API:-$API_PID}"); g1=$(cpu $AGENT_PID); w1=$(switches "${MEASURED_API:-$API_PID}")
   n=$(echo "$out" | awk '/requests in/ {print $1}')
   rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
   p50=$(echo "$out" | awk '$1=="50%" {print $2}')
   p99=$(echo "$out" | awk '$1=="99%" {print $2}')
   errors=$(echo "$out" | awk '/Non-2xx/ {print $5}')
-  echo "$rps $p50 $p99 ${errors:-0} $(( (a1 - a0) * TICK_US / n )) $(( (g1 - g0) * TICK_US / n ))"
+  echo "$rps $p50 $p99 ${errors:-0} $(( (a1 - a0) * TICK_US / n )) $(( (g1 - g0) * TICK_US / n )) $(( (w1 - w0) * 100 / n ))"
 }
 warm() { # url secret connections
   local header=()
@@ -158,6 +170,53 @@ compare() { # connections
   row "gateway + agent, no credentials (public by resource policy)" "$1" "${off[@]}"
   DIFFS+=("c$1: throughput $(awk -v a="$on_median" -v b="$MEDIAN" 'BEGIN {printf "%+.1f %%", (a - b) / b * 100}'), API CPU per invocation $(awk -v a="$on_cpu" -v b="$API_CPU" 'BEGIN {printf "%+.1f %%", (a - b) / b * 100}')")
 }
+
+if [ -n "${API_BIN_B:-}" ]; then
+  "$API_BIN_B" serve --database-url "$DB_URL" --listen "127.0.0.1:$((PORT + 1))" --log warn \
+    --package-dir "$WORK/packages-b" --tenant-rate-limit 0 --tenant-max-concurrency 100000 > "$WORK/api-b.log" 2>&1 &
+  API_B_PID=$!
+  BASE_B="http://127.0.0.1:$((PORT + 1))"
+  for _ in $(seq 1 200); do
+    [ "$(curl -sf "$BASE_B/fn/bench/hello" -H "authorization: Bearer $KEY" -d x 2>/dev/null)" = "hello" ] && break
+    sleep 0.1
+  done
+  [ "$(curl -sf "$BASE_B/fn/bench/hello" -H "authorization: Bearer $KEY" -d x)" = "hello" ] || { echo "replica B does not answer" >&2; exit 1; }
+  us() { awk '{v = $1 + 0; if ($1 ~ /ms$/) v *= 1000; else if ($1 ~ /[0-9]s$/) v *= 1000000; print v}'; }
+  median() { sort -n | awk '{a[NR] = $1} END {print a[int((NR + 1) / 2)]}'; }
+  steal() { awk '/^cpu / {print $9}' /proc/stat; }
+  echo "machine: $(nproc) cores, $(uname -sr); $(date -u +%F); ${DURATION}s per run, $REPEAT rounds (agent directly, A, B in turn), medians"
+  echo "A: $API_BIN"
+  echo "B: $API_BIN_B"
+  echo
+  echo "| connections | agent directly: p50 | A: p50 | B: p50 | A adds at p50 | B adds at p50 | A inv/s | B inv/s | A API CPU µs/inv | B API CPU µs/inv | A / B API context switches per 100 inv | steal % |"
+  echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
+  RAW=()
+  for c in 1 64; do
+    warm "$AGENT_URL/invoke/$VERSION" "$SECRET" $c
+    warm "$BASE/fn/bench/hello" "$KEY" $c
+    warm "$BASE_B/fn/bench/hello" "$KEY" $c
+    d=(); a=(); b=()
+    s0=$(steal); t0=$(date +%s%N)
+    for _ in $(seq 1 "$REPEAT"); do
+      d+=("$(sample "$AGENT_URL/invoke/$VERSION" "$SECRET" $c)")
+      a+=("$(MEASURED_API=$API_PID sample "$BASE/fn/bench/hello" "$KEY" $c)")
+      b+=("$(MEASURED_API=$API_B_PID sample "$BASE_B/fn/bench/hello" "$KEY" $c)")
+    done
+    s1=$(steal); t1=$(date +%s%N)
+    col() { printf '%s\n' "${@:2}" | awk -v f="$1" '{print $f}'; }
+    dp=$(col 2 "${d[@]}" | us | median); ap=$(col 2 "${a[@]}" | us | median); bp=$(col 2 "${b[@]}" | us | median)
+    printf '| %s | %s µs | %s µs | %s µs | **%s µs** | **%s µs** | %s | %s | %s | %s | %s / %s | %s |\n' "$c" "$dp" "$ap" "$bp" \
+      "$(awk -v x="$ap" -v y="$dp" 'BEGIN {print x - y}')" "$(awk -v x="$bp" -v y="$dp" 'BEGIN {print x - y}')" \
+      "$(col 1 "${a[@]}" | median)" "$(col 1 "${b[@]}" | median)" "$(col 5 "${a[@]}" | median)" "$(col 5 "${b[@]}" | median)" \
+      "$(col 7 "${a[@]}" | median)" "$(col 7 "${b[@]}" | median)" \
+      "$(awk -v s="$((s1 - s0))" -v t="$((t1 - t0))" -v n="$(nproc)" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.1f", s / hz / (t / 1e9 * n) * 100}')"
+    RAW+=("c$c: direct ${d[*]} | A ${a[*]} | B ${b[*]}")
+  done
+  echo
+  echo "runs (inv/s p50 p99 non-2xx API-CPU-µs agent-CPU-µs API-switches-per-100):"
+  printf '%s\n' "${RAW[@]}"
+  exit 0
+fi
 
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -sr); $(date -u +%F)"
 echo "release builds; API, agent, PostgreSQL and wrk on the same machine; ${DURATION}s per run, $REPEAT runs per case, median shown"

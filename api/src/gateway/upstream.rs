@@ -109,6 +109,14 @@ impl Wake for Inline {
     }
 }
 
+impl Drop for Link {
+    fn drop(&mut self) {
+        // Closing the connection wakes its parts; nobody is waiting for them any more, least of
+        // all the task that last polled them.
+        self.inline.task.take();
+    }
+}
+
 impl Link {
     fn new(tx: http1::SendRequest<Body>, conn: Connection) -> Link {
         let inline = Arc::new(Inline { state: AtomicU8::new(IDLE), task: AtomicWaker::new() });
@@ -217,7 +225,9 @@ impl Links {
 
     /// Pools `link` if its last exchange is complete and it can carry another request.
     fn put(&self, mut link: Link) {
-        // Nobody waits on it now: whoever takes it next polls it with their own waker.
+        // Nobody waits on it now (whoever takes it next polls it for their own task), and what
+        // this last poll wakes must not wake the task that read the response.
+        link.inline.task.take();
         if !link.io.drive(&mut Context::from_waker(Waker::noop())) || !link.io.tx.is_ready() {
             return;
         }
