@@ -211,7 +211,8 @@ impl Links {
     }
 
     /// Idle connections now pooled.
-    pub fn idle(&self) -> usize {
+    #[cfg(test)]
+    fn idle(&self) -> usize {
         self.idle.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
@@ -452,6 +453,12 @@ mod tests {
         (base, accepted)
     }
 
+    /// Links to a new stand-in listener, and its count of accepted connections.
+    async fn links_to(answer: Answer) -> (Arc<Links>, Arc<AtomicUsize>) {
+        let (base, accepted) = listener(answer).await;
+        (Arc::new(Links::new(&base).unwrap()), accepted)
+    }
+
     fn post(body: &'static str) -> Request<Body> {
         let mut r = Request::new(Body::from(body));
         *r.method_mut() = axum::http::Method::POST;
@@ -473,8 +480,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_response_read_to_its_end_gives_its_connection_back_for_the_next_request() {
-        let (base, accepted) = listener(Answer::Ok).await;
-        let links = Arc::new(Links::new(&base).unwrap());
+        let (links, accepted) = links_to(Answer::Ok).await;
         for i in 0..3 {
             assert_eq!(text(&links, post("ping")).await, "ok", "request {i}");
             assert_eq!(links.idle(), 1);
@@ -492,8 +498,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_pooled_connection_the_listener_closed_is_replaced_without_failing_the_request() {
-        let (base, accepted) = listener(Answer::OkThenClose).await;
-        let links = Arc::new(Links::new(&base).unwrap());
+        let (links, accepted) = links_to(Answer::OkThenClose).await;
         assert_eq!(text(&links, post("one")).await, "ok");
         // The listener closes it after answering; a request with a body still goes through.
         assert_eq!(text(&links, post("two")).await, "ok");
@@ -502,8 +507,7 @@ mod tests {
 
     #[tokio::test]
     async fn no_answer_before_the_deadline_is_a_timeout_and_no_listener_is_a_connect_failure() {
-        let (base, _) = listener(Answer::Never).await;
-        let links = Arc::new(Links::new(&base).unwrap());
+        let (links, _) = links_to(Answer::Never).await;
         let deadline = tokio::time::Instant::now() + Duration::from_millis(100);
         let failure = links.send(post("ping"), deadline).await.err().unwrap();
         assert!(failure.is_timeout(), "{failure}");
